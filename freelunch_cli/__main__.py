@@ -1,0 +1,3 @@
+from freelunch_cli.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""The `freelunch` command: a thin Typer layer, one library call per subcommand."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from freelunch_cli import __version__
+from freelunch_cli.errors import FreelunchError
+
+app = typer.Typer(
+    name="freelunch",
+    help="Prune a causal LM, then repair it with local reconstruction (calibrate -> prune -> reconstruct -> eval -> export).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+WorkOpt = typer.Option(..., "--work", "-w", help="Work directory shared by all stages.")
+DeviceOpt = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option("float32", help="Compute dtype: float32, bfloat16 or float16.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of this stage.")
+ForceOpt = typer.Option(False, "--force", help="Start this stage over (later stages are discarded).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
+JsonOpt = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage; turn user-facing failures into one line on stderr and an exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except FreelunchError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished windows/blocks are saved; rerun the same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
+    except OSError as e:
+        if os.environ.get("FREELUNCH_DEBUG"):
+            raise
+        if e.errno == errno.ENOSPC:
+            typer.echo(f"error: the disk is full ({e.filename or 'while writing'}); free space and rerun with --resume", err=True)
+        else:
+            typer.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # an internal error: one line, the traceback on demand
+        if os.environ.get("FREELUNCH_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set FREELUNCH_DEBUG=1 for the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+def _reporter(quiet: bool, json_mode: bool):
+    from freelunch_cli.console import Reporter
+
+    return Reporter(quiet=quiet, json_mode=json_mode)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"freelunch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")):
+    pass
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face folder, Hub id, or .gguf file."),
+    data: str = typer.Option(..., "--data", "-d", help=".txt, .jsonl (field 'text'), .parquet, or a datasets NAME[:CONFIG[:SPLIT]]."),
+    work: Path = WorkOpt,
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside the --model folder."),
+    data_config: Optional[str] = typer.Option(None, help="datasets config name."),
+    data_split: Optional[str] = typer.Option(None, help="datasets split (default train)."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet/datasets."),
+    samples: int = typer.Option(128, help="Number of calibration windows."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, help="Seed of the window sampling."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Let windows overlap when the text is short."),
+    cache_dtype: str = typer.Option("float16", help="Storage dtype of the activation cache."),
+    storage_dtype: str = typer.Option("auto", help="Dtype of the working model's shards (auto: as the checkpoint)."),
+    batch_size: int = typer.Option(8, help="Samples per forward batch."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Import the dense model as block shards, sample calibration text, cache dense activations."""
+    from freelunch_cli.calibrate import CalibrateConfig, calibrate as run
+    from freelunch_cli.workdir import WorkDir
+
+    cfg = CalibrateConfig(model, data, gguf_file, data_config, data_split, text_field, samples, seqlen, seed, allow_overlap,
+                          device, dtype, cache_dtype, storage_dtype, batch_size)
+    _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+
+
+@app.command()
+def prune(
+    work: Path = WorkOpt,
+    criterion: str = typer.Option("wanda", help="magnitude or wanda."),
+    sparsity: str = typer.Option("0.5", help="Fraction of weights set to zero, in (0, 1) (unstructured)."),
+    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (N kept in every M inputs)."),
+    scope: Optional[str] = typer.Option(None, help="row or matrix (unstructured); default per criterion."),
+    skip: List[str] = typer.Option([], help="Matrix name pattern left dense (repeatable), e.g. 'mlp.down_proj'."),
+    batch_size: int = typer.Option(8, help="Samples per forward batch for statistics."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Prune every linear layer of every decoder block."""
+    from freelunch_cli.prune import PruneConfig, prune as run
+    from freelunch_cli.workdir import WorkDir
+
+    cfg = PruneConfig(criterion, sparsity, pattern, scope, list(skip), device, dtype, batch_size)
+    _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+
+
+@app.command()
+def reconstruct(
+    work: Path = WorkOpt,
+    window: str = typer.Option("block", help="block, blocks:K or model."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (linear decay to 0)."),
+    epochs: int = typer.Option(1, help="Passes over the calibration windows."),
+    batch_size: int = typer.Option(4, help="Samples per step."),
+    seed: int = typer.Option(0, help="Seed of the data order."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    loss: str = typer.Option("mse", help="mse, nmse or cosine."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Train each window of the pruned model to match the dense activations (pruned weights stay zero)."""
+    from freelunch_cli.reconstruct import ReconstructConfig, reconstruct as run
+    from freelunch_cli.workdir import WorkDir
+
+    cfg = ReconstructConfig(window, lr, epochs, batch_size, seed, weight_decay, loss, device, dtype)
+    _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+
+
+@app.command("eval")
+def eval_cmd(
+    ppl: List[str] = typer.Option([], "--ppl", help="Text for perplexity: a file or datasets NAME[:CONFIG[:SPLIT]] (repeatable)."),
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory whose model to evaluate."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Evaluate this model path instead of a work directory."),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside the --model folder."),
+    stage: str = typer.Option("latest", help="latest, dense, pruned or reconstructed."),
+    seqlen: Optional[int] = typer.Option(None, help="Window length (default: model context, at most 4096)."),
+    limit_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
+    batch_size: int = typer.Option(4, help="Windows per forward batch."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Perplexity of the work directory's model (or any model path)."""
+    from freelunch_cli.evaluate import EvalConfig, evaluate
+    from freelunch_cli.workdir import WorkDir
+
+    cfg = EvalConfig(list(ppl), seqlen, stage, limit_windows, batch_size, device, dtype, model, gguf_file)
+    _run(evaluate, WorkDir(work) if work is not None else None, cfg, _reporter(quiet, json_out))
+
+
+@app.command()
+def export(
+    work: Path = WorkOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the Hugging Face checkpoint."),
+    stage: str = typer.Option("latest", help="latest, dense, pruned or reconstructed."),
+    dtype: Optional[str] = typer.Option(None, help="Cast floating-point weights (default: as stored)."),
+    max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Write a standard Hugging Face folder (zeros stored) with a model card."""
+    from freelunch_cli.export import export as run
+    from freelunch_cli.workdir import WorkDir
+
+    _run(run, WorkDir(work), out, stage, dtype, max_shard_size, force, _reporter(quiet, json_out))
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+
+
+class FreelunchError(Exception):
+    """A problem the user can act on (bad input, missing file, mismatched work directory).
+
+    The CLI prints ``error: <message>`` and exits with ``exit_code``; no traceback.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,269 @@
+"""The work directory: the interface between stages.
+
+It holds ``manifest.json`` (run signature, per-stage config and status, sizes and hashes of the files
+the stages wrote) plus each stage's outputs. A stage never needs the process that wrote its input: it
+can run on another node, days later, after a crash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from freelunch_cli import __version__
+from freelunch_cli.errors import FreelunchError
+from freelunch_cli.storage import FileInfo, read_json, write_json_atomic
+
+STAGES = ("calibrate", "prune", "reconstruct")
+# What each stage writes, relative to the work directory; cleared when the stage starts over.
+STAGE_OUTPUTS = {
+    "calibrate": ["calib", "acts", "dense"],
+    "prune": ["prune", "pruned", "acts/pruned"],
+    "reconstruct": ["windows", "recon", "acts/recon"],
+}
+MODEL_STAGES = ("dense", "pruned", "reconstructed")
+
+
+@dataclass
+class StageState:
+    """What the manifest says about one stage."""
+
+    name: str
+    status: str  # "running" | "done"
+    signature: dict
+    run_id: str
+    summary: dict
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+
+
+class WorkDir:
+    """Paths and manifest of one work directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- paths -------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def model_dir(self, stage: str) -> Path:
+        return self.root / {"dense": "dense", "pruned": "pruned", "reconstructed": "recon"}[stage]
+
+    def block_path(self, stage: str, i: int) -> Path:
+        return self.model_dir(stage) / f"block_{i:03d}.safetensors"
+
+    def mask_path(self, i: int) -> Path:
+        return self.root / "prune" / "masks" / f"block_{i:03d}.safetensors"
+
+    def boundary_path(self, stream: str, i: int) -> Path:
+        return self.root / "acts" / stream / f"boundary_{i:03d}.safetensors"
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.root / "calib" / "tokens.safetensors"
+
+    def window_record_path(self, index: int) -> Path:
+        return self.root / "windows" / f"{index:03d}.json"
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    # ---- manifest ----------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"format": 1, "tool": f"freelunch {__version__}", "stages": {}, "files": {}}
+        m = read_json(self.manifest_path)
+        if not isinstance(m, dict) or "stages" not in m:
+            raise FreelunchError(f"{self.manifest_path} is not a freelunch manifest")
+        return m
+
+    @contextmanager
+    def _manifest_lock(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "a+") as lf:
+            fcntl.flock(lf, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lf, fcntl.LOCK_UN)
+
+    @contextmanager
+    def update(self):
+        """Read-modify-write the manifest under an exclusive lock (several workers may share it)."""
+        with self._manifest_lock():
+            m = self.manifest()
+            yield m
+            write_json_atomic(self.manifest_path, m)
+
+    def record_file(self, path: Path, info: FileInfo) -> None:
+        with self.update() as m:
+            m["files"][self.rel(path)] = info.as_dict()
+
+    def check_file(self, path: Path) -> Path:
+        """Fail clearly when a file the manifest knows is missing or has the wrong size."""
+        path = Path(path)
+        rec = self.manifest()["files"].get(self.rel(path))
+        if not path.exists():
+            raise FreelunchError(f"missing file {path}; the work directory is incomplete (rerun the stage that writes it)")
+        if rec is not None and path.stat().st_size != rec["size"]:
+            raise FreelunchError(
+                f"{path} has {path.stat().st_size} bytes but {rec['size']} were written: it is truncated or altered"
+            )
+        return path
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def stage(self, name: str) -> StageState | None:
+        s = self.manifest()["stages"].get(name)
+        if s is None:
+            return None
+        return StageState(name, s["status"], s["signature"], s["run_id"], s.get("summary", {}))
+
+    def require_done(self, name: str, for_what: str) -> StageState:
+        s = self.stage(name)
+        if s is None or s.status != "done":
+            where = "has not run" if s is None else "did not finish"
+            hint = f"run `freelunch {name} --work {self.root}`" + (" --resume" if s is not None else "")
+            raise FreelunchError(f"{for_what} needs a finished `{name}` stage, but {name} {where} in {self.root}; {hint}")
+        return s
+
+    def begin(self, name: str, signature: dict, resume: bool, force: bool) -> str:
+        """Start or continue a stage. Returns "fresh", "resume" or "done".
+
+        Refuses a different signature (another model, data, seed or config) unless ``force``, and a
+        half-finished stage unless ``resume`` or ``force``. Starting a stage over clears its outputs and
+        those of every later stage; earlier stages are kept.
+        """
+        old = self.stage(name)
+        if old is not None and not force:
+            if old.signature != signature:
+                diff = "; ".join(_differences(old.signature, signature))
+                what = "another run" if name == "calibrate" else f"another {name} configuration"
+                raise FreelunchError(
+                    f"{self.root} holds {what} ({diff}); use a new --work, or --force to redo {name}"
+                    + ("" if name == "calibrate" else " (later stages are discarded)")
+                )
+            if old.status == "done":
+                return "done"
+            if not resume:
+                raise FreelunchError(
+                    f"{name} was interrupted in {self.root}; rerun with --resume to continue, or --force to start it over"
+                )
+            return "resume"
+        later = STAGES[STAGES.index(name):] if name in STAGES else (name,)
+        self.clear(later)
+        with self.update() as m:
+            m["stages"][name] = {
+                "status": "running",
+                "signature": signature,
+                "run_id": uuid.uuid4().hex[:12],
+                "started": time.time(),
+                "summary": {},
+            }
+        return "fresh"
+
+    def finish(self, name: str, summary: dict) -> None:
+        with self.update() as m:
+            s = m["stages"][name]
+            s["status"] = "done"
+            s["finished"] = time.time()
+            s["summary"] = summary
+
+    def set_progress(self, name: str, key: str, value) -> None:
+        with self.update() as m:
+            m["stages"][name].setdefault("progress", {})[key] = value
+
+    def progress(self, name: str) -> dict:
+        return self.manifest()["stages"].get(name, {}).get("progress", {})
+
+    def clear(self, stages) -> None:
+        """Delete the outputs and manifest entries of these stages."""
+        with self.update() as m:
+            for st in stages:
+                m["stages"].pop(st, None)
+                for out in STAGE_OUTPUTS.get(st, []):
+                    p = self.root / out
+                    prefix = out + "/"
+                    for k in [k for k in m["files"] if k.startswith(prefix)]:
+                        del m["files"][k]
+                    if p.is_dir():
+                        shutil.rmtree(p)
+
+    # ---- which model is current ----------------------------------------------------------------------
+    def latest_model_stage(self) -> str:
+        """The most processed model the directory holds: reconstructed > pruned > dense."""
+        self.require_done("calibrate", "this command")
+        rec, pr = self.stage("reconstruct"), self.stage("prune")
+        if rec is not None:
+            if rec.status != "done":
+                raise FreelunchError(
+                    f"reconstruct did not finish in {self.root} (missing windows: {rec_missing(self)}); "
+                    f"rerun `freelunch reconstruct --work {self.root} --resume`, or pass --stage pruned"
+                )
+            return "reconstructed"
+        if pr is not None:
+            if pr.status != "done":
+                raise FreelunchError(f"prune did not finish in {self.root}; rerun `freelunch prune --work {self.root} --resume`")
+            return "pruned"
+        return "dense"
+
+    def stage_block_path(self, stage: str, i: int) -> Path:
+        """The shard of block ``i`` for a model stage (blocks a stage did not change come from the stage before)."""
+        order = MODEL_STAGES[: MODEL_STAGES.index(stage) + 1]
+        for st in reversed(order):
+            p = self.block_path(st, i)
+            if p.exists():
+                return self.check_file(p)
+        raise FreelunchError(f"block {i} is missing from {self.root}; rerun calibrate")
+
+
+def rec_missing(work: WorkDir) -> str:
+    """Names of windows without a finished record, for error messages."""
+    total = work.progress("reconstruct").get("windows_total")
+    if total is None:
+        return "unknown"
+    missing = []
+    for i in range(total):
+        p = work.window_record_path(i)
+        if not p.exists() or read_json(p).get("status") != "done":
+            missing.append(str(i))
+    if len(missing) > 12:
+        return ", ".join(missing[:12]) + f", ... ({len(missing)} in all)"
+    return ", ".join(missing) or "none"
+
+
+@contextmanager
+def stage_lock(work: WorkDir, name: str):
+    """One process per stage and work directory: a second one is refused with a clear message."""
+    work.root.mkdir(parents=True, exist_ok=True)
+    path = work.root / f".{name}.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise FreelunchError(f"{name} is already running on {work.root} ({owner}); wait for it or stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

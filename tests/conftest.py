@@ -1,0 +1,49 @@
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny import CALIB, make_tiny_model  # noqa: E402
+
+from freelunch_cli.calibrate import CalibrateConfig, calibrate  # noqa: E402
+from freelunch_cli.workdir import WorkDir  # noqa: E402
+
+ARCHS = ["llama", "qwen2", "mistral", "opt"]
+SAMPLES, SEQLEN = 16, 48
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """One saved tiny model folder per architecture."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_models, tmp_path_factory):
+    """A calibrated work directory per architecture (read-only: copy it with ``fresh_work``)."""
+    root = tmp_path_factory.mktemp("calibrated")
+    out = {}
+    for arch, folder in tiny_models.items():
+        work = WorkDir(root / arch)
+        calibrate(work, CalibrateConfig(model=str(folder), data=str(CALIB), samples=SAMPLES, seqlen=SEQLEN, batch_size=8))
+        out[arch] = work
+    return out
+
+
+@pytest.fixture
+def fresh_work(calibrated, tmp_path):
+    """Copy a calibrated work directory so a test can run later stages on it."""
+
+    def make(arch: str = "llama") -> WorkDir:
+        dst = tmp_path / f"work-{arch}"
+        shutil.copytree(calibrated[arch].root, dst)
+        return WorkDir(dst)
+
+    return make
