@@ -43,3 +43,42 @@ def find_arch(model: nn.Module, config) -> Arch:
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The prunable matrices of a decoder block: every nn.Linear inside it, by relative name."""
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@dataclass(frozen=True)
+class Halves:
+    """How a decoder block splits into its attention and MLP submodules (each with its norm and residual).
+
+    ``mid_norm`` is the norm whose input is the residual stream between the two halves.
+    """
+
+    attn_norm: str
+    attn: str
+    mid_norm: str
+    mlp: tuple[str, ...]  # modules applied in order after mid_norm (with an activation between fc1 and fc2 for OPT)
+    family: str
+
+    def attention(self, block: nn.Module, h, call):
+        args, kwargs = call
+        out = block.get_submodule(self.attn)(block.get_submodule(self.attn_norm)(h), *args, **kwargs)
+        return h + (out[0] if isinstance(out, tuple) else out)
+
+    def feed_forward(self, block: nn.Module, h):
+        x = block.get_submodule(self.mid_norm)(h)
+        if self.family == "opt":
+            x = block.fc2(block.activation_fn(block.fc1(x)))
+        else:
+            x = block.get_submodule(self.mlp[0])(x)
+        return h + x
+
+
+def block_halves(block: nn.Module, model_type: str) -> Halves:
+    """The attention/MLP split of a pre-norm decoder block (Llama, Qwen2, Mistral and relatives; OPT)."""
+    names = {n for n, _ in block.named_children()}
+    if {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"} <= names:
+        return Halves("input_layernorm", "self_attn", "post_attention_layernorm", ("mlp",), "llama")
+    if {"self_attn_layer_norm", "self_attn", "final_layer_norm", "fc1", "fc2"} <= names and getattr(block, "do_layer_norm_before", False):
+        return Halves("self_attn_layer_norm", "self_attn", "final_layer_norm", ("fc1", "fc2"), "opt")
+    raise FreelunchError(
+        f"submodule windows need a pre-norm block with attention and MLP halves; {model_type!r} blocks have {sorted(names)}"
+    )

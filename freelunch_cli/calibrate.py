@@ -124,7 +124,7 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
                         x = prev.rows(rows.start, rows.stop).to(device, compute)
                         return run_block(block, x, sk.block_call(i, x.shape[0], x.shape[1]))
 
-                write_boundary(work, "dense", b, producer, cfg.samples, cfg.seqlen, hidden, cache_dtype, cfg.batch_size)
+                write_activations(work, work.boundary_path("dense", b), producer, cfg.samples, cfg.seqlen, hidden, cache_dtype, cfg.batch_size)
                 checkpoint("calibrate.boundary")
                 bar.advance()
         t_pass = time.time() - t1
@@ -153,17 +153,16 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
     return summary
 
 
-def write_boundary(work: WorkDir, stream: str, b: int, producer, samples: int, seqlen: int, hidden: int, dtype, batch_size: int):
-    """Compute boundary ``b`` of an activation stream batch by batch and write it as one cache file."""
-    path = work.boundary_path(stream, b)
+def write_activations(work: WorkDir, path, producer, samples: int, seqlen: int, hidden: int, dtype, batch_size: int):
+    """Compute an activation cache file batch by batch (``producer(slice)`` gives the rows) and record it."""
     limit = torch.finfo(dtype).max
-    with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype, {"boundary": b, "stream": stream}) as w:
+    with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype) as w:
         for start in range(0, samples, batch_size):
             out = producer(slice(start, min(start + batch_size, samples)))
             peak = out.abs().max().item()
             if peak > limit:
                 raise FreelunchError(
-                    f"hidden states at boundary {b} reach {peak:.0f}, beyond {dtype_name(dtype)}'s range; "
+                    f"hidden states in {path.name} reach {peak:.0f}, beyond {dtype_name(dtype)}'s range; "
                     f"rerun calibrate with --cache-dtype bfloat16 --force"
                 )
             w.append(out)

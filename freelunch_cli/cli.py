@@ -107,11 +107,17 @@ def calibrate(
 @app.command()
 def prune(
     work: Path = WorkOpt,
-    criterion: str = typer.Option("wanda", help="magnitude or wanda."),
+    criterion: str = typer.Option("wanda", help="magnitude, random, wanda, ria or sparsegpt."),
     sparsity: str = typer.Option("0.5", help="Fraction of weights set to zero, in (0, 1) (unstructured)."),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (N kept in every M inputs)."),
     scope: Optional[str] = typer.Option(None, help="row or matrix (unstructured); default per criterion."),
     skip: List[str] = typer.Option([], help="Matrix name pattern left dense (repeatable), e.g. 'mlp.down_proj'."),
+    stats: str = typer.Option("sparse", help="Statistics from the stream through already-pruned blocks (sparse) or the dense one."),
+    seed: int = typer.Option(0, help="Seed of --criterion random."),
+    ria_alpha: float = typer.Option(0.5, help="RIA's activation exponent."),
+    damp: float = typer.Option(0.01, help="SparseGPT dampening (fraction of the mean Hessian diagonal)."),
+    block_size: int = typer.Option(128, help="SparseGPT column block size."),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep the pruned-stream activations."),
     batch_size: int = typer.Option(8, help="Samples per forward batch for statistics."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -124,20 +130,31 @@ def prune(
     from freelunch_cli.prune import PruneConfig, prune as run
     from freelunch_cli.workdir import WorkDir
 
-    cfg = PruneConfig(criterion, sparsity, pattern, scope, list(skip), device, dtype, batch_size)
+    cfg = PruneConfig(criterion, sparsity, pattern, scope, list(skip), stats, seed, ria_alpha, damp, block_size, keep_cache,
+                      device, dtype, batch_size)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 
 @app.command()
 def reconstruct(
     work: Path = WorkOpt,
-    window: str = typer.Option("block", help="block, blocks:K or model."),
+    window: str = typer.Option("block", help="matrix, submodule, block, blocks:K or model."),
+    inputs: str = typer.Option("dense", help="dense (windows read dense activations, independent) or sparse (chained)."),
+    peft: str = typer.Option("full", help="full, bias-norm, lora or masked-lora."),
+    lora_rank: int = typer.Option(16, help="LoRA rank."),
+    lora_alpha: float = typer.Option(32.0, help="LoRA alpha (update scaled by alpha / rank)."),
     lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (linear decay to 0)."),
     epochs: int = typer.Option(1, help="Passes over the calibration windows."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps per window (overrides --epochs)."),
     batch_size: int = typer.Option(4, help="Samples per step."),
-    seed: int = typer.Option(0, help="Seed of the data order."),
+    warmup: float = typer.Option(0.0, help="Fraction of the steps with a linear warm-up."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     loss: str = typer.Option("mse", help="mse, nmse or cosine."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
+    val_fraction: float = typer.Option(0.0, help="Calibration samples held out for a validation loss."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="Keep the parameters with the lowest validation loss."),
+    seed: int = typer.Option(0, help="Seed of the data order, validation split and adapters."),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep the chained activations of --inputs sparse."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     resume: bool = ResumeOpt,
@@ -149,7 +166,10 @@ def reconstruct(
     from freelunch_cli.reconstruct import ReconstructConfig, reconstruct as run
     from freelunch_cli.workdir import WorkDir
 
-    cfg = ReconstructConfig(window, lr, epochs, batch_size, seed, weight_decay, loss, device, dtype)
+    cfg = ReconstructConfig(window=window, inputs=inputs, peft=peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr,
+                            epochs=epochs, steps=steps, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
+                            loss=loss, grad_clip=grad_clip, val_fraction=val_fraction, keep_best=keep_best, seed=seed,
+                            keep_cache=keep_cache, device=device, dtype=dtype)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 

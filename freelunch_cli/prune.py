@@ -9,16 +9,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from freelunch_cli.arch import block_linears
+from freelunch_cli.calibrate import write_activations
 from freelunch_cli.console import Reporter
-from freelunch_cli.criteria import get_criterion
+from freelunch_cli.criteria import ScoreOptions, get_criterion
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
 from freelunch_cli.masks import Pattern, check_fits, keep_mask, parse_pattern
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.skeleton import Skeleton, run_block
-from freelunch_cli.stats import StatsCollector
+from freelunch_cli.sparsegpt import SparseGPT
+from freelunch_cli.stats import StatsCollector, StopForward, capture_inputs, input_groups
 from freelunch_cli.storage import TensorRows, count_params, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from freelunch_cli.workdir import WorkDir, stage_lock
+
+STATS_MODES = ("sparse", "dense")
 
 
 @dataclass
@@ -28,12 +32,22 @@ class PruneConfig:
     pattern: str | None = None  # "N:M" or None for unstructured
     scope: str | None = None  # "row" | "matrix"; None: the criterion's default
     skip: list[str] = field(default_factory=list)  # fnmatch patterns of matrix names left dense
+    stats: str = "sparse"  # statistics from the stream through already-pruned blocks, or the dense stream
+    seed: int = 0  # for --criterion random
+    ria_alpha: float = 0.5
+    damp: float = 0.01  # SparseGPT dampening, fraction of the mean Hessian diagonal
+    block_size: int = 128  # SparseGPT column block
+    keep_cache: bool = False  # keep the pruned-stream activations (--stats sparse)
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 8
 
     def resolved(self) -> tuple[Pattern, object]:
         crit = get_criterion(self.criterion)
+        if self.stats not in STATS_MODES:
+            raise FreelunchError(f"--stats must be sparse or dense, got {self.stats!r}")
+        if not 0 < self.damp < 1 or self.block_size < 1:
+            raise FreelunchError("--damp must be in (0, 1) and --block-size at least 1")
         return parse_pattern(self.pattern, self.sparsity, self.scope or crit.default_scope), crit
 
 
@@ -49,8 +63,14 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         "pattern": pattern.describe(),
         "sparsity": pattern.sparsity,
         "skip": sorted(cfg.skip),
+        "stats": cfg.stats if crit.needs else None,
+        "seed": cfg.seed if crit.name == "random" else None,
+        "ria_alpha": cfg.ria_alpha if crit.name == "ria" else None,
+        "damp": cfg.damp if crit.name == "sparsegpt" else None,
+        "block_size": cfg.block_size if crit.name == "sparsegpt" else None,
         "dtype": dtype_name(compute),
     }
+    sparse_stream = crit.needs is not None and cfg.stats == "sparse"
     with stage_lock(work, "prune"):
         state = work.begin("prune", signature, resume, force)
         if state == "done":
@@ -60,50 +80,25 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         t0 = time.time()
         sk = Skeleton.from_work(work, "dense", device, compute)
         n = sk.num_blocks
-        samples = calib.summary["samples"]
-        report_path = work.root / "prune" / "blocks"
         files = work.manifest()["files"]
         todo = [i for i in range(n) if work.rel(work.block_path("pruned", i)) not in files]
-        rep.info(f"prune: {crit.name}, {pattern.describe()}, {n} blocks ({n - len(todo)} already done)")
+        rep.info(f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
+                 f"{n} blocks ({n - len(todo)} already done)")
+        pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute)
         with rep.progress("prune", total=n, completed=n - len(todo)) as bar:
             for i in todo:
                 t_block = time.time()
-                state_dict = load_tensors(work.stage_block_path("dense", i))
-                block = sk.build_block(i, state_dict)
-                linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, cfg.skip)}
-                for name, lin in linears.items():
-                    check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
-                stats = None
-                if crit.needs:
-                    inputs = TensorRows(work.check_file(work.boundary_path("dense", i)))
-                    collector = StatsCollector(linears, hessian_for=set(linears) if crit.needs == "hessian" else set())
-                    with torch.no_grad(), collector:
-                        for s in range(0, samples, cfg.batch_size):
-                            x = inputs.rows(s, min(s + cfg.batch_size, samples)).to(device, compute)
-                            run_block(block, x, sk.block_call(i, x.shape[0], x.shape[1]))
-                    stats = collector.stats
-                masks, rows = {}, []
-                for name, lin in linears.items():
-                    w = state_dict[f"{name}.weight"]
-                    keep = keep_mask(crit.score(w.to(device), stats[name] if stats else None, cfg), pattern).cpu()
-                    state_dict[f"{name}.weight"] = w * keep.to(w.dtype)
-                    masks[name] = keep
-                    zeros = int((~keep).sum())
-                    rows.append({"block": i, "name": name, "shape": list(w.shape), "zeros": zeros, "sparsity": zeros / keep.numel()})
-                info = save_tensors_atomic(work.mask_path(i), masks)
-                work.record_file(work.mask_path(i), info)
-                write_json_atomic(report_path / f"{i:03d}.json", {"block": i, "matrices": rows, "seconds": time.time() - t_block})
-                path = work.block_path("pruned", i)
-                work.record_file(path, save_tensors_atomic(path, state_dict))
-                checkpoint("prune.block")
+                rows = pruner.prune_block(i, sparse_stream)
                 frac = sum(r["zeros"] for r in rows) / max(sum(r["shape"][0] * r["shape"][1] for r in rows), 1)
                 rep.info(f"  block {i:3d}: {frac:.4f} of its linear weights pruned in {time.time() - t_block:.1f}s")
+                checkpoint("prune.block")
                 bar.advance()
         report = build_report(work, n, crit.name, pattern, cfg)
         summary = {
             "work": str(work.root),
             "criterion": crit.name,
             "pattern": pattern.describe(),
+            "stats": cfg.stats if crit.needs else None,
             "target_sparsity": pattern.sparsity,
             "achieved_sparsity": report["sparsity_linear"],
             "model_sparsity": report["sparsity_model"],
@@ -117,6 +112,91 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         summary,
     )
     return summary
+
+
+class BlockPruner:
+    """Prunes one block: statistics, masks (or SparseGPT updates), shards, and the pruned stream."""
+
+    def __init__(self, work, sk, crit, pattern, cfg, samples, device, compute):
+        self.work, self.sk, self.crit, self.pattern, self.cfg = work, sk, crit, pattern, cfg
+        self.samples, self.device, self.compute = samples, device, compute
+
+    def _inputs(self, i: int, sparse_stream: bool) -> TensorRows:
+        stream = "pruned" if sparse_stream and i > 0 else "dense"
+        return TensorRows(self.work.check_file(self.work.boundary_path(stream, i)))
+
+    def _run_all(self, block, i, inputs: TensorRows, limit: int | None = None):
+        bs, n = self.cfg.batch_size, min(self.samples, limit or self.samples)
+        for s in range(0, n, bs):
+            x = inputs.rows(s, min(s + bs, n)).to(self.device, self.compute)
+            try:
+                yield x, run_block(block, x, self.sk.block_call(i, x.shape[0], x.shape[1]))
+            except StopForward:
+                yield x, None
+
+    def prune_block(self, i: int, sparse_stream: bool) -> list[dict]:
+        work, cfg, pattern = self.work, self.cfg, self.pattern
+        state = load_tensors(work.stage_block_path("dense", i))
+        block = self.sk.build_block(i, state)
+        linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, cfg.skip)}
+        for name, lin in linears.items():
+            check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
+        inputs = self._inputs(i, sparse_stream) if self.crit.needs else None
+        new_weights, masks = {}, {}
+        with torch.no_grad():
+            if self.crit.needs == "hessian":
+                groups = input_groups(linears, lambda: list(self._run_all(block, i, inputs, limit=1)))
+                for group in groups:
+                    gpt = SparseGPT(linears[group[0]].in_features, self.device)
+                    capture_inputs(linears[group[0]], gpt.add_batch, lambda: list(self._run_all(block, i, inputs)))
+                    bsz = cfg.block_size if pattern.kind != "nm" else max(pattern.m, cfg.block_size - cfg.block_size % pattern.m)
+                    for name in group:
+                        w, keep = gpt.prune(state[f"{name}.weight"].to(self.device), pattern, bsz, cfg.damp)
+                        new_weights[name], masks[name] = w.cpu(), keep.cpu()
+                    del gpt
+            else:
+                stats = None
+                if self.crit.needs == "norms":
+                    collector = StatsCollector(linears)
+                    with collector:
+                        for _ in self._run_all(block, i, inputs):
+                            pass
+                    stats = collector.stats
+                opts = ScoreOptions(cfg.seed, cfg.ria_alpha)
+                for name in linears:
+                    w = state[f"{name}.weight"]
+                    score = self.crit.score(w.to(self.device), stats[name] if stats else None, opts, f"{i}.{name}")
+                    keep = keep_mask(score, pattern).cpu()
+                    new_weights[name], masks[name] = w * keep.to(w.dtype), keep
+        rows = []
+        for name, w in new_weights.items():
+            old = state[f"{name}.weight"]
+            state[f"{name}.weight"] = w.to(old.dtype)
+            keep = masks[name]
+            zeros = int((~keep).sum())
+            rows.append({"block": i, "name": name, "shape": list(old.shape), "zeros": zeros, "sparsity": zeros / keep.numel()})
+        if sparse_stream and i + 1 < self.sk.num_blocks:
+            pruned_block = self.sk.build_block(i, state)
+            hidden = self.sk.config.hidden_size
+            seqlen = inputs.shape[1]
+
+            def producer(rows_slice, blk=pruned_block):
+                x = inputs.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute)
+                return run_block(blk, x, self.sk.block_call(i, x.shape[0], x.shape[1]))
+
+            cache_dtype = _dtype_of(inputs)
+            write_activations(work, work.boundary_path("pruned", i + 1), producer, self.samples, seqlen, hidden, cache_dtype, cfg.batch_size)
+        work.record_file(work.mask_path(i), save_tensors_atomic(work.mask_path(i), masks))
+        write_json_atomic(work.root / "prune" / "blocks" / f"{i:03d}.json", {"block": i, "matrices": rows})
+        path = work.block_path("pruned", i)
+        work.record_file(path, save_tensors_atomic(path, state))  # the block is done once this is recorded
+        if sparse_stream and i > 0 and not cfg.keep_cache:
+            work.forget_file(work.boundary_path("pruned", i))
+        return rows
+
+
+def _dtype_of(rows: TensorRows) -> torch.dtype:
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[rows.dtype]
 
 
 def _skipped(name: str, patterns: list[str]) -> bool:
@@ -137,6 +217,7 @@ def build_report(work: WorkDir, n: int, criterion: str, pattern: Pattern, cfg: P
         "pattern": pattern.describe(),
         "target_sparsity": pattern.sparsity,
         "skip": cfg.skip,
+        "stats": cfg.stats,
         "sparsity_linear": zeros / max(total_linear, 1),
         "sparsity_model": zeros / max(total_params, 1),
         "zeros": zeros,

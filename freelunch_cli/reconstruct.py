@@ -1,4 +1,14 @@
-"""Stage 3: local reconstruction, one window at a time, resumable per window."""
+"""Stage 3: local reconstruction, one window at a time, resumable per window.
+
+Each window trains a copy of its pruned modules (initialised from the pruned shards) to match the dense
+model at its end. It writes only its own files: ``recon/windows/NNN.safetensors`` (the parameters it
+changed) and ``windows/NNN.json`` (its record; ``status: done`` marks it finished). Once every window is
+done, the blocks are assembled into ``recon/block_NNN.safetensors``.
+
+With ``--inputs sparse`` a window reads the output of the already-reconstructed windows before it (the
+chained stream ``acts/recon``, stored so that a resumed run computes the same numbers); targets always
+stay the dense model's activations.
+"""
 
 from __future__ import annotations
 
@@ -8,79 +18,340 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from freelunch_cli.arch import block_halves, block_linears
+from freelunch_cli.calibrate import write_activations
 from freelunch_cli.console import Reporter
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
+from freelunch_cli.peft import PeftConfig, prepare, qualify
 from freelunch_cli.runtime import dtype_name, free_memory, parse_dtype, pick_device
 from freelunch_cli.skeleton import Skeleton, run_block
+from freelunch_cli.stats import StopForward
 from freelunch_cli.storage import TensorRows, load_tensors, read_json, save_tensors_atomic, write_json_atomic
-from freelunch_cli.train import MaskedParams, TrainConfig, loss_fn, train_window
+from freelunch_cli.train import TrainConfig, train_window
 from freelunch_cli.windows import Window, enumerate_windows
 from freelunch_cli.workdir import WorkDir, stage_lock
+
+INPUT_MODES = ("dense", "sparse")
 
 
 @dataclass
 class ReconstructConfig:
     window: str = "block"
+    inputs: str = "dense"
+    peft: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
     lr: float = 1e-4
     epochs: int = 1
+    steps: int | None = None
     batch_size: int = 4
-    seed: int = 0
+    warmup: float = 0.0
     weight_decay: float = 0.0
     loss: str = "mse"
+    grad_clip: float | None = None
+    val_fraction: float = 0.0
+    keep_best: bool = False
+    seed: int = 0
+    keep_cache: bool = False
     device: str = "auto"
     dtype: str = "float32"
 
     def train_config(self, window_index: int) -> TrainConfig:
         # Each window gets its own seed so windows are independent and a resumed run matches.
-        return TrainConfig(self.lr, self.epochs, self.batch_size, self.seed * 100_003 + window_index, self.weight_decay, self.loss)
+        return TrainConfig(self.lr, self.epochs, self.batch_size, self.seed * 100_003 + window_index, self.weight_decay,
+                           self.loss, self.steps, self.warmup, self.grad_clip, self.keep_best)
+
+    def peft_config(self, window_index: int) -> PeftConfig:
+        return PeftConfig(self.peft, self.lora_rank, self.lora_alpha, self.seed * 100_003 + window_index)
+
+    def validate(self) -> None:
+        self.train_config(0).validate()
+        self.peft_config(0).validate()
+        if self.inputs not in INPUT_MODES:
+            raise FreelunchError(f"--inputs must be dense or sparse, got {self.inputs!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise FreelunchError("--val-fraction must be in [0, 1)")
+        if self.keep_best and self.val_fraction == 0:
+            raise FreelunchError("--keep-best needs validation samples: set --val-fraction")
+
+    def signature(self) -> dict:
+        sig = asdict(self)
+        for k in ("device", "keep_cache"):
+            sig.pop(k)
+        return sig
 
 
-class WindowModule(nn.Module):
-    """Consecutive decoder blocks called with the arguments their model passes them."""
+class Rows:
+    """(input, target) batches: from stored activations, or computed per batch."""
 
-    def __init__(self, sk: Skeleton, blocks: dict[int, nn.Module]):
-        super().__init__()
-        self.sk = sk
-        self.order = sorted(blocks)
-        self.blocks = nn.ModuleList([blocks[i] for i in self.order])
+    def __init__(self, fn):
+        self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, block in zip(self.order, self.blocks):
-            x = run_block(block, x, self.sk.block_call(i, x.shape[0], x.shape[1]))
-        return x
+    def batch(self, idx):
+        return self.fn(idx)
 
 
-def load_window(work: WorkDir, sk: Skeleton, win: Window) -> tuple[WindowModule, MaskedParams, dict[int, dict]]:
-    """The window's pruned blocks in float32 (trainable) and their masks."""
-    blocks, masks_by_param, storage = {}, {}, {}
-    for i in win.blocks:
-        state = load_tensors(work.stage_block_path("pruned", i))
-        storage[i] = {k: v.dtype for k, v in state.items()}
-        block = sk.build_block(i, state, dtype=torch.float32)
-        masks = load_tensors(work.check_file(work.mask_path(i)), device=sk.device)
-        for name, keep in masks.items():
-            masks_by_param[id(block.get_submodule(name).weight)] = keep
-        blocks[i] = block
-    module = WindowModule(sk, blocks)
-    params = [p for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    return module, MaskedParams(params, masks_by_param), storage
+class Reconstructor:
+    """Everything one window needs: shards, caches, the dense reference and the chained stream."""
+
+    def __init__(self, work: WorkDir, cfg: ReconstructConfig, windows: list[Window], device, compute):
+        self.work, self.cfg, self.windows, self.device, self.compute = work, cfg, windows, device, compute
+        self.sk = Skeleton.from_work(work, "pruned", device, compute)
+        self.cache_dtype = parse_dtype(work.stage("calibrate").signature["cache_dtype"])
+        self.samples = work.stage("calibrate").summary["samples"]
+        self.storage_dtype = next(v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point())
+        self._dense: tuple[int, nn.Module] | None = None
+        self.halves = None
+        if any(w.part in ("attn", "mlp") for w in windows):
+            self.halves = block_halves(self.sk.build_block(0), self.sk.config.model_type)
+        perm = torch.randperm(self.samples, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = int(round(self.samples * cfg.val_fraction))
+        if cfg.val_fraction and (n_val < 1 or n_val >= self.samples):
+            raise FreelunchError(f"--val-fraction {cfg.val_fraction} of {self.samples} samples leaves no validation or no training samples")
+        self.val_idx, self.train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
+
+    # ---- state -------------------------------------------------------------------------------------
+    def dense_block(self, i: int) -> nn.Module:
+        if self._dense is None or self._dense[0] != i:
+            self._dense = (i, self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i))))
+        return self._dense[1]
+
+    def current_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``: the pruned shard, with the parameters of every finished window that touched it."""
+        state = load_tensors(self.work.stage_block_path("pruned", i))
+        for w in self.windows:
+            if i in w.blocks and window_done(self.work, w):
+                for k, v in load_tensors(self.work.check_file(window_params_path(self.work, w.index))).items():
+                    b, _, name = k.partition("/")
+                    if int(b) == i:
+                        state[name] = v
+        return state
+
+    def call(self, i: int, x: torch.Tensor):
+        return self.sk.block_call(i, x.shape[0], x.shape[1])
+
+    # ---- activations -------------------------------------------------------------------------------
+    def rows(self, stream: str, name: str) -> TensorRows:
+        return TensorRows(self.work.check_file(self.work.root / "acts" / stream / f"{name}.safetensors"))
+
+    def input_stream(self, b: int) -> str:
+        return "recon" if self.cfg.inputs == "sparse" and b > 0 else "dense"
+
+    def _load(self, rows: TensorRows, idx) -> torch.Tensor:
+        return rows.take(idx).to(self.device, torch.float32)
+
+    def dense_mid(self, i: int, x_dense: torch.Tensor) -> torch.Tensor:
+        block = self.dense_block(i)
+        with torch.no_grad():
+            return self.halves.attention(block, x_dense.to(self.compute), self.call(i, x_dense)).float()
+
+    def dense_matrix_io(self, i: int, name: str, x_dense: torch.Tensor):
+        """The dense matrix's input and output inside dense block ``i``."""
+        block = self.dense_block(i)
+        return capture_linear_io(block, name, lambda: run_block(block, x_dense.to(self.compute), self.call(i, x_dense)))
+
+    # ---- one window --------------------------------------------------------------------------------
+    def run(self, win: Window) -> dict:
+        t0 = time.time()
+        work, cfg = self.work, self.cfg
+        rec = {"window": win.as_dict(), "status": "running", "started": t0}
+        write_json_atomic(work.window_record_path(win.index), rec)
+        blocks = {}
+        for i in win.blocks:
+            state = self.current_state(i) if win.part else load_tensors(work.stage_block_path("pruned", i))
+            if win.part:  # the window's own modules always start from the pruned weights
+                pruned = load_tensors(work.stage_block_path("pruned", i))
+                state.update({k: v for k, v in pruned.items() if self._in_scope(win, k)})
+            blocks[i] = self.sk.build_block(i, state, dtype=torch.float32)
+        masks = {}
+        for i in win.blocks:
+            for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=self.device).items():
+                masks[f"{i}/{name}"] = keep
+        scope = self._scope(win, blocks)
+        trainable = prepare(scope, {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}, cfg.peft_config(win.index))
+        forward, data = self._forward_and_data(win, blocks)
+        total, free = trainable.params.count()
+        result = train_window(forward, trainable.params, data, self.train_idx, self.val_idx, cfg.train_config(win.index),
+                              self.device, self.compute)
+        trainable.finalize()
+        params = {}
+        for prefix, module in scope.items():
+            for k, v in module.state_dict().items():
+                params[qualify(prefix, k)] = v.detach().to(self.storage_dtype) if v.is_floating_point() else v.detach()
+        path = window_params_path(work, win.index)
+        work.record_file(path, save_tensors_atomic(path, params))
+        del blocks, scope, trainable, forward, data
+        if cfg.inputs == "sparse":
+            self._write_chain(win, params)
+        rec.update(result, status="done", seconds=time.time() - t0, trainable_params=total, trainable_nonzero=free)
+        write_json_atomic(work.window_record_path(win.index), rec)
+        if cfg.inputs == "sparse" and not cfg.keep_cache:
+            self._drop_chain_input(win)
+        free_memory(torch.device(self.device))
+        return rec
+
+    def _in_scope(self, win: Window, key: str) -> bool:
+        if win.part in ("attn", "mlp"):
+            h = self.halves
+            names = (h.attn_norm, h.attn) if win.part == "attn" else (h.mid_norm, *h.mlp)
+            return any(key.startswith(n + ".") for n in names)
+        return key.startswith(win.part + ".")
+
+    def _scope(self, win: Window, blocks: dict[int, nn.Module]) -> dict[str, nn.Module]:
+        """The window's trainable modules by qualified name ("block/module")."""
+        if win.part is None:
+            return {f"{i}/": b for i, b in blocks.items()}
+        b = blocks[win.first]
+        if win.part in ("attn", "mlp"):
+            h = self.halves
+            names = (h.attn_norm, h.attn) if win.part == "attn" else (h.mid_norm, *h.mlp)
+            return {f"{win.first}/{n}": b.get_submodule(n) for n in names}
+        return {f"{win.first}/{win.part}": b.get_submodule(win.part)}
+
+    def _forward_and_data(self, win: Window, blocks: dict[int, nn.Module]):
+        i, inp = win.first, self.input_stream(win.first)
+        dense_in = self.rows("dense", f"boundary_{i:03d}")
+        if win.part is None:
+            src = self.rows(inp, f"boundary_{i:03d}")
+            tgt = self.rows("dense", f"boundary_{win.last + 1:03d}")
+            order = sorted(blocks)
+
+            def forward(x):
+                for j in order:
+                    x = run_block(blocks[j], x, self.call(j, x))
+                return x
+
+            return forward, Rows(lambda idx: (self._load(src, idx), self._load(tgt, idx)))
+        block = blocks[i]
+        if win.part == "attn":
+            src = self.rows(inp, f"boundary_{i:03d}")
+            return (lambda x: self.halves.attention(block, x, self.call(i, x)),
+                    Rows(lambda idx: (self._load(src, idx), self.dense_mid(i, self._load(dense_in, idx)))))
+        if win.part == "mlp":
+            tgt = self.rows("dense", f"boundary_{i + 1:03d}")
+            if inp == "dense":
+                data = Rows(lambda idx: (self.dense_mid(i, self._load(dense_in, idx)), self._load(tgt, idx)))
+            else:
+                mid = self.rows("recon", f"mid_{i:03d}")
+                data = Rows(lambda idx: (self._load(mid, idx), self._load(tgt, idx)))
+            return (lambda h: self.halves.feed_forward(block, h)), data
+        linear = block.get_submodule(win.part)
+        if inp == "dense":
+            def data_fn(idx):
+                x, y = self.dense_matrix_io(i, win.part, self._load(dense_in, idx))
+                return x.float(), y.float()
+        else:
+            src = self.rows("recon", f"boundary_{i:03d}")
+
+            def data_fn(idx):
+                _, y = self.dense_matrix_io(i, win.part, self._load(dense_in, idx))
+                xs = self._load(src, idx)
+                x, _ = capture_linear_io(block, win.part, lambda: run_block(block, xs, self.call(i, xs)))
+                return x.float(), y.float()
+
+        return (lambda x: linear(x)), Rows(data_fn)
+
+    # ---- the chained stream (--inputs sparse) -------------------------------------------------------------
+    def _write_chain(self, win: Window, params: dict[str, torch.Tensor]) -> None:
+        """Run the finished window, as it is stored, on its chained input; store the output for the next window."""
+        i, n = win.first, self.sk.num_blocks
+        if win.part not in (None, "attn", "mlp") and win.index != [w for w in self.windows if w.first == i][-1].index:
+            return  # matrix windows: the block's output is chained once its last matrix is done
+        out_name, out_b = ("mid", i) if win.part == "attn" else ("boundary", win.last + 1)
+        if out_name == "boundary" and out_b >= n:
+            return  # nothing reads the stream after the last block
+        blocks = {}
+        for j in win.blocks:
+            state = self.current_state(j)
+            state.update({k.partition("/")[2]: v for k, v in params.items() if int(k.partition("/")[0]) == j})
+            blocks[j] = self.sk.build_block(j, state)
+        if win.part == "mlp":
+            src = self.rows("recon", f"mid_{i:03d}")
+            fn = lambda x: self.halves.feed_forward(blocks[i], x)  # noqa: E731
+        elif win.part == "attn":
+            src = self.rows(self.input_stream(i), f"boundary_{i:03d}")
+            fn = lambda x: self.halves.attention(blocks[i], x, self.call(i, x))  # noqa: E731
+        else:
+            src = self.rows(self.input_stream(i), f"boundary_{i:03d}")
+
+            def fn(x):
+                for j in sorted(blocks):
+                    x = run_block(blocks[j], x, self.call(j, x))
+                return x
+
+        def producer(rows_slice):
+            with torch.no_grad():
+                return fn(src.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute))
+
+        hidden, seqlen = self.sk.config.hidden_size, src.shape[1]
+        path = self.work.root / "acts" / "recon" / f"{out_name}_{out_b:03d}.safetensors"
+        write_activations(self.work, path, producer, self.samples, seqlen, hidden, self.cache_dtype, 8)
+
+    def _drop_chain_input(self, win: Window) -> None:
+        i = win.first
+        if win.part == "mlp":
+            self.work.forget_file(self.work.root / "acts" / "recon" / f"mid_{i:03d}.safetensors")
+        if i > 0 and (win.part is None or win.part == "mlp" or win.index == [w for w in self.windows if w.first == i][-1].index):
+            self.work.forget_file(self.work.root / "acts" / "recon" / f"boundary_{i:03d}.safetensors")
+
+    # ---- assembly ----------------------------------------------------------------------------------
+    def assemble(self) -> None:
+        for i in range(self.sk.num_blocks):
+            path = self.work.block_path("reconstructed", i)
+            self.work.record_file(path, save_tensors_atomic(path, self.current_state(i)))
+
+
+def in_prefix(key: str, prefix: str) -> bool:
+    return key.startswith(prefix) if prefix.endswith("/") else key == prefix or key.startswith(prefix + ".")
+
+
+def capture_linear_io(block: nn.Module, name: str, run):
+    """Input and output of one linear layer during ``run()``; the rest of the block is skipped."""
+    got = {}
+    lin = block.get_submodule(name)
+
+    def hook(mod, args, out):
+        got["x"], got["y"] = args[0].detach(), out.detach()
+        raise StopForward
+
+    h = lin.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            run()
+    except StopForward:
+        pass
+    finally:
+        h.remove()
+    return got["x"], got["y"]
+
+
+def window_params_path(work: WorkDir, index: int):
+    return work.root / "recon" / "windows" / f"{index:03d}.safetensors"
+
+
+def window_done(work: WorkDir, win: Window) -> bool:
+    p = work.window_record_path(win.index)
+    return p.exists() and read_json(p).get("status") == "done"
+
+
+def plan_windows(work: WorkDir, window: str) -> list[Window]:
+    calib = work.require_done("calibrate", "reconstruct")
+    matrices = None
+    if window.strip().lower() == "matrix":
+        sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+        matrices = list(block_linears(sk.build_block(0)))
+    return enumerate_windows(calib.summary["num_blocks"], window, matrices)
 
 
 def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
     rep = rep or Reporter(quiet=True)
-    loss_fn(cfg.loss)  # validate before any work
-    if cfg.lr <= 0 or cfg.epochs < 1 or cfg.batch_size < 1:
-        raise FreelunchError("--lr must be positive, --epochs and --batch-size at least 1")
+    cfg.validate()
     compute = parse_dtype(cfg.dtype)
     device = pick_device(cfg.device)
     pruned = work.require_done("prune", "reconstruct")
-    calib = work.stage("calibrate")
-    windows = enumerate_windows(calib.summary["num_blocks"], cfg.window)
-    signature = {"prune_run": pruned.run_id, **asdict(cfg)}
-    signature.pop("device")
+    windows = plan_windows(work, cfg.window)
+    signature = {"prune_run": pruned.run_id, **cfg.signature()}
     with stage_lock(work, "reconstruct"):
         state = work.begin("reconstruct", signature, resume, force)
         if state == "done":
@@ -89,20 +360,20 @@ def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = No
             return s
         work.set_progress("reconstruct", "windows_total", len(windows))
         t0 = time.time()
-        sk = Skeleton.from_work(work, "pruned", device, compute)
+        rc = Reconstructor(work, cfg, windows, device, compute)
         done = [w for w in windows if window_done(work, w)]
-        rep.info(f"reconstruct: {len(windows)} {cfg.window} windows, {len(done)} already done; lr {cfg.lr}, {cfg.epochs} epoch(s), batch {cfg.batch_size}")
+        rep.info(f"reconstruct: {len(windows)} {cfg.window} windows ({len(done)} already done), {cfg.inputs} inputs, {cfg.peft}; "
+                 f"lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, loss {cfg.loss}")
         with rep.progress("reconstruct", total=len(windows), completed=len(done)) as bar:
             for win in windows:
                 if window_done(work, win):
                     continue
-                rec = run_window(work, sk, win, cfg, device, compute)
+                rec = rc.run(win)
+                rep.info(f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
+                         f"in {rec['seconds']:.1f}s")
                 checkpoint("reconstruct.window")
-                rep.info(
-                    f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
-                    f"in {rec['seconds']:.1f}s"
-                )
                 bar.advance()
+        rc.assemble()
         records = [read_json(work.window_record_path(w.index)) for w in windows]
         summary = {
             "work": str(work.root),
@@ -110,39 +381,16 @@ def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = No
             "windows": len(windows),
             "loss_before": sum(r["loss_before"] for r in records),
             "loss_after": sum(r["loss_after"] for r in records),
+            "trainable_params": sum(r["trainable_params"] for r in records),
             "seconds": round(time.time() - t0, 2),
+            "window_seconds": round(sum(r["seconds"] for r in records), 2),
             "config": asdict(cfg),
         }
+        if cfg.inputs == "sparse" and not cfg.keep_cache:
+            import shutil
+
+            shutil.rmtree(work.root / "acts" / "recon", ignore_errors=True)
         work.finish("reconstruct", summary)
-    rep.summary(
-        f"reconstructed {len(windows)} windows: summed loss {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} "
-        f"in {summary['seconds']:.1f}s",
-        summary,
-    )
+    rep.summary(f"reconstructed {len(windows)} {cfg.window} windows: summed loss {summary['loss_before']:.4g} -> "
+                f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s", summary)
     return summary
-
-
-def window_done(work: WorkDir, win: Window) -> bool:
-    p = work.window_record_path(win.index)
-    return p.exists() and read_json(p).get("status") == "done"
-
-
-def run_window(work: WorkDir, sk: Skeleton, win: Window, cfg: ReconstructConfig, device, compute) -> dict:
-    """Train one window, write its blocks, then its record (the record is what marks it done)."""
-    t0 = time.time()
-    rec = {"window": win.as_dict(), "status": "running", "started": t0}
-    write_json_atomic(work.window_record_path(win.index), rec)
-    module, params, storage = load_window(work, sk, win)
-    inputs = TensorRows(work.check_file(work.boundary_path("dense", win.input_boundary)))
-    targets = TensorRows(work.check_file(work.boundary_path("dense", win.target_boundary)))
-    total, free = params.count()
-    result = train_window(module, params, inputs, targets, cfg.train_config(win.index), device, compute)
-    for i, block in zip(module.order, module.blocks):
-        state = {k: v.detach().to(storage[i][k]) for k, v in block.state_dict().items()}
-        path = work.block_path("reconstructed", i)
-        work.record_file(path, save_tensors_atomic(path, state))
-    rec.update(result, status="done", seconds=time.time() - t0, trainable_params=total, trainable_nonzero=free)
-    write_json_atomic(work.window_record_path(win.index), rec)
-    del module, params
-    free_memory(torch.device(device))
-    return rec

@@ -1,4 +1,4 @@
-"""Calibration statistics of every linear layer's input, gathered with forward hooks."""
+"""Calibration statistics of linear layers' inputs, gathered with forward hooks."""
 
 from __future__ import annotations
 
@@ -7,37 +7,28 @@ from torch import nn
 
 
 class LinearStats:
-    """Running statistics of one linear layer's inputs: per-feature sums of squares, optionally XᵀX."""
+    """Per-input-feature sums of squares of one linear layer's inputs."""
 
-    def __init__(self, in_features: int, hessian: bool, device):
+    def __init__(self, in_features: int, device="cpu"):
         self.tokens = 0
         self.sumsq = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         self.sumsq += x.pow(2).sum(0).double()
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
 
     def input_norms(self) -> torch.Tensor:
-        """||X_j||_2 over every calibration token."""
+        """||X_j||₂ over every calibration token."""
         return self.sumsq.sqrt().float()
-
-    def hessian(self) -> torch.Tensor:
-        """H = 2 XᵀX / tokens, the layer-wise reconstruction Hessian of SparseGPT."""
-        return 2.0 * self.xtx / max(self.tokens, 1)
 
 
 class StatsCollector:
-    """Hooks on the given linears; ``with`` it while running calibration batches through the block."""
+    """Hooks on the given linears; use it as a context while running calibration batches through the block."""
 
-    def __init__(self, linears: dict[str, nn.Linear], hessian_for: set[str] = frozenset()):
+    def __init__(self, linears: dict[str, nn.Linear]):
         self.linears = linears
-        self.stats = {
-            name: LinearStats(lin.in_features, name in hessian_for, lin.weight.device) for name, lin in linears.items()
-        }
+        self.stats = {name: LinearStats(lin.in_features, lin.weight.device) for name, lin in linears.items()}
         self._handles = []
 
     def __enter__(self):
@@ -51,3 +42,47 @@ class StatsCollector:
             h.remove()
         self._handles = []
         return False
+
+
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of the block."""
+
+
+def input_groups(linears: dict[str, nn.Linear], run_once) -> list[list[str]]:
+    """Linears that receive the very same input tensor (q/k/v, gate/up) form a group, in call order.
+
+    The inputs are held alive during the pass, so no two distinct inputs can share a memory address.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(mod, args):  # a pre-hook must return None, or it replaces the arguments
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(record(name)) for name, lin in linears.items()]
+    try:
+        run_once()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name, x in seen.items():  # dict order is call order
+        groups.setdefault((x.data_ptr(), tuple(x.shape), tuple(x.stride())), []).append(name)
+    missing = [n for n in linears if n not in seen]
+    return list(groups.values()) + [[n] for n in missing]
+
+
+def capture_inputs(linear: nn.Linear, sink, run_batches) -> None:
+    """Feed every calibration input of ``linear`` to ``sink``, stopping each forward right after it."""
+
+    def hook(mod, args):
+        sink(args[0].detach())
+        raise StopForward
+
+    h = linear.register_forward_pre_hook(hook)
+    try:
+        run_batches()
+    finally:
+        h.remove()

@@ -227,6 +227,7 @@ class TensorRows:
         except Exception as e:
             raise FreelunchError(f"cannot read {self.path}: {e} (the file is truncated or corrupt)") from None
         self.shape = tuple(self._slice.get_shape())
+        self.dtype = self._slice.get_dtype()
 
     def __len__(self) -> int:
         return self.shape[0]

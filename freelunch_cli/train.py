@@ -22,6 +22,19 @@ class TrainConfig:
     seed: int = 0
     weight_decay: float = 0.0
     loss: str = "mse"
+    steps: int | None = None  # overrides epochs
+    warmup: float = 0.0  # fraction of the steps with a linear warm-up
+    grad_clip: float | None = None
+    keep_best: bool = False  # keep the parameters with the lowest validation loss (needs validation samples)
+
+    def validate(self) -> None:
+        loss_fn(self.loss)
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1):
+            raise FreelunchError("--lr must be positive; --epochs, --steps and --batch-size at least 1")
+        if not 0 <= self.warmup < 1:
+            raise FreelunchError("--warmup is a fraction of the steps, in [0, 1)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise FreelunchError("--grad-clip must be positive")
 
 
 def loss_fn(name: str):
@@ -54,32 +67,41 @@ class MaskedParams:
             if m is not None:
                 p.mul_(m)
 
-    def check(self) -> None:
-        for p in self.params:
-            m = self.masks.get(id(p))
-            if m is not None and bool((p.detach()[~m] != 0).any()):
-                raise RuntimeError("a pruned weight became nonzero during reconstruction")
-
     def count(self) -> tuple[int, int]:
         """(trainable elements, trainable elements not held at zero by a mask)."""
         total = sum(p.numel() for p in self.params)
         free = sum(int(self.masks[id(p)].sum()) if id(p) in self.masks else p.numel() for p in self.params)
         return total, free
 
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None):
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for s in range(0, n, batch_size):
-        yield sorted(order[s : s + batch_size].tolist())
+    @torch.no_grad()
+    def restore(self, values: list[torch.Tensor]) -> None:
+        for p, v in zip(self.params, values):
+            p.copy_(v)
 
 
-def evaluate(forward, inputs, targets, loss, device, batch_size: int, autocast) -> float:
-    """Mean loss over every sample (weighted by batch size)."""
+def _batches(indices: list[int], batch_size: int, generator: torch.Generator | None):
+    order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()] if generator is not None else list(indices)
+    for s in range(0, len(order), batch_size):
+        yield sorted(order[s : s + batch_size])
+
+
+def _autocast(device, compute_dtype):
+    if compute_dtype == torch.float32:
+        return nullcontext
+    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=compute_dtype)
+
+
+def evaluate(forward, data, indices: list[int], loss, batch_size: int, autocast) -> float:
+    """Mean loss over the given samples (weighted by batch size)."""
+    if not indices:
+        return float("nan")
     total, count = 0.0, 0
     with torch.no_grad():
-        for idx in _batches(len(inputs), batch_size, None):
-            x = inputs.take(idx).to(device, torch.float32)
-            t = targets.take(idx).to(device, torch.float32)
+        for idx in _batches(indices, batch_size, None):
+            x, t = data.batch(idx)
             with autocast():
                 y = forward(x)
             total += float(loss(y.float(), t)) * len(idx)
@@ -87,41 +109,62 @@ def evaluate(forward, inputs, targets, loss, device, batch_size: int, autocast) 
     return total / max(count, 1)
 
 
-def train_window(forward, params: MaskedParams, inputs, targets, cfg: TrainConfig, device, compute_dtype, on_step=None) -> dict:
-    """AdamW with linear learning-rate decay on ``loss(forward(x), target)``; returns losses before/after."""
+def train_window(forward, params: MaskedParams, data, train_idx: list[int], val_idx: list[int], cfg: TrainConfig, device,
+                 compute_dtype, on_step=None) -> dict:
+    """AdamW with linear warm-up and decay on ``loss(forward(x), target)``; returns losses before and after."""
     loss = loss_fn(cfg.loss)
-    autocast = (
-        (lambda: torch.autocast(device_type=torch.device(device).type, dtype=compute_dtype))
-        if compute_dtype != torch.float32
-        else nullcontext
-    )
+    autocast = _autocast(device, compute_dtype)
     eval_bs = max(cfg.batch_size, 8)
-    before = evaluate(forward, inputs, targets, loss, device, eval_bs, autocast)
-    n = len(inputs)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    before = evaluate(forward, data, train_idx, loss, eval_bs, autocast)
+    val_before = evaluate(forward, data, val_idx, loss, eval_bs, autocast)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
+    warm = int(total * cfg.warmup)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, 1.0 - (step - warm) / max(total - warm, 1))
+
+    best = (val_before, 0, params.snapshot()) if cfg.keep_best and val_idx else None
     step = 0
-    for _ in range(cfg.epochs):
-        for idx in _batches(n, cfg.batch_size, gen):
-            x = inputs.take(idx).to(device, torch.float32)
-            t = targets.take(idx).to(device, torch.float32)
-            with autocast():
-                y = forward(x)
-            value = loss(y.float(), t)
-            if not torch.isfinite(value):
-                raise FreelunchError(f"reconstruction loss became {float(value)} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            params.mask_grads()
-            opt.step()
-            sched.step()
-            params.apply()
-            step += 1
-            if on_step is not None:
-                on_step(step, total, float(value))
-    params.check()
-    after = evaluate(forward, inputs, targets, loss, device, eval_bs, autocast)
-    return {"loss_before": before, "loss_after": after, "steps": step}
+    if params.params:
+        opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        while step < total:
+            for idx in _batches(train_idx, cfg.batch_size, gen):
+                x, t = data.batch(idx)
+                with autocast():
+                    y = forward(x)
+                value = loss(y.float(), t)
+                if not torch.isfinite(value):
+                    raise FreelunchError(f"reconstruction loss became {float(value)} at step {step}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                params.mask_grads()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params.params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                params.apply()
+                step += 1
+                if on_step is not None:
+                    on_step(step, total, float(value))
+                if step >= total:
+                    break
+            if best is not None:
+                v = evaluate(forward, data, val_idx, loss, eval_bs, autocast)
+                if v < best[0]:
+                    best = (v, step, params.snapshot())
+        del opt
+    if best is not None:
+        params.restore(best[2])
+    after = evaluate(forward, data, train_idx, loss, eval_bs, autocast)
+    val_after = evaluate(forward, data, val_idx, loss, eval_bs, autocast)
+    out = {"loss_before": before, "loss_after": after, "steps": step}
+    if val_idx:
+        out.update(val_loss_before=val_before, val_loss_after=val_after)
+    if best is not None:
+        out["best_step"] = best[1]
+    return out

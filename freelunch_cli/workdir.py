@@ -94,12 +94,8 @@ class WorkDir:
     @contextmanager
     def _manifest_lock(self):
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".manifest.lock", "a+") as lf:
-            fcntl.flock(lf, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lf, fcntl.LOCK_UN)
+        with locked_file(self.root / ".manifest.lock", blocking=True):
+            yield
 
     @contextmanager
     def update(self):
@@ -112,6 +108,12 @@ class WorkDir:
     def record_file(self, path: Path, info: FileInfo) -> None:
         with self.update() as m:
             m["files"][self.rel(path)] = info.as_dict()
+
+    def forget_file(self, path: Path) -> None:
+        """Delete a file that nothing needs any more, and its manifest record."""
+        with self.update() as m:
+            m["files"].pop(self.rel(path), None)
+        Path(path).unlink(missing_ok=True)
 
     def check_file(self, path: Path) -> Path:
         """Fail clearly when a file the manifest knows is missing or has the wrong size."""
@@ -246,24 +248,54 @@ def rec_missing(work: WorkDir) -> str:
 
 
 @contextmanager
+def locked_file(path: Path, blocking: bool):
+    """An exclusive flock on ``path``, removed on release so a quiescent work directory holds no lock files.
+
+    After locking, the path must still name the locked inode (another process may have released and
+    removed it meanwhile); otherwise try again on the new file.
+    """
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip()
+            f.close()
+            raise _Busy(owner) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        yield f
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+class _Busy(Exception):
+    pass
+
+
+@contextmanager
 def stage_lock(work: WorkDir, name: str):
     """One process per stage and work directory: a second one is refused with a clear message."""
     work.root.mkdir(parents=True, exist_ok=True)
-    path = work.root / f".{name}.lock"
-    f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "another process"
-        f.close()
+        with locked_file(work.root / f".{name}.lock", blocking=False) as f:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            f.flush()
+            yield
+    except _Busy as busy:
+        owner = str(busy) or "another process"
         raise FreelunchError(f"{name} is already running on {work.root} ({owner}); wait for it or stop it first") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    f.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()

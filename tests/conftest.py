@@ -41,8 +41,10 @@ def calibrated(tiny_models, tmp_path_factory):
 def fresh_work(calibrated, tmp_path):
     """Copy a calibrated work directory so a test can run later stages on it."""
 
+    count = iter(range(1000))
+
     def make(arch: str = "llama") -> WorkDir:
-        dst = tmp_path / f"work-{arch}"
+        dst = tmp_path / f"work-{arch}-{next(count)}"
         shutil.copytree(calibrated[arch].root, dst)
         return WorkDir(dst)
 

@@ -41,7 +41,7 @@ def test_bad_pattern(bad):
 def test_wanda_score_from_its_definition():
     torch.manual_seed(1)
     w, x = torch.randn(6, 10), torch.randn(3, 7, 10)
-    st = LinearStats(10, False, "cpu")
+    st = LinearStats(10)
     st.add(x[:2])
     st.add(x[2:])
     direct = torch.stack([torch.stack([w[i, j].abs() * x[..., j].flatten().norm() for j in range(10)]) for i in range(6)])
