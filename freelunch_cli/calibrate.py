@@ -90,9 +90,12 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
         t0 = time.time()
         rep.info(f"calibrate: model {spec.spec} -> {work.root}")
 
+        if work.damaged:
+            rep.warn(f"recomputing {len(work.damaged)} missing or damaged file(s): {', '.join(work.damaged[:6])}")
         # Calibration tokens first: a text that is too short fails before any heavy work.
-        tok = load_tokenizer(spec)
-        if not work.tokens_path.exists():
+        tok = None
+        if work.rel(work.tokens_path) not in work.manifest()["files"]:
+            tok = load_tokenizer(spec)
             ids = sample_windows(tokenize(tok, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
             info = save_tensors_atomic(work.tokens_path, {"input_ids": ids}, {"source": src.spec, "seed": cfg.seed, "seqlen": cfg.seqlen})
             work.record_file(work.tokens_path, info)

@@ -204,6 +204,7 @@ def export(
     dtype: Optional[str] = typer.Option(None, help="Cast floating-point weights (default: as stored)."),
     max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted export into the same --out."),
     quiet: bool = QuietOpt,
     json_out: bool = JsonOpt,
 ):
@@ -211,7 +212,7 @@ def export(
     from freelunch_cli.export import export as run
     from freelunch_cli.workdir import WorkDir
 
-    _run(run, WorkDir(work), out, stage, dtype, max_shard_size, force, _reporter(quiet, json_out))
+    _run(run, WorkDir(work), out, stage, dtype, max_shard_size, force, _reporter(quiet, json_out), resume=resume)
 
 
 def main():

@@ -17,7 +17,7 @@ from freelunch_cli.faults import checkpoint
 from freelunch_cli.runtime import dtype_name, parse_dtype
 from freelunch_cli.source import meta_model
 from freelunch_cli.arch import find_arch
-from freelunch_cli.storage import load_tensors, read_json, save_tensors_atomic, write_bytes_atomic, write_json_atomic
+from freelunch_cli.storage import load_tensors, read_json, save_tensors_atomic, sha256_file, write_bytes_atomic, write_json_atomic
 from freelunch_cli.workdir import MODEL_STAGES, WorkDir
 
 
@@ -35,8 +35,12 @@ def parse_size(text: str) -> int:
         raise FreelunchError(f"cannot read size {text!r}: use e.g. 2GB, 500MB") from None
 
 
+MARKER = ".freelunch-export.json"
+
+
 def export(work: WorkDir, out: Path, stage: str = "latest", dtype: str | None = None, max_shard_size: str = "2GB",
-           force: bool = False, rep: Reporter | None = None) -> dict:
+           force: bool = False, rep: Reporter | None = None, resume: bool = False) -> dict:
+    """Write the model of ``stage`` as a Hugging Face folder; ``resume`` keeps shards an interrupted export wrote."""
     rep = rep or Reporter(quiet=True)
     out = Path(out)
     stage = work.latest_model_stage() if stage == "latest" else stage
@@ -44,10 +48,19 @@ def export(work: WorkDir, out: Path, stage: str = "latest", dtype: str | None = 
         raise FreelunchError(f"--stage must be latest or one of {', '.join(MODEL_STAGES)}")
     if stage == "reconstructed":
         work.latest_model_stage()  # refuses an unfinished reconstruction, naming the missing windows
+    elif stage == "pruned":
+        work.require_done("prune", "export --stage pruned")
     target = parse_dtype(dtype) if dtype else None
     limit = parse_size(max_shard_size)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FreelunchError(f"{out} exists and is not empty; pass --force to overwrite it")
+    signature = {"work": str(work.root.resolve()), "stage": stage, "run": _stage_run(work, stage), "dtype": dtype,
+                 "max_shard_size": limit}
+    marker = _read_marker(out)
+    resuming = resume and marker is not None and marker.get("signature") == signature
+    if resume and marker is not None and not resuming:
+        raise FreelunchError(f"{out} holds an export of another model or with other options; use --force to overwrite it")
+    if out.exists() and any(out.iterdir()) and not (force or resuming):
+        hint = "--resume to finish it or " if marker is not None else ""
+        raise FreelunchError(f"{out} exists and is not empty; pass {hint}--force to overwrite it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".freelunch-write-test"
@@ -61,38 +74,20 @@ def export(work: WorkDir, out: Path, stage: str = "latest", dtype: str | None = 
     arch = find_arch(meta_model(config), config)
     parts = [("rest", work.check_file(dense / "rest.safetensors"))]
     parts += [(i, work.stage_block_path(stage, i)) for i in range(arch.num_blocks)]
-
-    # Plan shards from the headers: consecutive parts up to the size limit.
-    from safetensors import safe_open
-
-    sizes = []
-    for _, path in parts:
-        with safe_open(str(path), framework="pt") as f:
-            n = 0
-            for k in f.keys():
-                sl = f.get_slice(k)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                elt = target.itemsize if target is not None and sl.get_dtype() in ("F32", "F16", "BF16") else _itemsize(sl.get_dtype())
-                n += numel * elt
-            sizes.append(n)
-    shards, cur, cur_size = [], [], 0
-    for part, size in zip(parts, sizes):
-        if cur and cur_size + size > limit:
-            shards.append(cur)
-            cur, cur_size = [], 0
-        cur.append(part)
-        cur_size += size
-    shards.append(cur)
-
-    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        old.unlink()
-    weight_map, total, zeros, numel = {}, 0, 0, 0
+    shards = plan_shards(parts, target, limit)
+    names = ["model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
+    done = marker["shards"] if resuming else {}
+    if not resuming:
+        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+            old.unlink()
+    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "running"})
     with rep.progress("export", total=len(parts)) as bar:
-        for s, shard in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
+        for name, shard in zip(names, shards):
+            rec = done.get(name)
+            if rec is not None and (out / name).exists() and sha256_file(out / name).sha256 == rec["sha256"]:
+                bar.advance(len(shard))
+                continue
+            tensors, zeros, numel = {}, 0, 0
             for part, path in shard:
                 prefix = "" if part == "rest" else arch.block_prefix(part)
                 for k, v in load_tensors(path).items():
@@ -103,26 +98,63 @@ def export(work: WorkDir, out: Path, stage: str = "latest", dtype: str | None = 
                         zeros += int((v == 0).sum())
                         numel += v.numel()
                 bar.advance()
-            save_tensors_atomic(out / name, tensors, {"format": "pt"})
+            info = save_tensors_atomic(out / name, tensors, {"format": "pt"})
+            done[name] = {**info.as_dict(), "keys": sorted(tensors), "zeros": zeros, "numel": numel,
+                          "bytes": sum(v.numel() * v.element_size() for v in tensors.values())}
+            write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "running"})
             checkpoint("export.shard")
-            for k, v in tensors.items():
-                weight_map[k] = name
-                total += v.numel() * v.element_size()
+    total = sum(done[n]["bytes"] for n in names)
     if len(shards) > 1:
+        weight_map = {k: n for n in names for k in done[n]["keys"]}
         write_json_atomic(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
+    sparsity = sum(done[n]["zeros"] for n in names) / max(sum(done[n]["numel"] for n in names), 1)
     if target is not None:
         config.dtype = dtype_name(target)
     config.save_pretrained(out)
     for f in dense.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
             shutil.copy2(f, out / f.name)
-    card = model_card(work, stage, zeros / max(numel, 1))
-    write_bytes_atomic(out / "README.md", card.encode())
-    summary = {"out": str(out), "stage": stage, "shards": len(shards), "bytes": total, "block_sparsity": zeros / max(numel, 1),
+    write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity).encode())
+    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done"})
+    summary = {"out": str(out), "stage": stage, "shards": len(shards), "bytes": total, "block_sparsity": sparsity,
                "seconds": round(time.time() - t0, 2)}
-    rep.summary(f"exported the {stage} model to {out} ({len(shards)} shard(s), block weight sparsity {summary['block_sparsity']:.4f})", summary)
+    rep.summary(f"exported the {stage} model to {out} ({len(shards)} shard(s), block weight sparsity {sparsity:.4f})", summary)
     return summary
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        return read_json(out / MARKER) if (out / MARKER).exists() else None
+    except FreelunchError:
+        return None
+
+
+def _stage_run(work: WorkDir, stage: str) -> str:
+    return work.stage({"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct"}[stage]).run_id
+
+
+def plan_shards(parts, target, limit: int) -> list[list]:
+    """Consecutive parts grouped up to ``limit`` bytes (sizes read from the safetensors headers)."""
+    from safetensors import safe_open
+
+    shards, cur, cur_size = [], [], 0
+    for part, path in parts:
+        size = 0
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                floating = sl.get_dtype() in ("F32", "F16", "BF16", "F64")
+                size += numel * (target.itemsize if target is not None and floating else _itemsize(sl.get_dtype()))
+        if cur and cur_size + size > limit:
+            shards.append(cur)
+            cur, cur_size = [], 0
+        cur.append((part, path))
+        cur_size += size
+    shards.append(cur)
+    return shards
 
 
 def _itemsize(st_dtype: str) -> int:

@@ -81,7 +81,10 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         sk = Skeleton.from_work(work, "dense", device, compute)
         n = sk.num_blocks
         files = work.manifest()["files"]
-        todo = [i for i in range(n) if work.rel(work.block_path("pruned", i)) not in files]
+        todo = [i for i in range(n) if work.rel(work.block_path("pruned", i)) not in files or work.rel(work.mask_path(i)) not in files
+                or not (work.root / "prune" / "blocks" / f"{i:03d}.json").exists()]
+        if work.damaged:
+            rep.warn(f"recomputing {len(work.damaged)} missing or damaged file(s): {', '.join(work.damaged[:6])}")
         rep.info(f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
                  f"{n} blocks ({n - len(todo)} already done)")
         pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute)
@@ -122,8 +125,31 @@ class BlockPruner:
         self.samples, self.device, self.compute = samples, device, compute
 
     def _inputs(self, i: int, sparse_stream: bool) -> TensorRows:
-        stream = "pruned" if sparse_stream and i > 0 else "dense"
-        return TensorRows(self.work.check_file(self.work.boundary_path(stream, i)))
+        if not sparse_stream or i == 0:
+            return TensorRows(self.work.check_file(self.work.boundary_path("dense", i)))
+        self._ensure_pruned_stream(i)
+        return TensorRows(self.work.check_file(self.work.boundary_path("pruned", i)))
+
+    def _ensure_pruned_stream(self, i: int) -> None:
+        """Recreate pruned-stream boundaries that were deleted (or damaged) from the pruned blocks before them."""
+        work, files = self.work, self.work.manifest()["files"]
+        start = i
+        while start > 0 and work.rel(work.boundary_path("pruned", start)) not in files:
+            start -= 1
+        for j in range(start, i):
+            src = TensorRows(work.check_file(work.boundary_path("pruned" if j > 0 else "dense", j)))
+            block = self.sk.build_block(j, load_tensors(work.check_file(work.block_path("pruned", j))))
+            self._write_stream(j, block, src)
+
+    def _write_stream(self, i: int, block, inputs: TensorRows) -> None:
+        """Boundary i+1 of the pruned stream: the pruned block i on its pruned-stream inputs."""
+
+        def producer(rows_slice):
+            x = inputs.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute)
+            return run_block(block, x, self.sk.block_call(i, x.shape[0], x.shape[1]))
+
+        write_activations(self.work, self.work.boundary_path("pruned", i + 1), producer, self.samples, inputs.shape[1],
+                          self.sk.config.hidden_size, _dtype_of(inputs), self.cfg.batch_size)
 
     def _run_all(self, block, i, inputs: TensorRows, limit: int | None = None):
         bs, n = self.cfg.batch_size, min(self.samples, limit or self.samples)
@@ -176,16 +202,7 @@ class BlockPruner:
             zeros = int((~keep).sum())
             rows.append({"block": i, "name": name, "shape": list(old.shape), "zeros": zeros, "sparsity": zeros / keep.numel()})
         if sparse_stream and i + 1 < self.sk.num_blocks:
-            pruned_block = self.sk.build_block(i, state)
-            hidden = self.sk.config.hidden_size
-            seqlen = inputs.shape[1]
-
-            def producer(rows_slice, blk=pruned_block):
-                x = inputs.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute)
-                return run_block(blk, x, self.sk.block_call(i, x.shape[0], x.shape[1]))
-
-            cache_dtype = _dtype_of(inputs)
-            write_activations(work, work.boundary_path("pruned", i + 1), producer, self.samples, seqlen, hidden, cache_dtype, cfg.batch_size)
+            self._write_stream(i, self.sk.build_block(i, state), inputs)
         work.record_file(work.mask_path(i), save_tensors_atomic(work.mask_path(i), masks))
         write_json_atomic(work.root / "prune" / "blocks" / f"{i:03d}.json", {"block": i, "matrices": rows})
         path = work.block_path("pruned", i)

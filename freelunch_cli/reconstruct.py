@@ -155,6 +155,8 @@ class Reconstructor:
     def run(self, win: Window) -> dict:
         t0 = time.time()
         work, cfg = self.work, self.cfg
+        if cfg.inputs == "sparse":
+            self.ensure_chain_input(win)
         rec = {"window": win.as_dict(), "status": "running", "started": t0}
         write_json_atomic(work.window_record_path(win.index), rec)
         blocks = {}
@@ -255,12 +257,9 @@ class Reconstructor:
     # ---- the chained stream (--inputs sparse) -------------------------------------------------------------
     def _write_chain(self, win: Window, params: dict[str, torch.Tensor]) -> None:
         """Run the finished window, as it is stored, on its chained input; store the output for the next window."""
-        i, n = win.first, self.sk.num_blocks
-        if win.part not in (None, "attn", "mlp") and win.index != [w for w in self.windows if w.first == i][-1].index:
-            return  # matrix windows: the block's output is chained once its last matrix is done
-        out_name, out_b = ("mid", i) if win.part == "attn" else ("boundary", win.last + 1)
-        if out_name == "boundary" and out_b >= n:
-            return  # nothing reads the stream after the last block
+        i, path = win.first, self._chain_output(win)
+        if path is None:
+            return
         blocks = {}
         for j in win.blocks:
             state = self.current_state(j)
@@ -285,8 +284,33 @@ class Reconstructor:
                 return fn(src.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute))
 
         hidden, seqlen = self.sk.config.hidden_size, src.shape[1]
-        path = self.work.root / "acts" / "recon" / f"{out_name}_{out_b:03d}.safetensors"
         write_activations(self.work, path, producer, self.samples, seqlen, hidden, self.cache_dtype, 8)
+
+    def _chain_output(self, win: Window):
+        """The chained file a window writes (None: it writes none)."""
+        i, n = win.first, self.sk.num_blocks
+        if win.part not in (None, "attn", "mlp") and win.index != [w for w in self.windows if w.first == i][-1].index:
+            return None
+        name = f"mid_{i:03d}" if win.part == "attn" else f"boundary_{win.last + 1:03d}"
+        if win.part != "attn" and win.last + 1 >= n:
+            return None
+        return self.work.root / "acts" / "recon" / f"{name}.safetensors"
+
+    def _chain_input(self, win: Window):
+        if win.part == "mlp":
+            return self.work.root / "acts" / "recon" / f"mid_{win.first:03d}.safetensors"
+        if win.first == 0:
+            return None  # the embeddings: the dense boundary 0
+        return self.work.root / "acts" / "recon" / f"boundary_{win.first:03d}.safetensors"
+
+    def ensure_chain_input(self, win: Window) -> None:
+        """Recreate a deleted chained input by replaying the finished windows that produce it, as stored."""
+        needed = self._chain_input(win)
+        if needed is None or self.work.rel(needed) in self.work.manifest()["files"]:
+            return
+        producer = next(w for w in reversed(self.windows[: win.index]) if self._chain_output(w) == needed)
+        self.ensure_chain_input(producer)
+        self._write_chain(producer, load_tensors(self.work.check_file(window_params_path(self.work, producer.index))))
 
     def _drop_chain_input(self, win: Window) -> None:
         i = win.first
@@ -331,8 +355,15 @@ def window_params_path(work: WorkDir, index: int):
 
 
 def window_done(work: WorkDir, win: Window) -> bool:
+    """Done when its record says so and its parameter file is recorded (a damaged one was forgotten)."""
     p = work.window_record_path(win.index)
-    return p.exists() and read_json(p).get("status") == "done"
+    if not p.exists():
+        return False
+    try:
+        status = read_json(p).get("status")
+    except FreelunchError:
+        return False
+    return status == "done" and work.rel(window_params_path(work, win.index)) in work.manifest()["files"]
 
 
 def plan_windows(work: WorkDir, window: str) -> list[Window]:

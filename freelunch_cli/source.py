@@ -194,14 +194,19 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
 
 
-def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print, on_block=None) -> dict:
+def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print) -> dict:
     """Write the dense model of ``spec`` into ``work`` as block shards; skip shards already recorded."""
-    config = load_config(spec)
     folder = work.model_dir("dense")
+    files = work.manifest()["files"]
+    saved = folder / "config.json"
+    if saved.exists():
+        config = AutoConfig.from_pretrained(folder)
+        parts = ["rest"] + [f"block_{i:03d}" for i in range(config.num_hidden_layers)]
+        if all(f"dense/{p}.safetensors" in files and (folder / f"{p}.safetensors").exists() for p in parts):
+            return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}
+    config = load_config(spec)
     folder.mkdir(parents=True, exist_ok=True)
     (tokenizer or load_tokenizer(spec)).save_pretrained(folder)
-    files = work.manifest()["files"]
-    done = {k for k in files if k.startswith("dense/")}
     storage = None
     for part, tensors in iter_model_parts(spec, config, log=log):
         if dtype is not None:
@@ -209,11 +214,9 @@ def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=Non
         if storage is None:
             storage = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
         path = folder / ("rest.safetensors" if part == "rest" else f"block_{part:03d}.safetensors")
-        if work.rel(path) in done and path.exists():
+        if work.rel(path) in files and path.exists():
             continue
         work.record_file(path, save_tensors_atomic(path, tensors))
-        if on_block is not None and part != "rest":
-            on_block(part)
     config.dtype = str(storage).removeprefix("torch.")
     config.save_pretrained(folder)
     return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}

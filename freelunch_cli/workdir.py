@@ -18,7 +18,9 @@ from pathlib import Path
 
 from freelunch_cli import __version__
 from freelunch_cli.errors import FreelunchError
-from freelunch_cli.storage import FileInfo, read_json, write_json_atomic
+from freelunch_cli.storage import FileInfo, read_json, sha256_file, write_json_atomic
+
+_VERIFIED: set[tuple] = set()  # files whose hash was checked by this process (path, size, mtime, hash)
 
 STAGES = ("calibrate", "prune", "reconstruct")
 # What each stage writes, relative to the work directory; cleared when the stage starts over.
@@ -51,6 +53,7 @@ class WorkDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.damaged: list[str] = []  # files found damaged when the current stage began
 
     # ---- paths -------------------------------------------------------------------------------------
     @property
@@ -115,17 +118,61 @@ class WorkDir:
             m["files"].pop(self.rel(path), None)
         Path(path).unlink(missing_ok=True)
 
-    def check_file(self, path: Path) -> Path:
-        """Fail clearly when a file the manifest knows is missing or has the wrong size."""
+    def owner_stage(self, path: Path) -> str:
+        rel = self.rel(path)
+        for st, outs in STAGE_OUTPUTS.items():
+            if any(rel == o or rel.startswith(o + "/") for o in outs):
+                return st
+        return "calibrate"
+
+    def problem(self, path: Path, record: dict | None = None) -> str | None:
+        """What is wrong with a file the manifest recorded (missing, truncated, altered), or None.
+
+        Sizes are always checked; contents are hashed once per process and file unless
+        ``FREELUNCH_VERIFY=size`` (for very large runs where hashing costs minutes).
+        """
         path = Path(path)
-        rec = self.manifest()["files"].get(self.rel(path))
+        rec = record if record is not None else self.manifest()["files"].get(self.rel(path))
         if not path.exists():
-            raise FreelunchError(f"missing file {path}; the work directory is incomplete (rerun the stage that writes it)")
-        if rec is not None and path.stat().st_size != rec["size"]:
+            return "missing"
+        st = path.stat()
+        if rec is None:
+            return None
+        if st.st_size != rec["size"]:
+            return f"{st.st_size} bytes where {rec['size']} were written: truncated or altered"
+        if os.environ.get("FREELUNCH_VERIFY", "full") == "size":
+            return None
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, rec["sha256"])
+        if key not in _VERIFIED:
+            if sha256_file(path).sha256 != rec["sha256"]:
+                return "its contents do not match the hash recorded when it was written: altered or corrupt"
+            _VERIFIED.add(key)
+        return None
+
+    def check_file(self, path: Path) -> Path:
+        """The path, once checked against its manifest record; a clear error naming it otherwise."""
+        path = Path(path)
+        trouble = self.problem(path)
+        if trouble is not None:
+            stage = self.owner_stage(path)
             raise FreelunchError(
-                f"{path} has {path.stat().st_size} bytes but {rec['size']} were written: it is truncated or altered"
+                f"{path} is {trouble if trouble == 'missing' else 'damaged (' + trouble + ')'}; "
+                f"rerun `freelunch {stage} --work {self.root} --resume` to recompute it"
             )
         return path
+
+    def scan_stage(self, name: str) -> list[str]:
+        """Names of the files a stage recorded that are now missing or damaged."""
+        files = self.manifest()["files"]
+        return [rel for rel, rec in files.items() if self.owner_stage(self.root / rel) == name and self.problem(self.root / rel, rec)]
+
+    def forget(self, rels: list[str]) -> None:
+        """Drop damaged files and their records, so the stage that owns them recomputes them."""
+        with self.update() as m:
+            for rel in rels:
+                m["files"].pop(rel, None)
+        for rel in rels:
+            (self.root / rel).unlink(missing_ok=True)
 
     # ---- stages ------------------------------------------------------------------------------------
     def stage(self, name: str) -> StageState | None:
@@ -158,6 +205,17 @@ class WorkDir:
                     f"{self.root} holds {what} ({diff}); use a new --work, or --force to redo {name}"
                     + ("" if name == "calibrate" else " (later stages are discarded)")
                 )
+            bad = self.scan_stage(name)
+            if bad:
+                names = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+                if not resume:
+                    raise FreelunchError(f"{len(bad)} file(s) of {name} in {self.root} are missing or damaged ({names}); "
+                                         f"rerun with --resume to recompute them")
+                self.forget(bad)
+                with self.update() as m:
+                    m["stages"][name]["status"] = "running"
+                self.damaged = bad
+                return "resume"
             if old.status == "done":
                 return "done"
             if not resume:
