@@ -14,7 +14,8 @@ from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.skeleton import Skeleton, run_block
-from freelunch_cli.source import import_model, load_tokenizer, resolve_model
+from freelunch_cli.arch import find_arch
+from freelunch_cli.source import import_model, load_config, load_tokenizer, meta_model, resolve_model
 from freelunch_cli.storage import StreamingTensorWriter, TensorRows, load_tensors, save_tensors_atomic
 from freelunch_cli.workdir import WorkDir, stage_lock
 
@@ -48,8 +49,10 @@ def format_bytes(n: float) -> str:
 
 def check_free_space(folder, needed: int, what: str) -> None:
     """Refuse before writing when the disk cannot hold what a stage plans to write."""
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
     if needed > free:
         raise FreelunchError(
             f"not enough disk for the {what}: it needs {format_bytes(needed)} but {folder} has {format_bytes(free)} free"
@@ -81,6 +84,19 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
         "cache_dtype": dtype_name(cache_dtype),
         "storage_dtype": cfg.storage_dtype,
     }
+    # Everything that can be wrong with the input is checked before the work directory is touched.
+    config = load_config(spec)
+    n_blocks, hidden = find_arch(meta_model(config), config).num_blocks, config.hidden_size
+    per_boundary = cfg.samples * cfg.seqlen * hidden * torch.tensor([], dtype=cache_dtype).element_size()
+    planned = per_boundary * (n_blocks + 1)
+    tok, ids = None, None
+    previous = work.check_signature("calibrate", signature, force)
+    if previous is None or force or work.rel(work.tokens_path) not in work.manifest()["files"]:
+        tok = load_tokenizer(spec)
+        ids = sample_windows(tokenize(tok, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+    existing = sum(p.stat().st_size for p in (work.root / "acts" / "dense").glob("boundary_*.safetensors")) if not force else 0
+    check_free_space(work.root, planned - existing, "activation cache")
+
     with stage_lock(work, "calibrate"):
         state = work.begin("calibrate", signature, resume, force)
         if state == "done":
@@ -89,14 +105,14 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
             return s
         t0 = time.time()
         rep.info(f"calibrate: model {spec.spec} -> {work.root}")
-
+        rep.info(f"activation cache: {n_blocks + 1} boundaries x {cfg.samples} x {cfg.seqlen} x {hidden} "
+                 f"in {dtype_name(cache_dtype)} = {format_bytes(planned)}")
         if work.damaged:
             rep.warn(f"recomputing {len(work.damaged)} missing or damaged file(s): {', '.join(work.damaged[:6])}")
-        # Calibration tokens first: a text that is too short fails before any heavy work.
-        tok = None
         if work.rel(work.tokens_path) not in work.manifest()["files"]:
-            tok = load_tokenizer(spec)
-            ids = sample_windows(tokenize(tok, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+            if ids is None:
+                tok = load_tokenizer(spec)
+                ids = sample_windows(tokenize(tok, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
             info = save_tensors_atomic(work.tokens_path, {"input_ids": ids}, {"source": src.spec, "seed": cfg.seed, "seqlen": cfg.seqlen})
             work.record_file(work.tokens_path, info)
         ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
@@ -104,15 +120,7 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
         meta = import_model(spec, work, storage, tokenizer=tok, log=rep.info)
         t_import = time.time() - t0
         sk = Skeleton.from_work(work, "dense", device, compute)
-        n_blocks, hidden = sk.num_blocks, sk.config.hidden_size
-        per_boundary = cfg.samples * cfg.seqlen * hidden * torch.tensor([], dtype=cache_dtype).element_size()
-        planned = per_boundary * (n_blocks + 1)
-        rep.info(
-            f"activation cache: {n_blocks + 1} boundaries x {cfg.samples} x {cfg.seqlen} x {hidden} "
-            f"in {dtype_name(cache_dtype)} = {format_bytes(planned)}"
-        )
         missing = [i for i in range(n_blocks + 1) if work.rel(work.boundary_path("dense", i)) not in work.manifest()["files"]]
-        check_free_space(work.root / "acts", per_boundary * len(missing), "activation cache")
 
         t1 = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:

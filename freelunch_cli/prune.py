@@ -71,6 +71,12 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         "dtype": dtype_name(compute),
     }
     sparse_stream = crit.needs is not None and cfg.stats == "sparse"
+    sk = Skeleton.from_work(work, "dense", device, compute)
+    n = sk.num_blocks
+    for i, template in enumerate(sk.templates):  # meta-device blocks: shapes only, nothing loaded
+        for name, lin in block_linears(template).items():
+            if not _skipped(name, cfg.skip):
+                check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
     with stage_lock(work, "prune"):
         state = work.begin("prune", signature, resume, force)
         if state == "done":
@@ -78,8 +84,6 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
             rep.summary(f"prune already done in {work.root}", s)
             return s
         t0 = time.time()
-        sk = Skeleton.from_work(work, "dense", device, compute)
-        n = sk.num_blocks
         files = work.manifest()["files"]
         todo = [i for i in range(n) if work.rel(work.block_path("pruned", i)) not in files or work.rel(work.mask_path(i)) not in files
                 or not (work.root / "prune" / "blocks" / f"{i:03d}.json").exists()]
@@ -165,8 +169,6 @@ class BlockPruner:
         state = load_tensors(work.stage_block_path("dense", i))
         block = self.sk.build_block(i, state)
         linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, cfg.skip)}
-        for name, lin in linears.items():
-            check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
         inputs = self._inputs(i, sparse_stream) if self.crit.needs else None
         new_weights, masks = {}, {}
         with torch.no_grad():

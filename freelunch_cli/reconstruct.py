@@ -29,7 +29,7 @@ from freelunch_cli.skeleton import Skeleton, run_block
 from freelunch_cli.stats import StopForward
 from freelunch_cli.storage import TensorRows, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from freelunch_cli.train import TrainConfig, train_window
-from freelunch_cli.windows import Window, enumerate_windows
+from freelunch_cli.windows import Window, enumerate_windows, parse_granularity
 from freelunch_cli.workdir import WorkDir, stage_lock
 
 INPUT_MODES = ("dense", "sparse")
@@ -66,6 +66,7 @@ class ReconstructConfig:
         return PeftConfig(self.peft, self.lora_rank, self.lora_alpha, self.seed * 100_003 + window_index)
 
     def validate(self) -> None:
+        parse_granularity(self.window)
         self.train_config(0).validate()
         self.peft_config(0).validate()
         if self.inputs not in INPUT_MODES:
@@ -368,10 +369,13 @@ def window_done(work: WorkDir, win: Window) -> bool:
 
 def plan_windows(work: WorkDir, window: str) -> list[Window]:
     calib = work.require_done("calibrate", "reconstruct")
+    kind = window.strip().lower()
     matrices = None
-    if window.strip().lower() == "matrix":
-        sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
-        matrices = list(block_linears(sk.build_block(0)))
+    if kind in ("matrix", "submodule"):
+        template = Skeleton.from_work(work, "dense", "cpu", torch.float32).templates[0]
+        matrices = list(block_linears(template))
+        if kind == "submodule":
+            block_halves(template, calib.summary["model_type"])  # refuses blocks without attention/MLP halves
     return enumerate_windows(calib.summary["num_blocks"], window, matrices)
 
 

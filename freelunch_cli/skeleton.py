@@ -133,6 +133,11 @@ class Skeleton:
     def num_blocks(self) -> int:
         return self.arch.num_blocks
 
+    @property
+    def templates(self) -> list[nn.Module]:
+        """The blocks' modules as built from the config (on the meta device for a work directory): shapes only."""
+        return self._templates
+
     def block_state(self, i: int) -> dict[str, torch.Tensor]:
         """The stored tensors of block ``i`` (keys relative to the block)."""
         if self.block_source is None:

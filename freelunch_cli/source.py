@@ -203,7 +203,8 @@ def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=Non
         config = AutoConfig.from_pretrained(folder)
         parts = ["rest"] + [f"block_{i:03d}" for i in range(config.num_hidden_layers)]
         if all(f"dense/{p}.safetensors" in files and (folder / f"{p}.safetensors").exists() for p in parts):
-            return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}
+            return {"num_blocks": config.num_hidden_layers, "storage_dtype": str(config.dtype).removeprefix("torch."),
+                    "model_type": config.model_type}
     config = load_config(spec)
     folder.mkdir(parents=True, exist_ok=True)
     (tokenizer or load_tokenizer(spec)).save_pretrained(folder)

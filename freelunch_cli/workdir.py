@@ -189,6 +189,18 @@ class WorkDir:
             raise FreelunchError(f"{for_what} needs a finished `{name}` stage, but {name} {where} in {self.root}; {hint}")
         return s
 
+    def check_signature(self, name: str, signature: dict, force: bool) -> StageState | None:
+        """Refuse to mix runs: a stage recorded with another signature needs ``force``."""
+        old = self.stage(name) if self.exists() else None
+        if old is not None and not force and old.signature != signature:
+            diff = "; ".join(_differences(old.signature, signature))
+            what = "another run" if name == "calibrate" else f"another {name} configuration"
+            raise FreelunchError(
+                f"{self.root} holds {what} ({diff}); use a new --work, or --force to redo {name}"
+                + ("" if name == "calibrate" else " (later stages are discarded)")
+            )
+        return old
+
     def begin(self, name: str, signature: dict, resume: bool, force: bool) -> str:
         """Start or continue a stage. Returns "fresh", "resume" or "done".
 
@@ -196,15 +208,8 @@ class WorkDir:
         half-finished stage unless ``resume`` or ``force``. Starting a stage over clears its outputs and
         those of every later stage; earlier stages are kept.
         """
-        old = self.stage(name)
+        old = self.check_signature(name, signature, force)
         if old is not None and not force:
-            if old.signature != signature:
-                diff = "; ".join(_differences(old.signature, signature))
-                what = "another run" if name == "calibrate" else f"another {name} configuration"
-                raise FreelunchError(
-                    f"{self.root} holds {what} ({diff}); use a new --work, or --force to redo {name}"
-                    + ("" if name == "calibrate" else " (later stages are discarded)")
-                )
             bad = self.scan_stage(name)
             if bad:
                 names = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
