@@ -119,7 +119,7 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
 
         meta = import_model(spec, work, storage, tokenizer=tok, log=rep.info)
         t_import = time.time() - t0
-        sk = Skeleton.from_work(work, "dense", device, compute)
+        sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
         missing = [i for i in range(n_blocks + 1) if work.rel(work.boundary_path("dense", i)) not in work.manifest()["files"]]
 
         t1 = time.time()

@@ -138,7 +138,7 @@ def prune(
 @app.command()
 def reconstruct(
     work: Path = WorkOpt,
-    window: str = typer.Option("block", help="matrix, submodule, block, blocks:K or model."),
+    window: str = typer.Option("block", help="matrix, submodule, block, blocks:K, model, or auto (with --max-memory)."),
     inputs: str = typer.Option("dense", help="dense (windows read dense activations, independent) or sparse (chained)."),
     peft: str = typer.Option("full", help="full, bias-norm, lora or masked-lora."),
     lora_rank: int = typer.Option(16, help="LoRA rank."),
@@ -154,7 +154,12 @@ def reconstruct(
     val_fraction: float = typer.Option(0.0, help="Calibration samples held out for a validation loss."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the parameters with the lowest validation loss."),
     seed: int = typer.Option(0, help="Seed of the data order, validation split and adapters."),
-    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep the chained activations of --inputs sparse."),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep activation files no unfinished window needs."),
+    shard: Optional[str] = typer.Option(None, help="Take share I of N windows (I/N); default from torchrun or a Slurm array."),
+    stale_after: float = typer.Option(300.0, help="Seconds without a heartbeat after which a claimed window is taken over."),
+    max_memory: Optional[str] = typer.Option(None, help="Budget for --window auto: e.g. 40GiB, or 0.8 of the device."),
+    prepare: bool = typer.Option(False, "--prepare", help="Only set the stage up (before starting sharded workers)."),
+    status: bool = typer.Option(False, "--status", help="Show done / running / stale / pending windows and exit."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     resume: bool = ResumeOpt,
@@ -163,13 +168,17 @@ def reconstruct(
     json_out: bool = JsonOpt,
 ):
     """Train each window of the pruned model to match the dense activations (pruned weights stay zero)."""
-    from freelunch_cli.reconstruct import ReconstructConfig, reconstruct as run
+    from freelunch_cli.reconstruct import ReconstructConfig, reconstruct as run, show_status
     from freelunch_cli.workdir import WorkDir
 
+    if status:
+        _run(show_status, WorkDir(work), stale_after, _reporter(quiet, json_out))
+        return
     cfg = ReconstructConfig(window=window, inputs=inputs, peft=peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr,
                             epochs=epochs, steps=steps, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
                             loss=loss, grad_clip=grad_clip, val_fraction=val_fraction, keep_best=keep_best, seed=seed,
-                            keep_cache=keep_cache, device=device, dtype=dtype)
+                            keep_cache=keep_cache, shard=shard, stale_after=stale_after, max_memory=max_memory,
+                            prepare=prepare, device=device, dtype=dtype)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 

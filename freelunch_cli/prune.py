@@ -71,7 +71,7 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         "dtype": dtype_name(compute),
     }
     sparse_stream = crit.needs is not None and cfg.stats == "sparse"
-    sk = Skeleton.from_work(work, "dense", device, compute)
+    sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
     n = sk.num_blocks
     for i, template in enumerate(sk.templates):  # meta-device blocks: shapes only, nothing loaded
         for name, lin in block_linears(template).items():

@@ -64,11 +64,13 @@ def prepare_config(config):
 class Skeleton:
     """Embeddings, final norm and head on a device; decoder blocks built on demand."""
 
-    def __init__(self, lm: nn.Module, config, blocks: list[nn.Module], device: torch.device, dtype: torch.dtype):
+    def __init__(self, lm: nn.Module, config, blocks: list[nn.Module], device: torch.device, dtype: torch.dtype,
+                 rest_device: torch.device | None = None):
         self.lm = lm
         self.config = config
         self.arch: Arch = find_arch(lm, config)
-        self.device = torch.device(device)
+        self.device = torch.device(device)  # where blocks run
+        self.rest_device = torch.device(rest_device or device)  # where embeddings, norm and head live
         self.dtype = dtype
         self._templates = blocks  # meta-device blocks (work directory) or real blocks (in-memory model)
         self._shared = {"calls": {}, "last": self.arch.num_blocks - 1}
@@ -79,15 +81,20 @@ class Skeleton:
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_rest(cls, config, rest: dict[str, torch.Tensor], device, dtype) -> "Skeleton":
-        """Build from a config and the non-block tensors (embeddings, norms, head)."""
+    def from_rest(cls, config, rest: dict[str, torch.Tensor], device, dtype, rest_device=None) -> "Skeleton":
+        """Build from a config and the non-block tensors (embeddings, norms, head).
+
+        ``rest_device`` (default: ``device``) holds the embeddings and head; stages that never need logits
+        keep them on the CPU so that a large vocabulary does not take accelerator memory.
+        """
+        rest_device = rest_device or device
         config = prepare_config(config)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config)
         arch = find_arch(lm, config)
         templates = list(lm.get_submodule(arch.layers_path))
         _set_submodule(lm, arch.layers_path, nn.ModuleList())
-        lm.to_empty(device=device)
+        lm.to_empty(device=rest_device)
         # Non-persistent buffers (rotary inverse frequencies) are not in any checkpoint: let the
         # model's own initialiser compute them, as from_pretrained does.
         with torch.no_grad():
@@ -103,13 +110,13 @@ class Skeleton:
             lm.tie_weights()
         lm.to(dtype)
         _set_submodule(lm, arch.layers_path, nn.ModuleList(templates))
-        return cls(lm, config, templates, device, dtype)
+        return cls(lm, config, templates, device, dtype, rest_device)
 
     @classmethod
-    def from_work(cls, work, stage: str, device, dtype) -> "Skeleton":
+    def from_work(cls, work, stage: str, device, dtype, rest_device=None) -> "Skeleton":
         folder = work.model_dir("dense")
         config = AutoConfig.from_pretrained(folder)
-        sk = cls.from_rest(config, load_tensors(work.check_file(folder / "rest.safetensors")), device, dtype)
+        sk = cls.from_rest(config, load_tensors(work.check_file(folder / "rest.safetensors")), device, dtype, rest_device)
         sk.block_source = lambda i: load_tensors(work.stage_block_path(stage, i))
         return sk
 
@@ -157,8 +164,8 @@ class Skeleton:
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._shared["inject"] = None
-        self._base_forward(input_ids.to(self.device))
-        return self._shared["embed"]
+        self._base_forward(input_ids.to(self.rest_device))
+        return self._shared["embed"].to(self.device)
 
     @torch.no_grad()
     def block_call(self, i: int, batch: int, seqlen: int):
@@ -166,16 +173,17 @@ class Skeleton:
         key = (batch, seqlen)
         if key not in self._calls_cache:
             self.embed(torch.zeros(batch, seqlen, dtype=torch.long))
-            self._calls_cache = {key: dict(self._shared["calls"])}  # keep one shape: masks can be large
+            calls = {i: _to_device(c, self.device) for i, c in self._shared["calls"].items()}
+            self._calls_cache = {key: calls}  # keep one shape: masks can be large
         return self._calls_cache[key][i]
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head applied to the last block's output."""
         b, l = hidden.shape[:2]
-        self._shared["inject"] = hidden.to(self.device, self.dtype)
+        self._shared["inject"] = hidden.to(self.rest_device, self.dtype)
         try:
-            out = self.lm(input_ids=torch.zeros(b, l, dtype=torch.long, device=self.device), use_cache=False)
+            out = self.lm(input_ids=torch.zeros(b, l, dtype=torch.long, device=self.rest_device), use_cache=False)
         finally:
             self._shared["inject"] = None
         return out.logits
@@ -183,6 +191,16 @@ class Skeleton:
     def _base_forward(self, input_ids):
         # The base model (no head): the stubs capture what we need, the logits are not computed.
         return self.lm.base_model(input_ids=input_ids, use_cache=False)
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _is_tied_head(lm, key: str) -> bool:

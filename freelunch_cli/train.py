@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from freelunch_cli.errors import FreelunchError
+from freelunch_cli.faults import checkpoint
 
 LOSSES = ("mse", "nmse", "cosine")
 
@@ -149,6 +150,7 @@ def train_window(forward, params: MaskedParams, data, train_idx: list[int], val_
                 sched.step()
                 params.apply()
                 step += 1
+                checkpoint("train.step")
                 if on_step is not None:
                     on_step(step, total, float(value))
                 if step >= total:

@@ -54,6 +54,7 @@ class WorkDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.damaged: list[str] = []  # files found damaged when the current stage began
+        self._lock_depth = 0
 
     # ---- paths -------------------------------------------------------------------------------------
     @property
@@ -96,9 +97,21 @@ class WorkDir:
 
     @contextmanager
     def _manifest_lock(self):
+        """Exclusive across processes; re-entrant within one (begin() clears under the same lock)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with locked_file(self.root / ".manifest.lock", blocking=True):
-            yield
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     @contextmanager
     def update(self):
@@ -206,8 +219,13 @@ class WorkDir:
 
         Refuses a different signature (another model, data, seed or config) unless ``force``, and a
         half-finished stage unless ``resume`` or ``force``. Starting a stage over clears its outputs and
-        those of every later stage; earlier stages are kept.
+        those of every later stage; earlier stages are kept. Atomic: concurrent workers starting the
+        same stage create it once.
         """
+        with self._manifest_lock():
+            return self._begin(name, signature, resume, force)
+
+    def _begin(self, name: str, signature: dict, resume: bool, force: bool) -> str:
         old = self.check_signature(name, signature, force)
         if old is not None and not force:
             bad = self.scan_stage(name)
@@ -311,21 +329,23 @@ def rec_missing(work: WorkDir) -> str:
 
 
 @contextmanager
-def locked_file(path: Path, blocking: bool):
-    """An exclusive flock on ``path``, removed on release so a quiescent work directory holds no lock files.
+def locked_file(path: Path, blocking: bool, shared: bool = False):
+    """An flock on ``path``. An exclusive lock removes its file on release, so a quiescent work directory
+    holds no lock files (``cp -al`` snapshots stay independent); shared locks leave it.
 
     After locking, the path must still name the locked inode (another process may have released and
     removed it meanwhile); otherwise try again on the new file.
     """
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     while True:
         f = open(path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(f, mode | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             owner = f.read().strip()
             f.close()
-            raise _Busy(owner) from None
+            raise Busy(owner) from None
         try:
             same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
@@ -336,29 +356,34 @@ def locked_file(path: Path, blocking: bool):
     try:
         yield f
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        if not shared:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
 
-class _Busy(Exception):
+class Busy(Exception):
     pass
 
 
 @contextmanager
-def stage_lock(work: WorkDir, name: str):
-    """One process per stage and work directory: a second one is refused with a clear message."""
+def stage_lock(work: WorkDir, name: str, shared: bool = False):
+    """One process per stage and work directory (a second one is refused with a clear message), or, with
+    ``shared``, any number of cooperating workers (``reconstruct --shard``) but no exclusive process."""
     work.root.mkdir(parents=True, exist_ok=True)
     try:
-        with locked_file(work.root / f".{name}.lock", blocking=False) as f:
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-            f.flush()
+        with locked_file(work.root / f".{name}.lock", blocking=False, shared=shared) as f:
+            if not shared:
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+                f.flush()
             yield
-    except _Busy as busy:
-        owner = str(busy) or "another process"
+    except Busy as busy:
+        owner = str(busy) or ("sharded workers" if not shared else "another process")
+        if shared:
+            raise FreelunchError(f"{name} is running on {work.root} without --shard ({owner}); wait for it or stop it first") from None
         raise FreelunchError(f"{name} is already running on {work.root} ({owner}); wait for it or stop it first") from None
