@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig
 
 from freelunch_cli import __version__

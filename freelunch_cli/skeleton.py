@@ -10,7 +10,6 @@ their shards. This is what lets every stage stream: one block plus its activatio
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -1,7 +1,6 @@
 """Kills, Ctrl-C, damaged files and concurrent runs never lose work or give a different model."""
 
 import os
-import shutil
 import subprocess
 import sys
 
