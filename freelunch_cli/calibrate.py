@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,7 @@ class CalibrateConfig:
     cache_dtype: str = "float16"  # storage dtype of the activation cache
     storage_dtype: str = "auto"  # dtype of the working model's shards ("auto": as the checkpoint)
     batch_size: int = 8
+    cache_dir: str | None = None  # activation caches in another folder (e.g. node-local scratch)
 
 
 def format_bytes(n: float) -> str:
@@ -94,11 +96,13 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
     if previous is None or force or work.rel(work.tokens_path) not in work.manifest()["files"]:
         tok = load_tokenizer(spec)
         ids = sample_windows(tokenize(tok, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
-    existing = sum(p.stat().st_size for p in (work.root / "acts" / "dense").glob("boundary_*.safetensors")) if not force else 0
-    check_free_space(work.root, planned - existing, "activation cache")
+    existing = sum(p.stat().st_size for p in (work.acts_dir / "dense").glob("boundary_*.safetensors")) if not force else 0
+    check_free_space(Path(cfg.cache_dir) if cfg.cache_dir else work.root, planned - existing, "activation cache")
 
     with stage_lock(work, "calibrate"):
         state = work.begin("calibrate", signature, resume, force)
+        if state == "fresh" or (cfg.cache_dir and state == "resume"):
+            work.set_cache_dir(cfg.cache_dir)
         if state == "done":
             s = work.stage("calibrate").summary
             rep.summary(f"calibrate already done in {work.root}", s)

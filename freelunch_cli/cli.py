@@ -88,6 +88,7 @@ def calibrate(
     cache_dtype: str = typer.Option("float16", help="Storage dtype of the activation cache."),
     storage_dtype: str = typer.Option("auto", help="Dtype of the working model's shards (auto: as the checkpoint)."),
     batch_size: int = typer.Option(8, help="Samples per forward batch."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Keep the activation cache under this folder (e.g. node-local scratch)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     resume: bool = ResumeOpt,
@@ -100,7 +101,7 @@ def calibrate(
     from freelunch_cli.workdir import WorkDir
 
     cfg = CalibrateConfig(model, data, gguf_file, data_config, data_split, text_field, samples, seqlen, seed, allow_overlap,
-                          device, dtype, cache_dtype, storage_dtype, batch_size)
+                          device, dtype, cache_dtype, storage_dtype, batch_size, str(cache_dir) if cache_dir else None)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 

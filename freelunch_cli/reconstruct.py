@@ -134,7 +134,7 @@ def finish_reconstruct(work: WorkDir, rc: Reconstructor, windows: list[Window], 
                 "config": asdict(cfg),
             }
             if cfg.inputs == "sparse" and not cfg.keep_cache:
-                shutil.rmtree(work.root / "acts" / "recon", ignore_errors=True)
+                shutil.rmtree(work.acts_dir / "recon", ignore_errors=True)
             work.finish("reconstruct", summary)
             return summary
     except Busy:

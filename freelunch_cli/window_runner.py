@@ -83,7 +83,7 @@ class Reconstructor:
 
     # ---- activations -------------------------------------------------------------------------------
     def rows(self, stream: str, name: str) -> TensorRows:
-        return TensorRows(self.work.check_file(self.work.root / "acts" / stream / f"{name}.safetensors"))
+        return TensorRows(self.work.check_file(self.work.act_path(stream, name)))
 
     def input_stream(self, b: int) -> str:
         return "recon" if self.cfg.inputs == "sparse" and b > 0 else "dense"
@@ -247,14 +247,14 @@ class Reconstructor:
         name = f"mid_{i:03d}" if win.part == "attn" else f"boundary_{win.last + 1:03d}"
         if win.part != "attn" and win.last + 1 >= n:
             return None
-        return self.work.root / "acts" / "recon" / f"{name}.safetensors"
+        return self.work.act_path("recon", name)
 
     def _chain_input(self, win: Window):
         if win.part == "mlp":
-            return self.work.root / "acts" / "recon" / f"mid_{win.first:03d}.safetensors"
+            return self.work.act_path("recon", f"mid_{win.first:03d}")
         if win.first == 0:
             return None  # the embeddings: the dense boundary 0
-        return self.work.root / "acts" / "recon" / f"boundary_{win.first:03d}.safetensors"
+        return self.work.act_path("recon", f"boundary_{win.first:03d}")
 
     def ensure_chain_input(self, win: Window) -> None:
         """Recreate a deleted chained input by replaying the finished windows that produce it, as stored."""
@@ -268,9 +268,9 @@ class Reconstructor:
     def _drop_chain_input(self, win: Window) -> None:
         i = win.first
         if win.part == "mlp":
-            self.work.forget_file(self.work.root / "acts" / "recon" / f"mid_{i:03d}.safetensors")
+            self.work.forget_file(self.work.act_path("recon", f"mid_{i:03d}"))
         if i > 0 and (win.part is None or win.part == "mlp" or win.index == [w for w in self.windows if w.first == i][-1].index):
-            self.work.forget_file(self.work.root / "acts" / "recon" / f"boundary_{i:03d}.safetensors")
+            self.work.forget_file(self.work.act_path("recon", f"boundary_{i:03d}"))
 
     # ---- assembly ----------------------------------------------------------------------------------
     def assemble(self) -> None:

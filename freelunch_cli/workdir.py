@@ -70,8 +70,33 @@ class WorkDir:
     def mask_path(self, i: int) -> Path:
         return self.root / "prune" / "masks" / f"block_{i:03d}.safetensors"
 
+    @property
+    def acts_dir(self) -> Path:
+        """Where activation caches live: ``WORK/acts``, or the ``--cache-dir`` calibrate was given."""
+        if not hasattr(self, "_acts_dir"):
+            cache = self.manifest().get("cache_dir") if self.exists() else None
+            self._acts_dir = Path(cache) if cache else self.root / "acts"
+        return self._acts_dir
+
+    def act_path(self, stream: str, name: str) -> Path:
+        return self.acts_dir / stream / f"{name}.safetensors"
+
     def boundary_path(self, stream: str, i: int) -> Path:
-        return self.root / "acts" / stream / f"boundary_{i:03d}.safetensors"
+        return self.act_path(stream, f"boundary_{i:03d}")
+
+    def set_cache_dir(self, folder: Path | None) -> None:
+        """Keep activations in a folder of their own under ``folder`` (e.g. node-local scratch)."""
+        with self.update() as m:
+            current = m.get("cache_dir")
+            if folder is None:
+                m["cache_dir"] = None
+            elif not (current and Path(current).parent == Path(folder).resolve()):
+                m["cache_dir"] = str(Path(folder).resolve() / f"freelunch-{self.root.resolve().name}-{uuid.uuid4().hex[:8]}")
+        self.__dict__.pop("_acts_dir", None)
+
+    def path_of(self, rel: str) -> Path:
+        """The file a manifest key names (``acts/...`` keys live in the cache folder)."""
+        return self.acts_dir / rel[5:] if rel.startswith("acts/") else self.root / rel
 
     @property
     def tokens_path(self) -> Path:
@@ -81,7 +106,11 @@ class WorkDir:
         return self.root / "windows" / f"{index:03d}.json"
 
     def rel(self, path: Path) -> str:
-        return str(Path(path).relative_to(self.root))
+        """The manifest key of a file: its path in the work directory (activations under ``acts/``)."""
+        path = Path(path)
+        if self.acts_dir != self.root / "acts" and path.is_relative_to(self.acts_dir):
+            return "acts/" + str(path.relative_to(self.acts_dir))
+        return str(path.relative_to(self.root))
 
     # ---- manifest ----------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -132,11 +161,13 @@ class WorkDir:
         Path(path).unlink(missing_ok=True)
 
     def owner_stage(self, path: Path) -> str:
-        rel = self.rel(path)
-        for st, outs in STAGE_OUTPUTS.items():
-            if any(rel == o or rel.startswith(o + "/") for o in outs):
-                return st
-        return "calibrate"
+        return self.owner_stage_of(self.rel(path))
+
+    @staticmethod
+    def owner_stage_of(rel: str) -> str:
+        """The stage whose output folder holds ``rel`` (the longest matching folder wins: acts/pruned is prune's)."""
+        matches = [(len(o), st) for st, outs in STAGE_OUTPUTS.items() for o in outs if rel == o or rel.startswith(o + "/")]
+        return max(matches)[1] if matches else "calibrate"
 
     def problem(self, path: Path, record: dict | None = None) -> str | None:
         """What is wrong with a file the manifest recorded (missing, truncated, altered), or None.
@@ -177,7 +208,7 @@ class WorkDir:
     def scan_stage(self, name: str) -> list[str]:
         """Names of the files a stage recorded that are now missing or damaged."""
         files = self.manifest()["files"]
-        return [rel for rel, rec in files.items() if self.owner_stage(self.root / rel) == name and self.problem(self.root / rel, rec)]
+        return [rel for rel, rec in files.items() if self.owner_stage_of(rel) == name and self.problem(self.path_of(rel), rec)]
 
     def forget(self, rels: list[str]) -> None:
         """Drop damaged files and their records, so the stage that owns them recomputes them."""
@@ -185,7 +216,7 @@ class WorkDir:
             for rel in rels:
                 m["files"].pop(rel, None)
         for rel in rels:
-            (self.root / rel).unlink(missing_ok=True)
+            self.path_of(rel).unlink(missing_ok=True)
 
     # ---- stages ------------------------------------------------------------------------------------
     def stage(self, name: str) -> StageState | None:
@@ -278,7 +309,7 @@ class WorkDir:
             for st in stages:
                 m["stages"].pop(st, None)
                 for out in STAGE_OUTPUTS.get(st, []):
-                    p = self.root / out
+                    p = self.path_of(out) if out.startswith("acts/") else (self.acts_dir if out == "acts" else self.root / out)
                     prefix = out + "/"
                     for k in [k for k in m["files"] if k.startswith(prefix)]:
                         del m["files"][k]

@@ -134,3 +134,19 @@ def test_auto_window_runs_the_chosen_kind(pruned4, tmp_path):
     budget = estimate("blocks", 2, block_numbers(sk.config, sk.templates[0]), 4, 32)["total"]
     s = reconstruct(work, ReconstructConfig(window="auto", max_memory=str(budget), lr=1e-3, device="cpu"))
     assert s["window"] == "blocks:2" and s["windows"] == 2
+
+
+def test_cache_dir_holds_the_activations(tmp_path):
+    model = make_tiny_model(tmp_path / "model", "llama")
+    work = WorkDir(tmp_path / "work")
+    scratch = tmp_path / "scratch"
+    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu", cache_dir=str(scratch)))
+    assert not (work.root / "acts").exists()
+    files = list(scratch.glob("freelunch-work-*/dense/boundary_*.safetensors"))
+    assert len(files) == 3 and all(f"acts/dense/{f.name}" in work.manifest()["files"] for f in files)
+    prune(work, PruneConfig(criterion="wanda", stats="sparse", device="cpu"))
+    reconstruct(work, ReconstructConfig(window="block", inputs="sparse", lr=1e-3, device="cpu"))
+    assert work.stage("reconstruct").status == "done"
+    assert WorkDir.owner_stage_of("acts/pruned/boundary_001.safetensors") == "prune"
+    assert WorkDir.owner_stage_of("acts/dense/boundary_001.safetensors") == "calibrate"
+    assert WorkDir.owner_stage_of("acts/recon/mid_001.safetensors") == "reconstruct"
