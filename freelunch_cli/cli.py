@@ -185,25 +185,48 @@ def reconstruct(
 
 @app.command("eval")
 def eval_cmd(
-    ppl: List[str] = typer.Option([], "--ppl", help="Text for perplexity: a file or datasets NAME[:CONFIG[:SPLIT]] (repeatable)."),
+    runs: List[Path] = typer.Argument(None, help="Work directories to compare (with --compare)."),
+    ppl: List[str] = typer.Option([], "--ppl", help="Perplexity text: a file, wikitext2, or datasets NAME[:CONFIG[:SPLIT]] (repeatable)."),
+    tasks: Optional[str] = typer.Option(None, help="lm-eval tasks, comma-separated (e.g. boolq,rte,hellaswag,winogrande,arc_easy)."),
+    tasks_dir: Optional[Path] = typer.Option(None, help="Folder of local lm-eval task YAMLs (offline tasks)."),
+    limit: Optional[int] = typer.Option(None, help="lm-eval: at most this many documents per task."),
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory whose model to evaluate."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Evaluate this model path instead of a work directory."),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside the --model folder."),
     stage: str = typer.Option("latest", help="latest, dense, pruned or reconstructed."),
     seqlen: Optional[int] = typer.Option(None, help="Window length (default: model context, at most 4096)."),
-    limit_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
-    batch_size: int = typer.Option(4, help="Windows per forward batch."),
+    limit_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N perplexity windows."),
+    batch_size: int = typer.Option(4, help="Windows (or lm-eval requests) per forward batch."),
+    compare: bool = typer.Option(False, "--compare", help="Table of every metric across the given work directories."),
+    plot: bool = typer.Option(False, "--plot", help="Write PNGs: per-window losses and perplexity per run."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for --compare/--plot files (default: WORK/eval/report or ./freelunch-report)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quiet: bool = QuietOpt,
     json_out: bool = JsonOpt,
 ):
-    """Perplexity of the work directory's model (or any model path)."""
+    """Perplexity and zero-shot accuracy of a work directory's model (or any model path); comparisons and plots."""
+    from freelunch_cli.compare import report
     from freelunch_cli.evaluate import EvalConfig, evaluate
     from freelunch_cli.workdir import WorkDir
 
-    cfg = EvalConfig(list(ppl), seqlen, stage, limit_windows, batch_size, device, dtype, model, gguf_file)
-    _run(evaluate, WorkDir(work) if work is not None else None, cfg, _reporter(quiet, json_out))
+    rep = _reporter(quiet, json_out)
+    if compare or (plot and not ppl and not tasks):
+        targets = list(runs or []) or ([work] if work is not None else [])
+        dest = out or (work / "eval" / "report" if work is not None and not runs else Path("freelunch-report"))
+        _run(report, targets, dest, plot, rep)
+        return
+    if runs:
+        _run(_fail, f"unexpected arguments {', '.join(map(str, runs))}: pass --compare to compare work directories")
+    cfg = EvalConfig(list(ppl), seqlen, stage, limit_windows, batch_size, device, dtype, model, gguf_file,
+                     [t.strip() for t in tasks.split(",") if t.strip()] if tasks else [], str(tasks_dir) if tasks_dir else None, limit)
+    _run(evaluate, WorkDir(work) if work is not None else None, cfg, rep)
+    if plot and work is not None:
+        _run(report, [work], out or work / "eval" / "report", True, rep)
+
+
+def _fail(message: str):
+    raise FreelunchError(message)
 
 
 @app.command()

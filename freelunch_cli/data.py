@@ -21,10 +21,13 @@ class TextSource:
     config: str | None = None
     split: str = "train"
     field: str = "text"
+    label: str | None = None  # the alias the user typed, if any
 
     @property
     def name(self) -> str:
         """Short name for file names and tables."""
+        if self.label:
+            return self.label
         base = self.path.stem if self.path is not None else self.spec.replace("/", "_")
         if self.path is None and self.config:
             base += f"-{self.config}"
@@ -33,8 +36,16 @@ class TextSource:
         return base
 
 
+ALIASES = {
+    # The perplexity benchmark of the pruning literature: WikiText-2 raw, test split.
+    "wikitext2": "Salesforce/wikitext:wikitext-2-raw-v1:test",
+}
+
+
 def resolve_text(spec: str, config: str | None = None, split: str | None = None, field: str = "text", default_split: str = "train") -> TextSource:
-    """A local file, or a `datasets` name written ``NAME[:CONFIG[:SPLIT]]`` (options override the parts)."""
+    """A local file, an alias (``wikitext2``), or a `datasets` name ``NAME[:CONFIG[:SPLIT]]`` (options override the parts)."""
+    label = spec if spec in ALIASES else None
+    spec = ALIASES.get(spec, spec)
     p = Path(spec).expanduser()
     if p.exists():
         if p.is_dir():
@@ -49,7 +60,7 @@ def resolve_text(spec: str, config: str | None = None, split: str | None = None,
         raise FreelunchError(f"bad dataset reference {spec!r}: use NAME, NAME:CONFIG or NAME:CONFIG:SPLIT")
     config = config or (parts[1] if len(parts) > 1 and parts[1] else None)
     split = split or (parts[2] if len(parts) > 2 and parts[2] else default_split)
-    return TextSource(parts[0], None, config, split, field)
+    return TextSource(parts[0], None, config, split, field, label)
 
 
 def read_documents(src: TextSource) -> list[str]:
@@ -57,7 +68,9 @@ def read_documents(src: TextSource) -> list[str]:
     if src.path is not None:
         suffix = src.path.suffix.lower()
         try:
-            if suffix in (".txt", ".raw"):
+            if suffix == ".raw":  # a WikiText file: one row per line, blank rows empty, as the `datasets` loader gives
+                return [line if line.strip() else "" for line in src.path.read_text(encoding="utf-8").splitlines(keepends=True)]
+            if suffix == ".txt":
                 return [src.path.read_text(encoding="utf-8")]
             if suffix in (".jsonl", ".json"):
                 docs = []
@@ -95,7 +108,7 @@ def read_documents(src: TextSource) -> list[str]:
 
 
 def read_text(src: TextSource) -> str:
-    """All documents joined by a blank line, as the WikiText protocol joins its rows."""
+    """All documents (rows) joined by "\\n\\n", as the WikiText perplexity protocol joins its rows."""
     text = "\n\n".join(read_documents(src))
     if not text.strip():
         raise FreelunchError(f"{src.spec} holds no text")

@@ -1,0 +1,105 @@
+"""One table of every metric across runs (dense baseline first), as Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from freelunch_cli.errors import FreelunchError
+from freelunch_cli.storage import read_json, write_bytes_atomic, write_json_atomic
+from freelunch_cli.workdir import WorkDir
+
+STAGE_OF = {"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct"}
+
+
+def stage_results(work: WorkDir, stage: str) -> dict[str, float]:
+    """Metrics measured on one model of a run (only results of its current stage run count)."""
+    st = work.stage(STAGE_OF[stage])
+    if st is None or st.status != "done" or not (work.root / "eval").is_dir():
+        return {}
+    metrics = {}
+    for p in sorted((work.root / "eval").glob(f"{stage}__*.json")):
+        try:
+            rec = read_json(p)
+        except FreelunchError:
+            continue
+        if rec.get("key", {}).get("run") != st.run_id:
+            continue
+        if "ppl" in rec:
+            metrics[f"ppl {rec['data']} L{rec['seqlen']}"] = rec["ppl"]
+        for task, m in rec.get("tasks", {}).items():
+            if "acc" in m:
+                metrics[f"{task} acc"] = m["acc"]
+        if rec.get("mean_acc") is not None:
+            metrics["mean acc"] = rec["mean_acc"]
+    return metrics
+
+
+def describe(work: WorkDir, stage: str) -> str:
+    if stage == "dense":
+        return "dense"
+    parts = []
+    pr = work.stage("prune")
+    if pr is not None:
+        parts.append(f"{pr.summary.get('criterion')} {pr.summary.get('pattern')}")
+    if stage == "reconstructed":
+        rc = work.stage("reconstruct").summary.get("config", {})
+        parts.append(f"+ {rc.get('window')} reconstruction ({rc.get('peft')}, lr {rc.get('lr')}, {rc.get('epochs')} ep)")
+    return " ".join(parts)
+
+
+def compare(runs: list[Path]) -> dict:
+    """Rows: the dense baseline (once per distinct dense model), then each run's pruned and reconstructed models."""
+    if not runs:
+        raise FreelunchError("--compare needs at least one work directory")
+    rows, seen_dense = [], set()
+    for root in runs:
+        work = WorkDir(root)
+        if not work.exists():
+            raise FreelunchError(f"{root} is not a freelunch work directory (no manifest.json)")
+        cal = work.stage("calibrate")
+        if cal is not None and cal.run_id not in seen_dense and stage_results(work, "dense"):
+            seen_dense.add(cal.run_id)
+            rows.insert(len(seen_dense) - 1, {"run": str(root), "model": "dense", "what": "dense", "metrics": stage_results(work, "dense")})
+        for stage in ("pruned", "reconstructed"):
+            m = stage_results(work, stage)
+            if m:
+                rows.append({"run": str(root), "model": stage, "what": describe(work, stage), "metrics": m})
+    if not rows:
+        raise FreelunchError("no evaluation results in these runs: run `freelunch eval` on them first")
+    columns = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (not k.startswith("ppl"), k))
+    return {"columns": columns, "rows": rows}
+
+
+def to_markdown(table: dict) -> str:
+    cols = table["columns"]
+    lines = ["| run | model | " + " | ".join(cols) + " |", "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
+    for r in table["rows"]:
+        cells = [f"{r['metrics'][c]:.3f}" if c.startswith("ppl") and c in r["metrics"] else
+                 f"{r['metrics'][c]:.4f}" if c in r["metrics"] else "-" for c in cols]
+        lines.append(f"| {Path(r['run']).name} | {r['what']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(table: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "compare.md", out / "compare.json"
+    write_bytes_atomic(md, to_markdown(table).encode())
+    write_json_atomic(js, json.loads(json.dumps(table)))
+    return md, js
+
+
+def report(runs: list[Path], out: Path, plot: bool, rep) -> dict:
+    """`eval --compare` / `--plot`: the table (printed, Markdown, JSON) and, on request, the pictures."""
+    table = compare(runs)
+    md, js = write_comparison(table, out)
+    cols = table["columns"]
+    rep.table("comparison", ["run", "model", *cols],
+              [[Path(r["run"]).name, r["what"], *[f"{r['metrics'][c]:.4g}" if c in r["metrics"] else "-" for c in cols]] for r in table["rows"]])
+    files = [str(md), str(js)]
+    if plot:
+        from freelunch_cli.plots import perplexity_bars, window_losses
+
+        files += [str(p) for p in (window_losses(runs, out), perplexity_bars(table, out)) if p is not None]
+    rep.summary(f"compared {len(runs)} run(s): {', '.join(files)}", {**table, "files": files})
+    return {**table, "files": files}
