@@ -183,6 +183,38 @@ def reconstruct(
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 
+@app.command()
+def retrain(
+    work: Path = WorkOpt,
+    start: str = typer.Option("latest", "--from", help="Model to retrain: pruned, reconstructed, or latest."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (linear decay to 0)."),
+    epochs: int = typer.Option(1, help="Passes over the training windows."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
+    batch_size: int = typer.Option(4, help="Windows per step."),
+    warmup: float = typer.Option(0.0, help="Fraction of the steps with a linear warm-up."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    grad_clip: Optional[float] = typer.Option(1.0, help="Clip the gradient norm (0 or less: off)."),
+    seed: int = typer.Option(0, help="Seed of the data order (and of --data sampling)."),
+    data: Optional[str] = typer.Option(None, help="Train on other text (default: the calibration windows)."),
+    samples: Optional[int] = typer.Option(None, help="Windows of --data (of the calibration length)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Let --data windows overlap."),
+    save_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Global retraining baseline: next-token training of the whole pruned model, masks kept."""
+    from freelunch_cli.retrain import RetrainConfig, retrain as run
+    from freelunch_cli.workdir import WorkDir
+
+    cfg = RetrainConfig(start, lr, epochs, steps, batch_size, warmup, weight_decay, grad_clip if grad_clip and grad_clip > 0 else None,
+                        seed, data, samples, allow_overlap, save_every, device, dtype)
+    _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+
+
 @app.command("eval")
 def eval_cmd(
     runs: List[Path] = typer.Argument(None, help="Work directories to compare (with --compare)."),
@@ -193,7 +225,7 @@ def eval_cmd(
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory whose model to evaluate."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Evaluate this model path instead of a work directory."),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside the --model folder."),
-    stage: str = typer.Option("latest", help="latest, dense, pruned or reconstructed."),
+    stage: str = typer.Option("latest", help="latest, dense, pruned, reconstructed or retrained."),
     seqlen: Optional[int] = typer.Option(None, help="Window length (default: model context, at most 4096)."),
     limit_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N perplexity windows."),
     batch_size: int = typer.Option(4, help="Windows (or lm-eval requests) per forward batch."),
@@ -233,7 +265,7 @@ def _fail(message: str):
 def export(
     work: Path = WorkOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the Hugging Face checkpoint."),
-    stage: str = typer.Option("latest", help="latest, dense, pruned or reconstructed."),
+    stage: str = typer.Option("latest", help="latest, dense, pruned, reconstructed or retrained."),
     dtype: Optional[str] = typer.Option(None, help="Cast floating-point weights (default: as stored)."),
     max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),

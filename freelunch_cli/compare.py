@@ -7,9 +7,8 @@ from pathlib import Path
 
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.storage import read_json, write_bytes_atomic, write_json_atomic
-from freelunch_cli.workdir import WorkDir
+from freelunch_cli.workdir import STAGE_OF, WorkDir
 
-STAGE_OF = {"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct"}
 
 
 def stage_results(work: WorkDir, stage: str) -> dict[str, float]:
@@ -42,9 +41,13 @@ def describe(work: WorkDir, stage: str) -> str:
     pr = work.stage("prune")
     if pr is not None:
         parts.append(f"{pr.summary.get('criterion')} {pr.summary.get('pattern')}")
-    if stage == "reconstructed":
-        rc = work.stage("reconstruct").summary.get("config", {})
-        parts.append(f"+ {rc.get('window')} reconstruction ({rc.get('peft')}, lr {rc.get('lr')}, {rc.get('epochs')} ep)")
+    rc = work.stage("reconstruct")
+    if stage in ("reconstructed", "retrained") and rc is not None and rc.status == "done":
+        c = rc.summary.get("config", {})
+        parts.append(f"+ {c.get('window')} reconstruction ({c.get('peft')}, lr {c.get('lr')}, {c.get('epochs')} ep)")
+    if stage == "retrained":
+        c = work.stage("retrain").summary
+        parts.append(f"+ retraining ({c.get('tokens')} tokens, lr {c.get('config', {}).get('lr')})")
     return " ".join(parts)
 
 
@@ -61,7 +64,7 @@ def compare(runs: list[Path]) -> dict:
         if cal is not None and cal.run_id not in seen_dense and stage_results(work, "dense"):
             seen_dense.add(cal.run_id)
             rows.insert(len(seen_dense) - 1, {"run": str(root), "model": "dense", "what": "dense", "metrics": stage_results(work, "dense")})
-        for stage in ("pruned", "reconstructed"):
+        for stage in ("pruned", "reconstructed", "retrained"):
             m = stage_results(work, stage)
             if m:
                 rows.append({"run": str(root), "model": stage, "what": describe(work, stage), "metrics": m})

@@ -18,10 +18,9 @@ from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.skeleton import Skeleton
 from freelunch_cli.source import load_config, load_tokenizer, resolve_model
 from freelunch_cli.storage import read_json, write_json_atomic
-from freelunch_cli.workdir import MODEL_STAGES, WorkDir
+from freelunch_cli.workdir import STAGE_OF, WorkDir
 
 MAX_DEFAULT_SEQLEN = 4096
-STAGE_OF = {"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct"}
 
 
 @dataclass
@@ -59,15 +58,8 @@ class _Target:
             return
         if work is None:
             raise FreelunchError("pass --work DIR or --model PATH")
-        work.require_done("calibrate", "eval")
-        stage = work.latest_model_stage() if cfg.stage == "latest" else cfg.stage
-        if stage not in MODEL_STAGES:
-            raise FreelunchError(f"--stage must be latest or one of {', '.join(MODEL_STAGES)}")
-        if stage == "reconstructed":
-            work.latest_model_stage()  # names the missing windows of an unfinished reconstruction
+        stage = work.require_model(cfg.stage)
         st = work.stage(STAGE_OF[stage])
-        if st is None or st.status != "done":
-            raise FreelunchError(f"no finished {stage} model in {work.root}")
         self.tokenizer = AutoTokenizer.from_pretrained(work.model_dir("dense"))
         self.config = AutoConfig.from_pretrained(work.model_dir("dense"))
         self.label, self.run_id, self.stage = stage, st.run_id, stage

@@ -16,7 +16,7 @@ from freelunch_cli.runtime import dtype_name, parse_dtype
 from freelunch_cli.source import meta_model
 from freelunch_cli.arch import find_arch
 from freelunch_cli.storage import load_tensors, read_json, save_tensors_atomic, sha256_file, write_bytes_atomic, write_json_atomic
-from freelunch_cli.workdir import MODEL_STAGES, WorkDir
+from freelunch_cli.workdir import STAGE_OF, WorkDir
 
 
 def parse_size(text: str) -> int:
@@ -41,13 +41,7 @@ def export(work: WorkDir, out: Path, stage: str = "latest", dtype: str | None = 
     """Write the model of ``stage`` as a Hugging Face folder; ``resume`` keeps shards an interrupted export wrote."""
     rep = rep or Reporter(quiet=True)
     out = Path(out)
-    stage = work.latest_model_stage() if stage == "latest" else stage
-    if stage not in MODEL_STAGES:
-        raise FreelunchError(f"--stage must be latest or one of {', '.join(MODEL_STAGES)}")
-    if stage == "reconstructed":
-        work.latest_model_stage()  # refuses an unfinished reconstruction, naming the missing windows
-    elif stage == "pruned":
-        work.require_done("prune", "export --stage pruned")
+    stage = work.require_model(stage)
     target = parse_dtype(dtype) if dtype else None
     limit = parse_size(max_shard_size)
     signature = {"work": str(work.root.resolve()), "stage": stage, "run": _stage_run(work, stage), "dtype": dtype,
@@ -70,7 +64,7 @@ def export(work: WorkDir, out: Path, stage: str = "latest", dtype: str | None = 
     dense = work.model_dir("dense")
     config = AutoConfig.from_pretrained(dense)
     arch = find_arch(meta_model(config), config)
-    parts = [("rest", work.check_file(dense / "rest.safetensors"))]
+    parts = [("rest", work.check_file(work.rest_path(stage)))]
     parts += [(i, work.stage_block_path(stage, i)) for i in range(arch.num_blocks)]
     shards = plan_shards(parts, target, limit)
     names = ["model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
@@ -128,7 +122,7 @@ def _read_marker(out: Path) -> dict | None:
 
 
 def _stage_run(work: WorkDir, stage: str) -> str:
-    return work.stage({"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct"}[stage]).run_id
+    return work.stage(STAGE_OF[stage]).run_id
 
 
 def plan_shards(parts, target, limit: int) -> list[list]:
@@ -163,7 +157,10 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
     """A short README recording where the model came from and how it was made."""
     calib = work.stage("calibrate")
     prune = work.stage("prune") if stage != "dense" else None
-    recon = work.stage("reconstruct") if stage == "reconstructed" else None
+    recon = work.stage("reconstruct") if stage in ("reconstructed", "retrained") else None
+    retrain = work.stage("retrain") if stage == "retrained" else None
+    if retrain is not None and retrain.summary.get("from") != "reconstructed":
+        recon = None
     source = calib.signature.get("model")
     lines = [
         "---",
@@ -185,8 +182,11 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
         lines.append(f"- Local reconstruction: window {c['window']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}, loss {c['loss']}")
     else:
         lines.append("- Local reconstruction: none")
+    if retrain is not None:
+        c = retrain.summary["config"]
+        lines.append(f"- Global retraining: {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
     evals = sorted((work.root / "eval").glob("*.json")) if (work.root / "eval").is_dir() else []
-    runs = {st: work.stage(name).run_id for st, name in (("dense", "calibrate"), ("pruned", "prune"), ("reconstructed", "reconstruct")) if work.stage(name)}
+    runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
     rows = [r for r in (read_json(p) for p in evals) if r.get("key", {}).get("run") == runs.get(r.get("model"))]
     if rows:
         lines += ["", "## Metrics", "", "| model | data | seqlen | tokens | perplexity |", "| --- | --- | --- | --- | --- |"]

@@ -60,7 +60,7 @@ def perplexity_bars(table: dict, out: Path) -> Path | None:
         return None
     rows = table["rows"]
     fig, axes = plt.subplots(1, len(cols), figsize=(max(6, 1.2 * len(rows) + 3) * len(cols), 4.5), squeeze=False)
-    colors = {"dense": "tab:blue", "pruned": "tab:red", "reconstructed": "tab:green"}
+    colors = {"dense": "tab:blue", "pruned": "tab:red", "reconstructed": "tab:green", "retrained": "tab:purple"}
     for ax, col in zip(axes[0], cols):
         vals = [(f"{Path(r['run']).name}\n{r['model']}", r["metrics"].get(col), colors[r["model"]]) for r in rows if col in r["metrics"]]
         bars = ax.bar(range(len(vals)), [v[1] for v in vals], color=[v[2] for v in vals])

@@ -115,7 +115,7 @@ class Skeleton:
     def from_work(cls, work, stage: str, device, dtype, rest_device=None) -> "Skeleton":
         folder = work.model_dir("dense")
         config = AutoConfig.from_pretrained(folder)
-        sk = cls.from_rest(config, load_tensors(work.check_file(folder / "rest.safetensors")), device, dtype, rest_device)
+        sk = cls.from_rest(config, load_tensors(work.check_file(work.rest_path(stage))), device, dtype, rest_device)
         sk.block_source = lambda i: load_tensors(work.stage_block_path(stage, i))
         return sk
 

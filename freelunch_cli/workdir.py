@@ -22,14 +22,17 @@ from freelunch_cli.storage import FileInfo, read_json, sha256_file, write_json_a
 
 _VERIFIED: set[tuple] = set()  # files whose hash was checked by this process (path, size, mtime, hash)
 
-STAGES = ("calibrate", "prune", "reconstruct")
+STAGES = ("calibrate", "prune", "reconstruct", "retrain")
 # What each stage writes, relative to the work directory; cleared when the stage starts over.
 STAGE_OUTPUTS = {
     "calibrate": ["calib", "acts", "dense"],
     "prune": ["prune", "pruned", "acts/pruned"],
     "reconstruct": ["windows", "recon", "acts/recon"],
+    "retrain": ["retrain"],
 }
-MODEL_STAGES = ("dense", "pruned", "reconstructed")
+MODEL_STAGES = ("dense", "pruned", "reconstructed", "retrained")
+# The stage that produces each model.
+STAGE_OF = {"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct", "retrained": "retrain"}
 
 
 @dataclass
@@ -62,7 +65,12 @@ class WorkDir:
         return self.root / "manifest.json"
 
     def model_dir(self, stage: str) -> Path:
-        return self.root / {"dense": "dense", "pruned": "pruned", "reconstructed": "recon"}[stage]
+        return self.root / {"dense": "dense", "pruned": "pruned", "reconstructed": "recon", "retrained": "retrain"}[stage]
+
+    def rest_path(self, stage: str) -> Path:
+        """Embeddings, final norm and head of a model stage (only global retraining changes them)."""
+        p = self.model_dir("retrained") / "rest.safetensors"
+        return p if stage == "retrained" and p.exists() else self.model_dir("dense") / "rest.safetensors"
 
     def block_path(self, stage: str, i: int) -> Path:
         return self.model_dir(stage) / f"block_{i:03d}.safetensors"
@@ -318,8 +326,14 @@ class WorkDir:
 
     # ---- which model is current ----------------------------------------------------------------------
     def latest_model_stage(self) -> str:
-        """The most processed model the directory holds: reconstructed > pruned > dense."""
+        """The most processed model the directory holds: retrained > reconstructed > pruned > dense."""
         self.require_done("calibrate", "this command")
+        ret = self.stage("retrain")
+        if ret is not None:
+            if ret.status != "done":
+                raise FreelunchError(f"retrain did not finish in {self.root}; rerun `freelunch retrain --work {self.root} --resume`, "
+                                     f"or pass --stage")
+            return "retrained"
         rec, pr = self.stage("reconstruct"), self.stage("prune")
         if rec is not None:
             if rec.status != "done":
@@ -333,6 +347,21 @@ class WorkDir:
                 raise FreelunchError(f"prune did not finish in {self.root}; rerun `freelunch prune --work {self.root} --resume`")
             return "pruned"
         return "dense"
+
+    def require_model(self, stage: str) -> str:
+        """Check that the model of ``stage`` (or of the latest stage) exists and is complete; return the stage."""
+        if stage == "latest":
+            return self.latest_model_stage()
+        if stage not in MODEL_STAGES:
+            raise FreelunchError(f"--stage must be latest or one of {', '.join(MODEL_STAGES)}")
+        self.require_done("calibrate", "this command")
+        st = self.stage(STAGE_OF[stage])
+        if stage == "reconstructed" and st is not None and st.status != "done":
+            raise FreelunchError(f"reconstruct did not finish in {self.root} (missing windows: {rec_missing(self)}); "
+                                 f"rerun `freelunch reconstruct --work {self.root} --resume`, or pass --stage pruned")
+        if st is None or st.status != "done":
+            raise FreelunchError(f"no finished {stage} model in {self.root}")
+        return stage
 
     def stage_block_path(self, stage: str, i: int) -> Path:
         """The shard of block ``i`` for a model stage (blocks a stage did not change come from the stage before)."""

@@ -28,7 +28,7 @@ def materialize(work, stage: str, device, dtype: torch.dtype) -> nn.Module:
     config = prepare_config(AutoConfig.from_pretrained(folder))
     lm = meta_model(config)
     arch = find_arch(lm, config)
-    state = dict(load_tensors(work.check_file(folder / "rest.safetensors")))
+    state = dict(load_tensors(work.check_file(work.rest_path(stage))))
     for i in range(arch.num_blocks):
         state.update({arch.block_prefix(i) + k: v for k, v in load_tensors(work.stage_block_path(stage, i)).items()})
     if getattr(config, "tie_word_embeddings", False):

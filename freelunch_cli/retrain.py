@@ -1,0 +1,179 @@
+"""Global retraining, the baseline every claim is measured against: next-token training of the whole
+pruned (or reconstructed) model with its masks kept, resumable by step.
+
+The whole model is trained at once (this is what local reconstruction avoids): its memory is the full model
+with gradients and AdamW moments plus the activations of a batch through every block.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from freelunch_cli.arch import block_linears, find_arch
+from freelunch_cli.console import Reporter
+from freelunch_cli.data import read_text, resolve_text, sample_windows, text_fingerprint, tokenize
+from freelunch_cli.errors import FreelunchError
+from freelunch_cli.faults import checkpoint
+from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
+from freelunch_cli.storage import load_tensors, save_tensors_atomic, write_bytes_atomic
+from freelunch_cli.train import MaskedParams
+from freelunch_cli.workdir import STAGE_OF, WorkDir, stage_lock
+from freelunch_cli.zeroshot import materialize
+
+
+@dataclass
+class RetrainConfig:
+    start: str = "latest"  # the model to retrain: pruned, reconstructed, or the latest of the two
+    lr: float = 1e-4
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 4
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    data: str | None = None  # other training text (default: the calibration windows)
+    samples: int | None = None  # windows of --data (default: as many as calibrated)
+    allow_overlap: bool = False
+    save_every: int = 50  # steps between resumable checkpoints
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.save_every < 1:
+            raise FreelunchError("--lr must be positive; --epochs, --steps, --batch-size and --save-every at least 1")
+        if not 0 <= self.warmup < 1:
+            raise FreelunchError("--warmup is a fraction of the steps, in [0, 1)")
+        if self.start not in ("latest", "pruned", "reconstructed"):
+            raise FreelunchError("--from must be latest, pruned or reconstructed")
+
+
+def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict]:
+    ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
+    if cfg.data is None:
+        return ids, {"data": "calibration windows"}
+    from transformers import AutoTokenizer
+
+    src = resolve_text(cfg.data)
+    text = read_text(src)
+    tok = AutoTokenizer.from_pretrained(work.model_dir("dense"))
+    out = sample_windows(tokenize(tok, text), cfg.samples or ids.shape[0], ids.shape[1], cfg.seed, cfg.allow_overlap)
+    return out, {"data": src.spec, "data_sha": text_fingerprint(text)}
+
+
+def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
+    rep = rep or Reporter(quiet=True)
+    cfg.validate()
+    compute = parse_dtype(cfg.dtype)
+    device = pick_device(cfg.device)
+    work.require_done("prune", "retrain")
+    if cfg.start == "latest":
+        rc = work.stage("reconstruct")
+        start = "reconstructed" if rc is not None and rc.status == "done" else "pruned"
+    else:
+        start = work.require_model(cfg.start)
+    ids, data_sig = _training_ids(work, cfg)
+    signature = {"from": start, "from_run": work.stage(STAGE_OF[start]).run_id, **data_sig, **asdict(cfg)}
+    for k in ("device", "save_every", "start"):
+        signature.pop(k)
+    with stage_lock(work, "retrain"):
+        state = work.begin("retrain", signature, resume, force)
+        if state == "done":
+            s = work.stage("retrain").summary
+            rep.summary(f"retrain already done in {work.root}", s)
+            return s
+        t0 = time.time()
+        model = materialize(work, start, device, torch.float32)
+        arch = find_arch(model, model.config)
+        layers = model.get_submodule(arch.layers_path)
+        masks = {}
+        for i, block in enumerate(layers):
+            for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items():
+                masks[id(block.get_submodule(name).weight)] = keep
+        params = MaskedParams([p for p in model.parameters()], masks)
+        for p in params.params:
+            p.requires_grad_(True)
+        n = ids.shape[0]
+        per_epoch = math.ceil(n / cfg.batch_size)
+        total = cfg.steps or per_epoch * cfg.epochs
+        warm = int(total * cfg.warmup)
+        opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, 1.0 - (s - warm) / max(total - warm, 1)))
+        ckpt_path = work.model_dir("retrained") / "checkpoint.pt"
+        step, losses = 0, []
+        if ckpt_path.exists():
+            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            step, losses = ck["step"], ck["losses"]
+            rep.info(f"retrain: resuming at step {step} of {total}")
+        rep.info(f"retrain: the whole {start} model, {total} steps of {cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}")
+        autocast = (lambda: torch.autocast(device.type, dtype=compute)) if compute != torch.float32 else None
+        model.train(False)  # no dropout: the same deterministic forward as every other stage
+        with rep.progress("retrain", total=total, completed=step) as bar:
+            while step < total:
+                epoch, offset = divmod(step, per_epoch)
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+                batch = ids[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]].to(device)
+                if autocast is not None:
+                    with autocast():
+                        logits = model(input_ids=batch, use_cache=False).logits
+                else:
+                    logits = model(input_ids=batch, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+                if not torch.isfinite(loss):
+                    raise FreelunchError(f"retraining loss became {float(loss)} at step {step}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                params.mask_grads()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params.params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                params.apply()
+                step += 1
+                losses.append(float(loss))
+                bar.advance()
+                checkpoint("retrain.step")
+                if step % cfg.save_every == 0 and step < total:
+                    buf = io.BytesIO()
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "step": step, "losses": losses}, buf)
+                    write_bytes_atomic(ckpt_path, buf.getvalue())
+        _save(work, model, arch, layers)
+        ckpt_path.unlink(missing_ok=True)
+        summary = {
+            "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
+            "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+            "seconds": round(time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
+        }
+        work.finish("retrain", summary)
+    rep.summary(f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s", summary)
+    return summary
+
+
+def _save(work: WorkDir, model, arch, layers) -> None:
+    """The retrained model as block shards plus its own embeddings/head shard, in the storage dtype."""
+    storage = next(v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point())
+    for i, block in enumerate(layers):
+        for name, lin in block_linears(block).items():
+            keep = load_tensors(work.mask_path(i)).get(name)
+            if keep is not None and bool((lin.weight.detach().cpu()[~keep] != 0).any()):
+                raise RuntimeError(f"block {i} {name}: a pruned weight became nonzero during retraining")
+        state = {k: v.detach().to(storage) for k, v in block.state_dict().items()}
+        path = work.block_path("retrained", i)
+        work.record_file(path, save_tensors_atomic(path, state))
+    prefix = arch.layers_path + "."
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    rest = {k: v.detach().to(storage) for k, v in model.state_dict().items()
+            if not k.startswith(prefix) and not (tied and k.endswith("lm_head.weight"))}
+    path = work.model_dir("retrained") / "rest.safetensors"
+    work.record_file(path, save_tensors_atomic(path, rest))

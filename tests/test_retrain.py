@@ -1,0 +1,52 @@
+"""Global retraining: the baseline. Masks kept, loss down, resumable by step, evaluated like any stage."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import SEQLEN
+from freelunch_cli.evaluate import EvalConfig, evaluate
+from freelunch_cli.export import export
+from freelunch_cli.prune import PruneConfig, prune
+from freelunch_cli.retrain import RetrainConfig, retrain
+from freelunch_cli.storage import load_tensors
+from tiny import HELDOUT
+
+
+def test_retrain_keeps_masks_lowers_loss_and_is_a_model_stage(fresh_work, tmp_path):
+    work = fresh_work("qwen2")  # tied embeddings: retrained together with the blocks
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.6, device="cpu"))
+    s = retrain(work, RetrainConfig(lr=2e-3, epochs=3, device="cpu"))
+    assert s["from"] == "pruned" and s["steps"] == 12 and s["tokens"] == 12 * 4 * SEQLEN
+    assert s["last_loss"] < s["first_loss"]
+    for i in range(2):
+        w = load_tensors(work.block_path("retrained", i))
+        for name, keep in load_tensors(work.mask_path(i)).items():
+            assert torch.all(w[f"{name}.weight"][~keep] == 0)
+        assert not torch.equal(w["mlp.up_proj.weight"], load_tensors(work.block_path("pruned", i))["mlp.up_proj.weight"])
+    ev = EvalConfig(ppl=[str(HELDOUT)], seqlen=SEQLEN, limit_windows=4, device="cpu")
+    assert evaluate(work, ev)["results"][0]["model"] == "retrained"
+    out = export(work, tmp_path / "hf")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out["out"])
+    rest = load_tensors(work.model_dir("retrained") / "rest.safetensors")
+    assert torch.equal(model.model.embed_tokens.weight, rest["model.embed_tokens.weight"])
+
+
+def test_retrain_resumes_by_step_to_the_same_model(fresh_work, tmp_path):
+    a, b = fresh_work("llama"), fresh_work("llama")
+    for w in (a, b):
+        prune(w, PruneConfig(criterion="magnitude", device="cpu"))
+    args = ["retrain", "--lr", "1e-3", "--steps", "6", "--save-every", "2", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "FREELUNCH_KILL_AT": "retrain.step:5"}
+    killed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9 and (a.model_dir("retrained") / "checkpoint.pt").exists()
+    resumed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    retrain(b, RetrainConfig(lr=1e-3, steps=6, save_every=2, device="cpu"))
+    for i in range(2):
+        x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
+        assert all(torch.equal(x[k], y[k]) for k in x)
