@@ -104,9 +104,7 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
         if state == "fresh" or (cfg.cache_dir and state == "resume"):
             work.set_cache_dir(cfg.cache_dir)
         if state == "done":
-            s = work.stage("calibrate").summary
-            rep.summary(f"calibrate already done in {work.root}", s)
-            return s
+            return work.report_done("calibrate", rep)
         t0 = time.time()
         rep.info(f"calibrate: model {spec.spec} -> {work.root}")
         rep.info(f"activation cache: {n_blocks + 1} boundaries x {cfg.samples} x {cfg.seqlen} x {hidden} "

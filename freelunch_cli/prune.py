@@ -80,9 +80,7 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
     with stage_lock(work, "prune"):
         state = work.begin("prune", signature, resume, force)
         if state == "done":
-            s = work.stage("prune").summary
-            rep.summary(f"prune already done in {work.root}", s)
-            return s
+            return work.report_done("prune", rep)
         t0 = time.time()
         files = work.manifest()["files"]
         todo = [i for i in range(n) if work.rel(work.block_path("pruned", i)) not in files or work.rel(work.mask_path(i)) not in files

@@ -59,9 +59,7 @@ def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = No
     with stage_lock(work, "reconstruct", shared=shard is not None):
         state = work.begin("reconstruct", signature, resume or shard is not None, force)
         if state == "done":
-            s = work.stage("reconstruct").summary
-            rep.summary(f"reconstruct already done in {work.root}", s)
-            return s
+            return work.report_done("reconstruct", rep)
         work.set_progress("reconstruct", "windows_total", len(windows))
         if cfg.prepare:
             rep.summary(f"reconstruct prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers", {"windows": len(windows)})

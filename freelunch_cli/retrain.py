@@ -22,7 +22,7 @@ from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.storage import load_tensors, save_tensors_atomic, write_bytes_atomic
-from freelunch_cli.train import MaskedParams
+from freelunch_cli.train import MaskedParams, autocast_factory, linear_schedule, masked_step
 from freelunch_cli.workdir import STAGE_OF, WorkDir, stage_lock
 from freelunch_cli.zeroshot import materialize
 
@@ -85,9 +85,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     with stage_lock(work, "retrain"):
         state = work.begin("retrain", signature, resume, force)
         if state == "done":
-            s = work.stage("retrain").summary
-            rep.summary(f"retrain already done in {work.root}", s)
-            return s
+            return work.report_done("retrain", rep)
         t0 = time.time()
         model = materialize(work, start, device, torch.float32)
         arch = find_arch(model, model.config)
@@ -102,10 +100,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         n = ids.shape[0]
         per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.steps or per_epoch * cfg.epochs
-        warm = int(total * cfg.warmup)
         opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, 1.0 - (s - warm) / max(total - warm, 1)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(total * cfg.warmup), total))
         ckpt_path = work.model_dir("retrained") / "checkpoint.pt"
         step, losses = 0, []
         if ckpt_path.exists():
@@ -116,29 +112,17 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             step, losses = ck["step"], ck["losses"]
             rep.info(f"retrain: resuming at step {step} of {total}")
         rep.info(f"retrain: the whole {start} model, {total} steps of {cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}")
-        autocast = (lambda: torch.autocast(device.type, dtype=compute)) if compute != torch.float32 else None
+        autocast = autocast_factory(device, compute)
         model.train(False)  # no dropout: the same deterministic forward as every other stage
         with rep.progress("retrain", total=total, completed=step) as bar:
             while step < total:
                 epoch, offset = divmod(step, per_epoch)
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
                 batch = ids[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]].to(device)
-                if autocast is not None:
-                    with autocast():
-                        logits = model(input_ids=batch, use_cache=False).logits
-                else:
+                with autocast():
                     logits = model(input_ids=batch, use_cache=False).logits
                 loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-                if not torch.isfinite(loss):
-                    raise FreelunchError(f"retraining loss became {float(loss)} at step {step}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                params.mask_grads()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params.params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                params.apply()
+                masked_step(loss, opt, sched, params, cfg.grad_clip, "retraining", step)
                 step += 1
                 losses.append(float(loss))
                 bar.advance()

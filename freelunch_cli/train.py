@@ -89,10 +89,36 @@ def _batches(indices: list[int], batch_size: int, generator: torch.Generator | N
         yield sorted(order[s : s + batch_size])
 
 
-def _autocast(device, compute_dtype):
+def autocast_factory(device, compute_dtype):
+    """A context factory: autocast to the compute dtype, or nothing for float32."""
     if compute_dtype == torch.float32:
         return nullcontext
     return lambda: torch.autocast(device_type=torch.device(device).type, dtype=compute_dtype)
+
+
+def linear_schedule(warm: int, total: int):
+    """Learning-rate factor: linear warm-up over ``warm`` steps, then linear decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, 1.0 - (step - warm) / max(total - warm, 1))
+
+    return factor
+
+
+def masked_step(loss: torch.Tensor, opt, sched, params: MaskedParams, grad_clip: float | None, what: str, step: int) -> None:
+    """One AdamW step that keeps pruned weights at exactly zero (masked gradients, masks re-applied)."""
+    if not torch.isfinite(loss):
+        raise FreelunchError(f"{what} loss became {float(loss)} at step {step}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params.mask_grads()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params.params, grad_clip)
+    opt.step()
+    sched.step()
+    params.apply()
 
 
 def evaluate(forward, data, indices: list[int], loss, batch_size: int, autocast) -> float:
@@ -114,24 +140,17 @@ def train_window(forward, params: MaskedParams, data, train_idx: list[int], val_
                  compute_dtype, on_step=None) -> dict:
     """AdamW with linear warm-up and decay on ``loss(forward(x), target)``; returns losses before and after."""
     loss = loss_fn(cfg.loss)
-    autocast = _autocast(device, compute_dtype)
+    autocast = autocast_factory(device, compute_dtype)
     eval_bs = max(cfg.batch_size, 8)
     before = evaluate(forward, data, train_idx, loss, eval_bs, autocast)
     val_before = evaluate(forward, data, val_idx, loss, eval_bs, autocast)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
-    warm = int(total * cfg.warmup)
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, 1.0 - (step - warm) / max(total - warm, 1))
-
     best = (val_before, 0, params.snapshot()) if cfg.keep_best and val_idx else None
     step = 0
     if params.params:
         opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(total * cfg.warmup), total))
         gen = torch.Generator().manual_seed(cfg.seed)
         while step < total:
             for idx in _batches(train_idx, cfg.batch_size, gen):
@@ -139,16 +158,7 @@ def train_window(forward, params: MaskedParams, data, train_idx: list[int], val_
                 with autocast():
                     y = forward(x)
                 value = loss(y.float(), t)
-                if not torch.isfinite(value):
-                    raise FreelunchError(f"reconstruction loss became {float(value)} at step {step}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                value.backward()
-                params.mask_grads()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params.params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                params.apply()
+                masked_step(value, opt, sched, params, cfg.grad_clip, "reconstruction", step)
                 step += 1
                 checkpoint("train.step")
                 if on_step is not None:

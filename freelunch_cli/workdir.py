@@ -297,6 +297,12 @@ class WorkDir:
             }
         return "fresh"
 
+    def report_done(self, name: str, rep) -> dict:
+        """A finished stage asked to run again with the same options: its summary, nothing redone."""
+        summary = self.stage(name).summary
+        rep.summary(f"{name} already done in {self.root}", summary)
+        return summary
+
     def finish(self, name: str, summary: dict) -> None:
         with self.update() as m:
             s = m["stages"][name]

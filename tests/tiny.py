@@ -49,3 +49,15 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, layers: in
     model.save_pretrained(folder)
     train_tokenizer(text if text is not None else CALIB.read_text()[:200_000]).save_pretrained(folder)
     return folder
+
+
+def streamed_logits(work, stage: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a work directory's model computed block by block from its shards (the streaming path)."""
+    from freelunch_cli.skeleton import Skeleton, run_block
+
+    sk = Skeleton.from_work(work, stage, "cpu", torch.float32)
+    with torch.no_grad():
+        h = sk.embed(ids)
+        for i in range(sk.num_blocks):
+            h = run_block(sk.build_block(i), h, sk.block_call(i, *h.shape[:2]))
+        return sk.logits(h)
