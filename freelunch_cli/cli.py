@@ -151,6 +151,7 @@ def reconstruct(
     warmup: float = typer.Option(0.0, help="Fraction of the steps with a linear warm-up."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     loss: str = typer.Option("mse", help="mse, nmse or cosine."),
+    kl_weight: float = typer.Option(0.0, help="Last window: add this weight x KL to the dense next-token distribution."),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
     val_fraction: float = typer.Option(0.0, help="Calibration samples held out for a validation loss."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the parameters with the lowest validation loss."),
@@ -177,7 +178,7 @@ def reconstruct(
         return
     cfg = ReconstructConfig(window=window, inputs=inputs, peft=peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr,
                             epochs=epochs, steps=steps, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
-                            loss=loss, grad_clip=grad_clip, val_fraction=val_fraction, keep_best=keep_best, seed=seed,
+                            loss=loss, kl_weight=kl_weight, grad_clip=grad_clip, val_fraction=val_fraction, keep_best=keep_best, seed=seed,
                             keep_cache=keep_cache, shard=shard, stale_after=stale_after, max_memory=max_memory,
                             prepare=prepare, device=device, dtype=dtype)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)

@@ -26,6 +26,7 @@ class ReconstructConfig:
     warmup: float = 0.0
     weight_decay: float = 0.0
     loss: str = "mse"
+    kl_weight: float = 0.0  # the last window also matches the dense next-token distribution (KL through the head)
     grad_clip: float | None = None
     val_fraction: float = 0.0
     keep_best: bool = False
@@ -49,6 +50,8 @@ class ReconstructConfig:
     def validate(self) -> None:
         if self.window != "auto":
             parse_granularity(self.window)
+        if self.kl_weight < 0:
+            raise FreelunchError("--kl-weight must be at least 0")
         if self.stale_after <= 0:
             raise FreelunchError("--stale-after must be positive")
         self.train_config(0).validate()

@@ -108,6 +108,7 @@ class Skeleton:
         if getattr(config, "tie_word_embeddings", False):
             lm.tie_weights()
         lm.to(dtype)
+        lm.requires_grad_(False)  # embeddings, norm and head are never trained through the skeleton
         _set_submodule(lm, arch.layers_path, nn.ModuleList(templates))
         return cls(lm, config, templates, device, dtype, rest_device)
 
@@ -179,6 +180,10 @@ class Skeleton:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head applied to the last block's output."""
+        return self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and head (frozen), differentiable in ``hidden``: for a loss on the logits."""
         b, l = hidden.shape[:2]
         self._shared["inject"] = hidden.to(self.rest_device, self.dtype)
         try:

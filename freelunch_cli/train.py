@@ -137,9 +137,11 @@ def evaluate(forward, data, indices: list[int], loss, batch_size: int, autocast)
 
 
 def train_window(forward, params: MaskedParams, data, train_idx: list[int], val_idx: list[int], cfg: TrainConfig, device,
-                 compute_dtype, on_step=None) -> dict:
-    """AdamW with linear warm-up and decay on ``loss(forward(x), target)``; returns losses before and after."""
-    loss = loss_fn(cfg.loss)
+                 compute_dtype, on_step=None, extra_loss=None) -> dict:
+    """AdamW with linear warm-up and decay on ``loss(forward(x), target)`` (plus ``extra_loss(y, target)``
+    when given); returns the losses before and after."""
+    base = loss_fn(cfg.loss)
+    loss = base if extra_loss is None else (lambda y, t: base(y, t) + extra_loss(y, t))
     autocast = autocast_factory(device, compute_dtype)
     eval_bs = max(cfg.batch_size, 8)
     before = evaluate(forward, data, train_idx, loss, eval_bs, autocast)

@@ -101,6 +101,15 @@ class Reconstructor:
         block = self.dense_block(i)
         return capture_linear_io(block, name, lambda: run_block(block, x_dense.to(self.compute), self.call(i, x_dense)))
 
+    def logit_loss(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``kl_weight`` · KL(dense ‖ reconstructed) of the next-token distributions, through the frozen final
+        norm and head: aligns the last window with what perplexity measures."""
+        with torch.no_grad():
+            teacher = torch.log_softmax(self.sk.head(t).float(), dim=-1)
+        student = torch.log_softmax(self.sk.head(y).float(), dim=-1)
+        kl = torch.nn.functional.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean")
+        return self.cfg.kl_weight * kl.to(y.device)
+
     # ---- one window --------------------------------------------------------------------------------
     def run(self, win: Window, claims: Claims | None = None, attempt: int = 1) -> dict | None:
         """Train, then write the window's parameters and its record; None if another worker took it over."""
@@ -125,8 +134,11 @@ class Reconstructor:
         trainable = prepare(scope, {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}, cfg.peft_config(win.index))
         forward, data = self._forward_and_data(win, blocks)
         total, free = trainable.params.count()
+        extra = self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.part in (None, "mlp") else None
         result = train_window(forward, trainable.params, data, self.train_idx, self.val_idx, cfg.train_config(win.index),
-                              self.device, self.compute)
+                              self.device, self.compute, extra_loss=extra)
+        if extra is not None:
+            result["kl_weight"] = cfg.kl_weight
         trainable.finalize()
         params = {}
         for prefix, module in scope.items():

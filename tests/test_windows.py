@@ -123,3 +123,21 @@ def test_steps_warmup_validation_and_keep_best(fresh_work):
         assert "best_step" in rec
     with pytest.raises(FreelunchError, match="--keep-best needs"):
         reconstruct(work, ReconstructConfig(keep_best=True), force=True)
+
+
+def test_kl_term_on_the_last_window(fresh_work):
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
+    reconstruct(work, ReconstructConfig(window="block", lr=1e-3, kl_weight=0.5, keep_cache=True, device="cpu"))
+    first, last = read_json(work.window_record_path(0)), read_json(work.window_record_path(1))
+    assert "kl_weight" not in first and last["kl_weight"] == 0.5
+    # the last window's starting loss is MSE + 0.5 * KL(dense || pruned) of the next-token distributions
+    sk = Skeleton.from_work(work, "pruned", "cpu", torch.float32)
+    x = TensorRows(work.boundary_path("dense", 1)).rows(0, 16).float()
+    t = TensorRows(work.boundary_path("dense", 2)).rows(0, 16).float()
+    with torch.no_grad():
+        y = run_block(sk.build_block(1), x, sk.block_call(1, *x.shape[:2]))
+        p, q = torch.log_softmax(sk.logits(t), -1), torch.log_softmax(sk.logits(y), -1)
+        kl = (p.exp() * (p - q)).sum(-1).mean()
+        expected = torch.mean((y - t) ** 2) + 0.5 * kl
+    assert last["loss_before"] == pytest.approx(float(expected), rel=1e-4)
