@@ -119,6 +119,8 @@ def prune(
     damp: float = typer.Option(0.01, help="SparseGPT dampening (fraction of the mean Hessian diagonal)."),
     block_size: int = typer.Option(128, help="SparseGPT column block size."),
     keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep the pruned-stream activations."),
+    owl: float = typer.Option(0.0, help="OWL non-uniform sparsity: spread block sparsities by +-OWL by outlier ratio (e.g. 0.08)."),
+    owl_m: float = typer.Option(5.0, help="OWL outlier threshold: scores above M x the block mean."),
     batch_size: int = typer.Option(8, help="Samples per forward batch for statistics."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -132,7 +134,7 @@ def prune(
     from freelunch_cli.workdir import WorkDir
 
     cfg = PruneConfig(criterion, sparsity, pattern, scope, list(skip), stats, seed, ria_alpha, damp, block_size, keep_cache,
-                      device, dtype, batch_size)
+                      owl, owl_m, device, dtype, batch_size)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -15,6 +15,7 @@ from freelunch_cli.criteria import ScoreOptions, get_criterion
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
 from freelunch_cli.masks import Pattern, check_fits, keep_mask, parse_pattern
+from freelunch_cli.owl import block_outlier_ratios, layer_sparsities
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.skeleton import Skeleton, run_block
 from freelunch_cli.sparsegpt import SparseGPT
@@ -38,6 +39,8 @@ class PruneConfig:
     damp: float = 0.01  # SparseGPT dampening, fraction of the mean Hessian diagonal
     block_size: int = 128  # SparseGPT column block
     keep_cache: bool = False  # keep the pruned-stream activations (--stats sparse)
+    owl: float = 0.0  # OWL: spread block sparsities over +-owl by outlier ratio (0: the same sparsity everywhere)
+    owl_m: float = 5.0  # OWL: a score is an outlier above owl_m times its block's mean
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 8
@@ -48,6 +51,8 @@ class PruneConfig:
             raise FreelunchError(f"--stats must be sparse or dense, got {self.stats!r}")
         if not 0 < self.damp < 1 or self.block_size < 1:
             raise FreelunchError("--damp must be in (0, 1) and --block-size at least 1")
+        if self.owl < 0 or (self.owl and self.pattern not in (None, "unstructured")):
+            raise FreelunchError("--owl needs unstructured sparsity and a non-negative value (e.g. 0.08)")
         return parse_pattern(self.pattern, self.sparsity, self.scope or crit.default_scope), crit
 
 
@@ -69,6 +74,7 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         "damp": cfg.damp if crit.name == "sparsegpt" else None,
         "block_size": cfg.block_size if crit.name == "sparsegpt" else None,
         "dtype": dtype_name(compute),
+        "owl": [cfg.owl, cfg.owl_m] if cfg.owl else None,
     }
     sparse_stream = crit.needs is not None and cfg.stats == "sparse"
     sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
@@ -90,6 +96,8 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         rep.info(f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
                  f"{n} blocks ({n - len(todo)} already done)")
         pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute)
+        if cfg.owl:
+            pruner.block_sparsity = owl_plan(work, sk, cfg, pattern, calib.summary["samples"], device, compute, rep)
         with rep.progress("prune", total=n, completed=n - len(todo)) as bar:
             for i in todo:
                 t_block = time.time()
@@ -119,12 +127,28 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
     return summary
 
 
+def owl_plan(work, sk, cfg, pattern, samples, device, compute, rep) -> list[float]:
+    """Per-block sparsities from OWL outlier ratios, computed once and kept in the manifest for --resume."""
+    saved = work.progress("prune").get("block_sparsity")
+    if saved is not None:
+        return saved
+    rep.info(f"OWL: outlier ratios of the dense blocks (m = {cfg.owl_m})")
+    ratios = block_outlier_ratios(work, sk, lambda name: not _skipped(name, cfg.skip), samples, cfg.batch_size, device, compute,
+                                  cfg.owl_m, rep.info)
+    plan = layer_sparsities(ratios, pattern.sparsity, cfg.owl)
+    work.set_progress("prune", "block_sparsity", plan)
+    work.set_progress("prune", "outlier_ratio", ratios)
+    rep.info("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan))
+    return plan
+
+
 class BlockPruner:
     """Prunes one block: statistics, masks (or SparseGPT updates), shards, and the pruned stream."""
 
     def __init__(self, work, sk, crit, pattern, cfg, samples, device, compute):
-        self.work, self.sk, self.crit, self.pattern, self.cfg = work, sk, crit, pattern, cfg
+        self.work, self.sk, self.crit, self.base_pattern, self.cfg = work, sk, crit, pattern, cfg
         self.samples, self.device, self.compute = samples, device, compute
+        self.block_sparsity: list[float] | None = None
 
     def _inputs(self, i: int, sparse_stream: bool) -> TensorRows:
         if not sparse_stream or i == 0:
@@ -163,7 +187,8 @@ class BlockPruner:
                 yield x, None
 
     def prune_block(self, i: int, sparse_stream: bool) -> list[dict]:
-        work, cfg, pattern = self.work, self.cfg, self.pattern
+        work, cfg = self.work, self.cfg
+        pattern = self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
         state = load_tensors(work.stage_block_path("dense", i))
         block = self.sk.build_block(i, state)
         linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, cfg.skip)}

@@ -155,3 +155,23 @@ def test_sparse_stats_read_the_pruned_stream(fresh_work):
     m_sparse, m_dense = load_tensors(work.mask_path(1)), load_tensors(dense.mask_path(1))
     assert torch.equal(load_tensors(work.mask_path(0))["mlp.up_proj"], load_tensors(dense.mask_path(0))["mlp.up_proj"])
     assert any(not torch.equal(m_sparse[k], m_dense[k]) for k in m_sparse)
+
+
+def test_owl_layer_sparsities():
+    from freelunch_cli.owl import layer_sparsities, outlier_ratio
+
+    s = layer_sparsities([0.01, 0.03, 0.02, 0.05], 0.5, 0.08)
+    assert sum(s) / 4 == pytest.approx(0.5)
+    assert max(s) - min(s) == pytest.approx(0.16)  # the band is 2 * lambda wide
+    assert s[3] < s[1] < s[2] < s[0]  # more outliers, fewer weights pruned
+    assert outlier_ratio([torch.ones(99), torch.tensor([100.0])], 5.0) == pytest.approx(0.01)  # 100 > 5 * mean (1.99)
+
+
+def test_owl_prunes_each_block_at_its_own_sparsity(fresh_work):
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="wanda", sparsity=0.5, owl=0.1, device="cpu"))
+    plan = work.progress("prune")["block_sparsity"]
+    assert len(plan) == 2 and sorted(plan) == pytest.approx([0.4, 0.6])
+    for i, s in enumerate(plan):
+        for name, keep in load_tensors(work.mask_path(i)).items():
+            assert ((~keep).sum(1) == int(keep.shape[1] * s)).all(), name

@@ -1,0 +1,142 @@
+"""Reproduce the paper's three findings on SmolLM2-135M and write bench/RESULTS.md (+ bench/out/paper.json).
+
+    python bench/paper.py            # the full tables (hours on 2 CPU cores; resumes where it stopped)
+    python bench/paper.py --quick    # a small subset (32 x 256 calibration tokens) in under 15 minutes
+
+1. Reconstruction vs. retraining: Wanda 50% without adaptation, with block reconstruction, and with global
+   retraining on 1x, 4x and 16x the calibration tokens (epochs over the calibration windows).
+2. Granularity: matrix, submodule, block, blocks:3, blocks:10 windows.
+3. Criterion: magnitude, random, Wanda, RIA, SparseGPT at 50% and 2:4, without and with block reconstruction.
+Headline cells (Wanda 50% with and without reconstruction, magnitude 50% with) use seeds 0, 1, 2.
+Calibration: calib.txt (WikiText-2, articles 1-31); perplexity: heldout.txt (articles 32-62) and Tiny
+Shakespeare, 40 windows of 512 tokens each. All reconstruction and retraining options are the CLI defaults
+unless a cell says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cells import Cell, Runner  # noqa: E402
+from common import ROOT, machine, markdown_table, write_json  # noqa: E402
+
+BLOCK = ("--window", "block")
+CRITERIA = ["magnitude", "random", "wanda", "ria", "sparsegpt"]
+
+
+def prune_args(criterion: str, pattern: str | None) -> tuple[str, ...]:
+    return ("--criterion", criterion, *(("--pattern", pattern) if pattern else ("--sparsity", "0.5")))
+
+
+def cells(quick: bool) -> list[Cell]:
+    size = {"samples": 32, "seqlen": 256} if quick else {}
+    w50 = prune_args("wanda", None)
+    out = []
+    for seed in ([0] if quick else [0, 1, 2]):
+        out += [
+            Cell(f"wanda50-s{seed}", w50, seed=seed, group="headline", **size),
+            Cell(f"wanda50-block-s{seed}", w50, BLOCK, seed=seed, group="headline", **size),
+            Cell(f"magnitude50-block-s{seed}", prune_args("magnitude", None), BLOCK, seed=seed, group="headline", **size),
+        ]
+    for mult in ([1] if quick else [1, 4, 16]):
+        out.append(Cell(f"wanda50-retrain-{mult}x", w50, retrain=("--from", "pruned", "--epochs", str(mult)), group="retrain", **size))
+    if quick:
+        return out
+    for window in ("matrix", "submodule", "blocks:3", "blocks:10"):
+        out.append(Cell(f"wanda50-{window.replace(':', '')}", w50, ("--window", window), group="granularity"))
+    for pattern in (None, "2:4"):
+        for crit in CRITERIA:
+            tag = f"{crit}-{'2of4' if pattern else '50'}"
+            out.append(Cell(tag, prune_args(crit, pattern), group="criterion"))
+            out.append(Cell(f"{tag}-block", prune_args(crit, pattern), BLOCK, group="criterion"))
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> str:
+    def get(name):
+        return recs.get(name)
+
+    lines = [f"# Results: the paper's findings on SmolLM2-135M{' (quick subset)' if quick else ''}", "",
+             f"Written by `{command}` on {machine()['date']} ({machine()['cpu_cores']} CPU cores, {machine()['platform']}; "
+             f"torch {machine()['torch']}, transformers {machine()['transformers']}). Every number below comes from this run; "
+             "per-cell records are in `bench/out/paper.json`.", "",
+             f"Perplexity on {eval_windows} x 512 tokens of held-out WikiText (articles 32-62, `heldout.txt`) and of Tiny Shakespeare "
+             "(out of domain). Calibration: 128 x 512 tokens of `calib.txt`" + (" (quick: 32 x 256)" if quick else "") + ".", ""]
+    dense = next((r["dense"] for r in recs.values() if "dense" in r), None)
+    if dense:
+        lines += [f"Dense model: WikiText {dense['wikitext']:.2f}, Tiny Shakespeare {dense['shakespeare']:.2f}.", ""]
+    # headline with seeds
+    lines += ["## Headline (mean ± std over seeds; the seed sets the calibration windows and the data order)", ""]
+    rows = []
+    for label, stem in (("Wanda 50%, no adaptation", "wanda50-s"), ("Wanda 50% + block reconstruction", "wanda50-block-s"),
+                        ("magnitude 50% + block reconstruction", "magnitude50-block-s")):
+        rs = [r for n, r in recs.items() if n.startswith(stem) and n[len(stem):].isdigit()]
+        if rs:
+            rows.append([label, len(rs), mean_std([r["wikitext"] for r in rs]), mean_std([r["shakespeare"] for r in rs])])
+    lines += [markdown_table(["model", "seeds", "WikiText ppl", "Shakespeare ppl"], rows), ""]
+    # experiment 1
+    lines += ["## 1. Local reconstruction vs. global retraining (Wanda 50%)", ""]
+    rows = []
+    for label, name in (("no adaptation", "wanda50-s0"), ("block reconstruction", "wanda50-block-s0"), ("retraining 1x", "wanda50-retrain-1x"),
+                        ("retraining 4x", "wanda50-retrain-4x"), ("retraining 16x", "wanda50-retrain-16x")):
+        r = get(name)
+        if r:
+            tokens = r.get("retrain_tokens") or (r["calib_tokens"] if r.get("recon_seconds") else 0)
+            secs = r.get("recon_seconds") or r.get("retrain_seconds") or 0
+            mem = r.get("recon_peak_mib") or r.get("retrain_peak_mib")
+            rows.append([label, f"{r['wikitext']:.2f}", f"{r['shakespeare']:.2f}", tokens, f"{secs:.0f}", f"{mem:.0f}" if mem else "-"])
+    lines += [markdown_table(["adaptation", "WikiText ppl", "Shakespeare ppl", "training tokens", "seconds", "peak RSS MiB"], rows), ""]
+    # experiment 2
+    rows = []
+    for label, name in (("matrix", "wanda50-matrix"), ("submodule", "wanda50-submodule"), ("block", "wanda50-block-s0"),
+                        ("blocks:3", "wanda50-blocks3"), ("blocks:10", "wanda50-blocks10")):
+        r = get(name)
+        if r:
+            rows.append([label, f"{r['wikitext']:.2f}", f"{r['shakespeare']:.2f}", f"{r['recon_seconds']:.0f}", f"{r['recon_peak_mib']:.0f}"])
+    if rows:
+        lines += ["## 2. Granularity (Wanda 50%)", "", markdown_table(["window", "WikiText ppl", "Shakespeare ppl", "seconds", "peak RSS MiB"], rows), ""]
+    # experiment 3
+    rows = []
+    for pattern, tag in (("50% unstructured", "50"), ("2:4", "2of4")):
+        for crit in CRITERIA:
+            a, b = get(f"{crit}-{tag}"), get(f"{crit}-{tag}-block")
+            if a or b:
+                rows.append([crit, pattern, f"{a['wikitext']:.2f}" if a else "-", f"{b['wikitext']:.2f}" if b else "-",
+                             f"{a['shakespeare']:.2f}" if a else "-", f"{b['shakespeare']:.2f}" if b else "-"])
+    if rows:
+        lines += ["## 3. Criterion, without and with block reconstruction", "",
+                  markdown_table(["criterion", "pattern", "WikiText (pruned)", "WikiText (+ block)", "Shakespeare (pruned)", "Shakespeare (+ block)"], rows), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--root", default=None)
+    a = ap.parse_args()
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(a.root) if a.root else ROOT / "runs" / ("bench-quick" if a.quick else "bench")
+    runner = Runner(root, out / ("paper-quick.jsonl" if a.quick else "paper.jsonl"), eval_windows=10 if a.quick else 40)
+    for cell in cells(a.quick):
+        runner.run(cell)
+    command = "python bench/paper.py" + (" --quick" if a.quick else "")
+    text = write_results(runner.done, a.quick, command, runner.eval_windows)
+    target = out / "RESULTS-quick.md" if a.quick else ROOT / "bench" / "RESULTS.md"
+    target.write_text(text + "\n")
+    write_json(out / ("paper-quick.json" if a.quick else "paper.json"), {"machine": machine(), "command": command, "cells": runner.done})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
