@@ -124,7 +124,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
                 masked_step(loss, opt, sched, params, cfg.grad_clip, "retraining", step)
                 step += 1
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.advance()
                 checkpoint("retrain.step")
                 if step % cfg.save_every == 0 and step < total:

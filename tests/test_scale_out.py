@@ -36,7 +36,7 @@ def clone(work, dst):
     return WorkDir(dst)
 
 
-ARGS = ["--window", "submodule", "--lr", "1e-3", "--epochs", "6", "--device", "cpu", "--keep-cache", "--quiet"]
+ARGS = ["--window", "submodule", "--lr", "1e-3", "--epochs", "3", "--device", "cpu", "--keep-cache", "--quiet"]
 
 
 def worker(work, *extra, env=None):
