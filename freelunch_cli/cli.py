@@ -146,7 +146,7 @@ def reconstruct(
     peft: str = typer.Option("full", help="full, bias-norm, lora or masked-lora."),
     lora_rank: int = typer.Option(16, help="LoRA rank."),
     lora_alpha: float = typer.Option(32.0, help="LoRA alpha (update scaled by alpha / rank)."),
-    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (linear decay to 0)."),
+    lr: float = typer.Option(1e-3, help="Peak AdamW learning rate (linear decay to 0)."),
     epochs: int = typer.Option(1, help="Passes over the calibration windows."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per window (overrides --epochs)."),
     batch_size: int = typer.Option(4, help="Samples per step."),

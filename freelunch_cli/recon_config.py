@@ -19,7 +19,7 @@ class ReconstructConfig:
     peft: str = "full"
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lr: float = 1e-4
+    lr: float = 1e-3  # chosen by bench/sweep.py --group defaults (see the README)
     epochs: int = 1
     steps: int | None = None
     batch_size: int = 4
