@@ -244,7 +244,8 @@ class WorkDir:
     def check_signature(self, name: str, signature: dict, force: bool) -> StageState | None:
         """Refuse to mix runs: a stage recorded with another signature needs ``force``."""
         old = self.stage(name) if self.exists() else None
-        if old is not None and not force and old.signature != signature:
+        # Keys missing on either side count as None: options added later keep older work directories valid.
+        if old is not None and not force and _differences(old.signature, signature):
             diff = "; ".join(_differences(old.signature, signature))
             what = "another run" if name == "calibrate" else f"another {name} configuration"
             raise FreelunchError(
