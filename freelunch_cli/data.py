@@ -28,7 +28,11 @@ class TextSource:
         """Short name for file names and tables."""
         if self.label:
             return self.label
-        base = self.path.stem if self.path is not None else self.spec.replace("/", "_")
+        generic = {"input", "data", "text", "train", "test", "valid", "validation"}
+        if self.path is not None:
+            base = self.path.parent.name if self.path.stem.lower() in generic and self.path.parent.name else self.path.stem
+        else:
+            base = self.spec.replace("/", "_")
         if self.path is None and self.config:
             base += f"-{self.config}"
         if self.path is None:
