@@ -157,6 +157,7 @@ def reconstruct(
     grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
     val_fraction: float = typer.Option(0.0, help="Calibration samples held out for a validation loss."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the parameters with the lowest validation loss."),
+    loss_samples: int = typer.Option(32, help="Training samples the reported loss before/after is measured on (0: all)."),
     seed: int = typer.Option(0, help="Seed of the data order, validation split and adapters."),
     keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep activation files no unfinished window needs."),
     shard: Optional[str] = typer.Option(None, help="Take share I of N windows (I/N); default from torchrun or a Slurm array."),
@@ -180,7 +181,7 @@ def reconstruct(
         return
     cfg = ReconstructConfig(window=window, inputs=inputs, peft=peft, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr,
                             epochs=epochs, steps=steps, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
-                            loss=loss, kl_weight=kl_weight, grad_clip=grad_clip, val_fraction=val_fraction, keep_best=keep_best, seed=seed,
+                            loss=loss, kl_weight=kl_weight, grad_clip=grad_clip, val_fraction=val_fraction, keep_best=keep_best, loss_samples=loss_samples or None, seed=seed,
                             keep_cache=keep_cache, shard=shard, stale_after=stale_after, max_memory=max_memory,
                             prepare=prepare, device=device, dtype=dtype)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)

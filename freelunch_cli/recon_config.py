@@ -30,6 +30,7 @@ class ReconstructConfig:
     grad_clip: float | None = None
     val_fraction: float = 0.0
     keep_best: bool = False
+    loss_samples: int | None = 32  # samples the reported loss before/after is measured on (None: all)
     seed: int = 0
     keep_cache: bool = False
     shard: str | None = None  # "I/N"; default from torchrun or a Slurm array
@@ -42,7 +43,7 @@ class ReconstructConfig:
     def train_config(self, window_index: int) -> TrainConfig:
         # Each window gets its own seed so windows are independent and a resumed run matches.
         return TrainConfig(self.lr, self.epochs, self.batch_size, self.seed * 100_003 + window_index, self.weight_decay,
-                           self.loss, self.steps, self.warmup, self.grad_clip, self.keep_best)
+                           self.loss, self.steps, self.warmup, self.grad_clip, self.keep_best, self.loss_samples)
 
     def peft_config(self, window_index: int) -> PeftConfig:
         return PeftConfig(self.peft, self.lora_rank, self.lora_alpha, self.seed * 100_003 + window_index)
@@ -65,6 +66,6 @@ class ReconstructConfig:
 
     def signature(self) -> dict:
         sig = asdict(self)
-        for k in ("device", "keep_cache", "shard", "stale_after", "max_memory", "prepare"):
+        for k in ("device", "keep_cache", "shard", "stale_after", "max_memory", "prepare", "loss_samples"):
             sig.pop(k)
         return sig
