@@ -51,23 +51,59 @@ def describe(work: WorkDir, stage: str) -> str:
     return " ".join(parts)
 
 
+def short_labels(runs: list[Path]) -> list[str]:
+    """Run names without the prefix and suffix they all share (at a `-`, `_` or `.`), so tables and plots stay narrow.
+
+    `c128-wanda--lr1e-3` and `c128-wanda--lr1e-4` become `lr1e-3` and `lr1e-4`; a single run keeps its name.
+    """
+    names = [Path(r).resolve().name for r in runs]
+    if len(set(names)) < 2:
+        return names
+
+    def cut(strings: list[str]) -> int:
+        n = 0
+        for chars in zip(*strings):
+            if len(set(chars)) > 1:
+                break
+            n += 1
+        while n and strings[0][n - 1] not in "-_.":
+            n -= 1  # back to a separator, so no label starts mid-word
+        return n
+
+    head = cut(names)
+    names = [n[head:] for n in names]
+    tail = cut([n[::-1] for n in names])
+    names = [n[: len(n) - tail] if tail else n for n in names]
+    return [n.strip("-_.") or Path(r).resolve().name for n, r in zip(names, runs)]
+
+
 def compare(runs: list[Path]) -> dict:
-    """Rows: the dense baseline (once per distinct dense model), then each run's pruned and reconstructed models."""
+    """Rows: the dense baseline (once per distinct dense model), then each run's pruned and reconstructed models.
+
+    A pruned model shared by several runs (the same prune run, e.g. work directories cloned after pruning)
+    is listed once, under the first run that has it.
+    """
     if not runs:
         raise FreelunchError("--compare needs at least one work directory")
-    rows, seen_dense = [], set()
-    for root in runs:
+    rows, seen_dense, seen_pruned = [], set(), set()
+    for root, label in zip(runs, short_labels(runs)):
         work = WorkDir(root)
         if not work.exists():
             raise FreelunchError(f"{root} is not a freelunch work directory (no manifest.json)")
         cal = work.stage("calibrate")
         if cal is not None and cal.run_id not in seen_dense and stage_results(work, "dense"):
             seen_dense.add(cal.run_id)
-            rows.insert(len(seen_dense) - 1, {"run": str(root), "model": "dense", "what": "dense", "metrics": stage_results(work, "dense")})
+            rows.insert(len(seen_dense) - 1, {"run": str(root), "label": label, "model": "dense", "what": "dense",
+                                              "metrics": stage_results(work, "dense")})
         for stage in ("pruned", "reconstructed", "retrained"):
             m = stage_results(work, stage)
+            if stage == "pruned" and m:
+                pr = work.stage("prune")
+                if pr.run_id in seen_pruned:
+                    continue
+                seen_pruned.add(pr.run_id)
             if m:
-                rows.append({"run": str(root), "model": stage, "what": describe(work, stage), "metrics": m})
+                rows.append({"run": str(root), "label": label, "model": stage, "what": describe(work, stage), "metrics": m})
     if not rows:
         raise FreelunchError("no evaluation results in these runs: run `freelunch eval` on them first")
     columns = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (not k.startswith("ppl"), k))
@@ -80,7 +116,7 @@ def to_markdown(table: dict) -> str:
     for r in table["rows"]:
         cells = [f"{r['metrics'][c]:.3f}" if c.startswith("ppl") and c in r["metrics"] else
                  f"{r['metrics'][c]:.4f}" if c in r["metrics"] else "-" for c in cols]
-        lines.append(f"| {Path(r['run']).name} | {r['what']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['label']} | {r['what']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +134,7 @@ def report(runs: list[Path], out: Path, plot: bool, rep) -> dict:
     md, js = write_comparison(table, out)
     cols = table["columns"]
     rep.table("comparison", ["run", "model", *cols],
-              [[Path(r["run"]).name, r["what"], *[f"{r['metrics'][c]:.4g}" if c in r["metrics"] else "-" for c in cols]] for r in table["rows"]])
+              [[r["label"], r["what"], *[f"{r['metrics'][c]:.4g}" if c in r["metrics"] else "-" for c in cols]] for r in table["rows"]])
     files = [str(md), str(js)]
     if plot:
         from freelunch_cli.plots import perplexity_bars, window_losses

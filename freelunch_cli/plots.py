@@ -24,14 +24,16 @@ def window_losses(runs: list[Path], out: Path) -> Path | None:
     """Loss before and after reconstruction of every window, one panel per run (log scale)."""
     plt = _pyplot()
     data = []
-    for root in runs:
+    from freelunch_cli.compare import short_labels
+
+    for root, label in zip(runs, short_labels(runs)):
         work = WorkDir(root)
         st = work.stage("reconstruct")
         if st is None or st.status != "done":
             continue
         recs = [read_json(p) for p in sorted((work.root / "windows").glob("[0-9][0-9][0-9].json"))]
         if recs:
-            data.append((Path(root).name, st.summary.get("window"), recs))
+            data.append((label, st.summary.get("window"), recs))
     if not data:
         return None
     fig, axes = plt.subplots(len(data), 1, figsize=(9, 3.2 * len(data)), squeeze=False)
@@ -53,24 +55,36 @@ def window_losses(runs: list[Path], out: Path) -> Path | None:
 
 
 def perplexity_bars(table: dict, out: Path) -> Path | None:
-    """One bar per model and perplexity metric (log scale), dense baseline first."""
+    """Horizontal bars, one panel per perplexity metric stacked vertically, dense baseline on top.
+
+    Labels are the runs' short names; the axis turns logarithmic only when values span more than 20x
+    (random pruning), so ordinary comparisons read on a linear scale with the dense value as a dashed line.
+    """
     plt = _pyplot()
     cols = [c for c in table["columns"] if c.startswith("ppl")]
     if not cols:
         return None
-    rows = table["rows"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(max(6, 1.2 * len(rows) + 3) * len(cols), 4.5), squeeze=False)
     colors = {"dense": "tab:blue", "pruned": "tab:red", "reconstructed": "tab:green", "retrained": "tab:purple"}
-    for ax, col in zip(axes[0], cols):
-        vals = [(f"{Path(r['run']).name}\n{r['model']}", r["metrics"].get(col), colors[r["model"]]) for r in rows if col in r["metrics"]]
-        bars = ax.bar(range(len(vals)), [v[1] for v in vals], color=[v[2] for v in vals])
-        for b, v in zip(bars, vals):
-            ax.annotate(f"{v[1]:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(vals)), [v[0] for v in vals], rotation=30, ha="right", fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("perplexity (lower is better)")
-        ax.set_title(col)
-        ax.grid(True, axis="y", which="both", alpha=0.3)
+    panels = [(col, [(f"{r.get('label', Path(r['run']).name)} · {r['model']}" if r["model"] != "dense" else "dense",
+                      r["metrics"][col], colors[r["model"]]) for r in table["rows"] if col in r["metrics"]]) for col in cols]
+    heights = [0.8 + 0.35 * len(vals) for _, vals in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights) + 0.4), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (col, vals) in zip(axes[:, 0], panels):
+        y = list(range(len(vals)))[::-1]
+        ax.barh(y, [v[1] for v in vals], color=[v[2] for v in vals], height=0.7)
+        ax.set_yticks(y, [v[0] for v in vals], fontsize=9)
+        top = max(v[1] for v in vals)
+        if top / min(v[1] for v in vals) > 20:
+            ax.set_xscale("log")
+        for yy, v in zip(y, vals):
+            ax.annotate(f" {v[1]:.4g}", (v[1], yy), va="center", fontsize=8)
+        ax.set_xlim(right=top * (3 if ax.get_xscale() == "log" else 1.12))
+        dense = [v[1] for v in vals if v[0] == "dense"]
+        if dense:
+            ax.axvline(dense[0], color="tab:blue", linestyle="--", linewidth=1)
+        ax.set_title(f"{col} (lower is better)", fontsize=10)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
     fig.tight_layout()
     path = out / "perplexity.png"
     fig.savefig(path, dpi=120)

@@ -1,13 +1,14 @@
 """Evaluation: the WikiText protocol, lm-eval zero-shot offline, comparisons and plots."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import SEQLEN
-from freelunch_cli.compare import compare, report
+from freelunch_cli.compare import compare, report, short_labels
 from freelunch_cli.console import Reporter
 from freelunch_cli.data import read_text, resolve_text
 from freelunch_cli.errors import FreelunchError
@@ -91,6 +92,14 @@ def test_materialized_model_equals_the_streamed_one(fresh_work):
         torch.testing.assert_close(materialize(work, "pruned", "cpu", torch.float32)(ids).logits, streamed_logits(work, "pruned", ids), atol=1e-5, rtol=1e-5)
 
 
+def test_short_labels_drop_what_all_runs_share():
+    runs = [Path("/x/c128-wanda-0.5--lr1e-3"), Path("/x/c128-wanda-0.5--lr1e-4"), Path("/x/c128-wanda-0.5--retrain-1x")]
+    assert short_labels(runs) == ["lr1e-3", "lr1e-4", "retrain-1x"]
+    assert short_labels([Path("/a/run-7b.w"), Path("/a/run-13b.w")]) == ["7b", "13b"]
+    assert short_labels([Path("/a/same")]) == ["same"]
+    assert short_labels([Path("/a/abc"), Path("/a/abd")]) == ["abc", "abd"]  # no cut mid-word
+
+
 def test_compare_and_plots(fresh_work, tmp_path):
     a, b = fresh_work("llama"), fresh_work("llama")
     ev = EvalConfig(ppl=[str(HELDOUT)], seqlen=SEQLEN, limit_windows=4, device="cpu")
@@ -98,10 +107,13 @@ def test_compare_and_plots(fresh_work, tmp_path):
         evaluate(work, EvalConfig(**{**ev.__dict__, "stage": "dense"}))
         prune(work, PruneConfig(criterion=crit, device="cpu"))
         evaluate(work, ev)
+    shutil.copytree(a.root, tmp_path / "run-wanda-copy")  # shares a's pruned model (same prune run)
     reconstruct(a, ReconstructConfig(lr=1e-3, device="cpu"))
     evaluate(a, ev)
     table = compare([a.root, b.root])
     assert [r["model"] for r in table["rows"]] == ["dense", "pruned", "reconstructed", "pruned"]  # one dense baseline, first
+    shared = compare([a.root, tmp_path / "run-wanda-copy"])
+    assert [r["model"] for r in shared["rows"]] == ["dense", "pruned", "reconstructed"]  # the shared pruned model once
     assert table["columns"] == [f"ppl heldout L{SEQLEN}"]
     assert "wanda" in table["rows"][1]["what"] and "block reconstruction" in table["rows"][2]["what"]
     out = tmp_path / "report"
