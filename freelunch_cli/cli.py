@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -11,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from freelunch_cli import __version__
-from freelunch_cli.errors import FreelunchError
+from freelunch_cli.errors import FreelunchError, Terminated
 
 app = typer.Typer(
     name="freelunch",
@@ -37,9 +38,10 @@ def _run(fn, *args, **kwargs):
     except FreelunchError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished windows/blocks are saved; rerun the same command with --resume to continue", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        why = "terminated" if isinstance(e, Terminated) else "interrupted"
+        typer.echo(f"{why}: finished windows/blocks are saved; rerun the same command with --resume to continue", err=True)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     except OSError as e:
         if os.environ.get("FREELUNCH_DEBUG"):
             raise
@@ -284,7 +286,12 @@ def export(
     _run(run, WorkDir(work), out, stage, dtype, max_shard_size, force, _reporter(quiet, json_out), resume=resume)
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main():
+    signal.signal(signal.SIGTERM, _on_sigterm)  # a batch job's time limit stops as cleanly as Ctrl-C
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
@@ -292,9 +299,9 @@ def main():
     hf_logging.disable_progress_bar()  # our own progress bars only
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        typer.echo("terminated" if isinstance(e, Terminated) else "interrupted", err=True)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 if __name__ == "__main__":

@@ -10,3 +10,7 @@ class FreelunchError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit, `kill`, `scancel`): stop like Ctrl-C, exit 143."""

@@ -2,7 +2,7 @@
 
 ``FREELUNCH_KILL_AT=reconstruct.window:2`` sends SIGKILL to this process the 2nd time the point
 ``reconstruct.window`` is reached (after that unit of work was written); ``...:2:INT`` sends SIGINT
-(Ctrl-C) instead. Unset in normal use.
+(Ctrl-C) instead, ``...:2:TERM`` SIGTERM (a batch system's time limit). Unset in normal use.
 """
 
 from __future__ import annotations
@@ -23,4 +23,4 @@ def checkpoint(point: str) -> None:
     nth, _, sig = rest.partition(":")
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGINT if sig == "INT" else signal.SIGKILL)
+        os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig, signal.SIGKILL))

@@ -1,6 +1,7 @@
 """Kills, Ctrl-C, damaged files and concurrent runs never lose work or give a different model."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from freelunch_cli.errors import FreelunchError
 from freelunch_cli.export import export
 from freelunch_cli.prune import PruneConfig, prune
 from freelunch_cli.reconstruct import ReconstructConfig, reconstruct
-from freelunch_cli.storage import load_tensors
+from freelunch_cli.storage import load_tensors, read_json
 from freelunch_cli.workdir import WorkDir, stage_lock
 from tiny import CALIB
 
@@ -21,7 +22,9 @@ from tiny import CALIB
 def cli(*args, kill_at=None):
     env = {**os.environ, "FREELUNCH_KILL_AT": kill_at} if kill_at else dict(os.environ)
     env.pop("FREELUNCH_KILL_AT", None) if not kill_at else None
-    return subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--quiet"], capture_output=True, text=True, env=env)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps that: restore the default
+    return subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--quiet"], capture_output=True, text=True, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def same_files(a, b):
@@ -63,13 +66,15 @@ def test_sigkill_at_every_stage_then_resume_gives_the_same_model(tiny_models, tm
     same_files(tmp_path / "ref-hf", tmp_path / "hf")
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(fresh_work):
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(sig, code, fresh_work):
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", device="cpu"))
     args = ["reconstruct", "--work", str(work.root), "--device", "cpu"]
-    stopped = cli(*args, kill_at="reconstruct.window:1:INT")
-    assert stopped.returncode == 130
+    stopped = cli(*args, kill_at=f"reconstruct.window:1:{sig}")
+    assert stopped.returncode == code, stopped.stderr
     assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert read_json(work.window_record_path(0))["status"] == "done" and not work.window_record_path(1).exists()
     assert work.stage("reconstruct").status == "running"
     assert cli(*args, "--resume").returncode == 0
     assert work.stage("reconstruct").status == "done"
