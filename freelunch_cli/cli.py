@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from freelunch_cli import __version__
-from freelunch_cli.errors import FreelunchError, Terminated
+from freelunch_cli.errors import FreelunchError, Terminated, stop_reason
 
 app = typer.Typer(
     name="freelunch",
@@ -39,9 +39,9 @@ def _run(fn, *args, **kwargs):
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt as e:
-        why = "terminated" if isinstance(e, Terminated) else "interrupted"
+        why, code = stop_reason(e)
         typer.echo(f"{why}: finished windows/blocks are saved; rerun the same command with --resume to continue", err=True)
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+        raise typer.Exit(code) from None
     except OSError as e:
         if os.environ.get("FREELUNCH_DEBUG"):
             raise
@@ -300,8 +300,9 @@ def main():
     try:
         app()
     except KeyboardInterrupt as e:
-        typer.echo("terminated" if isinstance(e, Terminated) else "interrupted", err=True)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        why, code = stop_reason(e)
+        typer.echo(why, err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -91,19 +91,20 @@ def compare(runs: list[Path]) -> dict:
         if not work.exists():
             raise FreelunchError(f"{root} is not a freelunch work directory (no manifest.json)")
         cal = work.stage("calibrate")
-        if cal is not None and cal.run_id not in seen_dense and stage_results(work, "dense"):
+        dense = stage_results(work, "dense") if cal is not None and cal.run_id not in seen_dense else {}
+        if dense:
             seen_dense.add(cal.run_id)
-            rows.insert(len(seen_dense) - 1, {"run": str(root), "label": label, "model": "dense", "what": "dense",
-                                              "metrics": stage_results(work, "dense")})
+            rows.insert(len(seen_dense) - 1, {"run": str(root), "label": label, "model": "dense", "what": "dense", "metrics": dense})
         for stage in ("pruned", "reconstructed", "retrained"):
             m = stage_results(work, stage)
-            if stage == "pruned" and m:
-                pr = work.stage("prune")
-                if pr.run_id in seen_pruned:
+            if not m:
+                continue
+            if stage == "pruned":
+                prune_run = work.stage("prune").run_id
+                if prune_run in seen_pruned:
                     continue
-                seen_pruned.add(pr.run_id)
-            if m:
-                rows.append({"run": str(root), "label": label, "model": stage, "what": describe(work, stage), "metrics": m})
+                seen_pruned.add(prune_run)
+            rows.append({"run": str(root), "label": label, "model": stage, "what": describe(work, stage), "metrics": m})
     if not rows:
         raise FreelunchError("no evaluation results in these runs: run `freelunch eval` on them first")
     columns = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (not k.startswith("ppl"), k))

@@ -11,6 +11,9 @@ import torch
 
 from freelunch_cli.errors import FreelunchError
 
+# File names that say nothing about the text (tinyshakespeare/input.txt): such a source is named after its folder.
+GENERIC_STEMS = {"input", "data", "text", "train", "test", "valid", "validation"}
+
 
 @dataclass(frozen=True)
 class TextSource:
@@ -28,9 +31,8 @@ class TextSource:
         """Short name for file names and tables."""
         if self.label:
             return self.label
-        generic = {"input", "data", "text", "train", "test", "valid", "validation"}
         if self.path is not None:
-            base = self.path.parent.name if self.path.stem.lower() in generic and self.path.parent.name else self.path.stem
+            base = self.path.parent.name if self.path.stem.lower() in GENERIC_STEMS and self.path.parent.name else self.path.stem
         else:
             base = self.spec.replace("/", "_")
         if self.path is None and self.config:

@@ -14,3 +14,8 @@ class FreelunchError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's time limit, `kill`, `scancel`): stop like Ctrl-C, exit 143."""
+
+
+def stop_reason(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The word and exit code for a stop: SIGTERM ("terminated", 143) or Ctrl-C ("interrupted", 130)."""
+    return ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)

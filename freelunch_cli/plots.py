@@ -65,7 +65,7 @@ def perplexity_bars(table: dict, out: Path) -> Path | None:
     if not cols:
         return None
     colors = {"dense": "tab:blue", "pruned": "tab:red", "reconstructed": "tab:green", "retrained": "tab:purple"}
-    panels = [(col, [(f"{r.get('label', Path(r['run']).name)} · {r['model']}" if r["model"] != "dense" else "dense",
+    panels = [(col, [(f"{r['label']} · {r['model']}" if r["model"] != "dense" else "dense",
                       r["metrics"][col], colors[r["model"]]) for r in table["rows"] if col in r["metrics"]]) for col in cols]
     heights = [0.8 + 0.35 * len(vals) for _, vals in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights) + 0.4), squeeze=False,

@@ -245,8 +245,8 @@ class WorkDir:
         """Refuse to mix runs: a stage recorded with another signature needs ``force``."""
         old = self.stage(name) if self.exists() else None
         # Keys missing on either side count as None: options added later keep older work directories valid.
-        if old is not None and not force and _differences(old.signature, signature):
-            diff = "; ".join(_differences(old.signature, signature))
+        diff = "; ".join(_differences(old.signature, signature)) if old is not None and not force else ""
+        if diff:
             what = "another run" if name == "calibrate" else f"another {name} configuration"
             raise FreelunchError(
                 f"{self.root} holds {what} ({diff}); use a new --work, or --force to redo {name}"
