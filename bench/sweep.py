@@ -45,10 +45,12 @@ GROUPS = {
         Cell("sparse-inputs", W50, block("--lr", LR, "--inputs", "sparse"), group="gap"),
         Cell("s256", W50, block("--lr", LR), samples=256, group="gap"),
         Cell("s256-retrain-1x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), samples=256, group="gap"),
-        Cell("recon+retrain", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "3e-5", "--epochs", "1"), group="gap"),
+        Cell("recon+retrain", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1"), group="gap"),
         Cell("owl", W50 + ("--owl", "0.08"), block("--lr", LR), group="gap"),
         Cell("retrain-4x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "4"), group="gap"),
         Cell("nmse", W50, block("--lr", LR, "--loss", "nmse"), group="gap"),
+        # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
+        Cell("dense-retrain-1x", W50, retrain=("--from", "dense", "--lr", "1e-4", "--epochs", "1"), group="gap"),
     ],
     "windows": [
         Cell("matrix", W50, ("--window", "matrix", "--lr", LR), group="windows"),

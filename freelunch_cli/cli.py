@@ -192,7 +192,7 @@ def reconstruct(
 @app.command()
 def retrain(
     work: Path = WorkOpt,
-    start: str = typer.Option("latest", "--from", help="Model to retrain: pruned, reconstructed, or latest."),
+    start: str = typer.Option("latest", "--from", help="Model to retrain: pruned, reconstructed, latest, or dense (a fine-tuning control, no masks)."),
     lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (linear decay to 0)."),
     epochs: int = typer.Option(1, help="Passes over the training windows."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),

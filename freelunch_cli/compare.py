@@ -37,6 +37,9 @@ def stage_results(work: WorkDir, stage: str) -> dict[str, float]:
 def describe(work: WorkDir, stage: str) -> str:
     if stage == "dense":
         return "dense"
+    ret = work.stage("retrain") if stage == "retrained" else None
+    if ret is not None and ret.summary.get("from") == "dense":
+        return f"dense + fine-tuning ({ret.summary.get('tokens')} tokens, lr {ret.summary.get('config', {}).get('lr')})"
     parts = []
     pr = work.stage("prune")
     if pr is not None:
@@ -45,9 +48,8 @@ def describe(work: WorkDir, stage: str) -> str:
     if stage in ("reconstructed", "retrained") and rc is not None and rc.status == "done":
         c = rc.summary.get("config", {})
         parts.append(f"+ {c.get('window')} reconstruction ({c.get('peft')}, lr {c.get('lr')}, {c.get('epochs')} ep)")
-    if stage == "retrained":
-        c = work.stage("retrain").summary
-        parts.append(f"+ retraining ({c.get('tokens')} tokens, lr {c.get('config', {}).get('lr')})")
+    if ret is not None:
+        parts.append(f"+ retraining ({ret.summary.get('tokens')} tokens, lr {ret.summary.get('config', {}).get('lr')})")
     return " ".join(parts)
 
 

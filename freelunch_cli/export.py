@@ -156,9 +156,10 @@ def _itemsize(st_dtype: str) -> int:
 def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
     """A short README recording where the model came from and how it was made."""
     calib = work.stage("calibrate")
-    prune = work.stage("prune") if stage != "dense" else None
-    recon = work.stage("reconstruct") if stage in ("reconstructed", "retrained") else None
     retrain = work.stage("retrain") if stage == "retrained" else None
+    from_dense = retrain is not None and retrain.summary.get("from") == "dense"
+    prune = work.stage("prune") if stage != "dense" and not from_dense else None
+    recon = work.stage("reconstruct") if stage in ("reconstructed", "retrained") else None
     if retrain is not None and retrain.summary.get("from") != "reconstructed":
         recon = None
     source = calib.signature.get("model")
@@ -184,7 +185,8 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
         lines.append("- Local reconstruction: none")
     if retrain is not None:
         c = retrain.summary["config"]
-        lines.append(f"- Global retraining: {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
+        kind = "Fine-tuning of the dense model" if from_dense else "Global retraining"
+        lines.append(f"- {kind}: {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
     evals = sorted((work.root / "eval").glob("*.json")) if (work.root / "eval").is_dir() else []
     runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
     rows = [r for r in (read_json(p) for p in evals) if r.get("key", {}).get("run") == runs.get(r.get("model"))]

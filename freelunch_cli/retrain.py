@@ -1,5 +1,7 @@
 """Global retraining, the baseline every claim is measured against: next-token training of the whole
-pruned (or reconstructed) model with its masks kept, resumable by step.
+pruned (or reconstructed) model with its masks kept, resumable by step. `--from dense` fine-tunes the dense
+model the same way (no masks): the control that tells how much of retraining's gain is a fit to the
+calibration domain rather than recovery from pruning.
 
 The whole model is trained at once (this is what local reconstruction avoids): its memory is the full model
 with gradients and AdamW moments plus the activations of a batch through every block.
@@ -29,7 +31,7 @@ from freelunch_cli.zeroshot import materialize
 
 @dataclass
 class RetrainConfig:
-    start: str = "latest"  # the model to retrain: pruned, reconstructed, or the latest of the two
+    start: str = "latest"  # the model to retrain: pruned, reconstructed, the latest of the two, or dense (a control)
     lr: float = 1e-4
     epochs: int = 1
     steps: int | None = None  # overrides epochs
@@ -50,8 +52,8 @@ class RetrainConfig:
             raise FreelunchError("--lr must be positive; --epochs, --steps, --batch-size and --save-every at least 1")
         if not 0 <= self.warmup < 1:
             raise FreelunchError("--warmup is a fraction of the steps, in [0, 1)")
-        if self.start not in ("latest", "pruned", "reconstructed"):
-            raise FreelunchError("--from must be latest, pruned or reconstructed")
+        if self.start not in ("latest", "pruned", "reconstructed", "dense"):
+            raise FreelunchError("--from must be latest, pruned, reconstructed or dense")
 
 
 def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict]:
@@ -72,7 +74,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     cfg.validate()
     compute = parse_dtype(cfg.dtype)
     device = pick_device(cfg.device)
-    work.require_done("prune", "retrain")
+    work.require_done("calibrate" if cfg.start == "dense" else "prune", "retrain")
     if cfg.start == "latest":
         rc = work.stage("reconstruct")
         start = "reconstructed" if rc is not None and rc.status == "done" else "pruned"
@@ -90,8 +92,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         model = materialize(work, start, device, torch.float32)
         arch = find_arch(model, model.config)
         layers = model.get_submodule(arch.layers_path)
-        masks = {}
-        for i, block in enumerate(layers):
+        masks = {}  # none for the dense control: every weight trains
+        for i, block in enumerate(layers if start != "dense" else []):
             for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items():
                 masks[id(block.get_submodule(name).weight)] = keep
         params = MaskedParams([p for p in model.parameters()], masks)
@@ -132,7 +134,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                 "step": step, "losses": losses}, buf)
                     write_bytes_atomic(ckpt_path, buf.getvalue())
-        _save(work, model, arch, layers)
+        _save(work, model, arch, layers, start)
         ckpt_path.unlink(missing_ok=True)
         summary = {
             "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
@@ -144,12 +146,13 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     return summary
 
 
-def _save(work: WorkDir, model, arch, layers) -> None:
+def _save(work: WorkDir, model, arch, layers, start: str) -> None:
     """The retrained model as block shards plus its own embeddings/head shard, in the storage dtype."""
-    storage = next(v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point())
+    storage = next(v.dtype for v in load_tensors(work.stage_block_path(start, 0)).values() if v.is_floating_point())
     for i, block in enumerate(layers):
+        masks = load_tensors(work.mask_path(i)) if start != "dense" else {}
         for name, lin in block_linears(block).items():
-            keep = load_tensors(work.mask_path(i)).get(name)
+            keep = masks.get(name)
             if keep is not None and bool((lin.weight.detach().cpu()[~keep] != 0).any()):
                 raise RuntimeError(f"block {i} {name}: a pruned weight became nonzero during retraining")
         state = {k: v.detach().to(storage) for k, v in block.state_dict().items()}

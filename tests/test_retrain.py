@@ -50,3 +50,16 @@ def test_retrain_resumes_by_step_to_the_same_model(fresh_work, tmp_path):
     for i in range(2):
         x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_retrain_from_dense_is_an_unmasked_control(fresh_work):
+    work = fresh_work("llama")  # calibrated only: the dense control needs no pruning
+    s = retrain(work, RetrainConfig(start="dense", lr=2e-3, epochs=3, device="cpu"))
+    assert s["from"] == "dense" and s["last_loss"] < s["first_loss"]
+    for i in range(2):
+        w, d = load_tensors(work.block_path("retrained", i)), load_tensors(work.block_path("dense", i))
+        assert int((w["mlp.up_proj.weight"] == 0).sum()) == int((d["mlp.up_proj.weight"] == 0).sum())  # nothing masked
+        assert not torch.equal(w["mlp.up_proj.weight"], d["mlp.up_proj.weight"])
+    from freelunch_cli.compare import describe
+
+    assert describe(work, "retrained").startswith("dense + fine-tuning (")
