@@ -73,3 +73,20 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_section(path: Path, key: str, text: str) -> None:
+    """Replace one script's section of a shared results file (between HTML comment markers), keeping the others.
+
+    Several benchmark scripts write into bench/RESULTS.md; each owns one section, which records the command
+    and the date that produced it, so every number stays traceable to the run that wrote it.
+    """
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    old = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)

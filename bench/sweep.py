@@ -11,13 +11,12 @@ a table to bench/out/sweep.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cells import Cell, Runner  # noqa: E402
-from common import ROOT, machine, markdown_table  # noqa: E402
+from common import ROOT, machine, markdown_table, write_section  # noqa: E402
 
 W50 = ("--criterion", "wanda", "--sparsity", "0.5", "--stats", "dense")
 
@@ -47,6 +46,7 @@ GROUPS = {
         Cell("s256-retrain-1x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), samples=256, group="gap"),
         Cell("recon+retrain", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1"), group="gap"),
         Cell("owl", W50 + ("--owl", "0.08"), block("--lr", LR), group="gap"),
+        Cell("retrain-2x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "2"), group="gap"),
         Cell("retrain-4x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "4"), group="gap"),
         Cell("nmse", W50, block("--lr", LR, "--loss", "nmse"), group="gap"),
         # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
@@ -63,9 +63,55 @@ GROUPS = {
 }
 
 
+def describe(cell: dict) -> str:
+    """What a cell changes, in CLI options: pruning extras, reconstruct options, retrain options, calibration size."""
+    parts = []
+    extra = list(cell["prune"][len(W50):])
+    if extra:
+        parts.append("prune " + " ".join(extra))
+    if cell.get("recon"):
+        parts.append("reconstruct " + " ".join(cell["recon"]))
+    if cell.get("retrain"):
+        parts.append("retrain " + " ".join(cell["retrain"]))
+    if cell["samples"] != 128 or cell["seqlen"] != 512:
+        parts.append(f"calibrate --samples {cell['samples']} --seqlen {cell['seqlen']}")
+    return "; ".join(parts) or "no adaptation"
+
+
+def report(done: dict, command: str) -> str:
+    """The sweep's section of bench/RESULTS.md: every cell, with the share of the perplexity gap it recovers."""
+    base = done.get("wanda50")
+    m = machine()
+    lines = ["## Reconstruction settings and the gap to retraining (Wanda 50%, dense statistics)", "",
+             f"Written by `{command}` on {m['date']} ({m['cpu_cores']} CPU cores; torch {m['torch']}, transformers {m['transformers']}); "
+             "per-cell records in `bench/out/sweep.jsonl`. SmolLM2-135M, calibration 128 x 512 tokens of `calib.txt` unless a cell says "
+             "otherwise; perplexity on 40 x 512 tokens of `heldout.txt` (WikiText) and of Tiny Shakespeare.", ""]
+    if base:
+        d, p = base["dense"]["wikitext"], base["wikitext"]
+        lines += [f"Dense: WikiText {d:.2f}, Shakespeare {base['dense']['shakespeare']:.2f}. Wanda 50% without adaptation: "
+                  f"{p:.2f}, {base['shakespeare']:.2f}. *Gap recovered* = (pruned - ppl) / (pruned - dense) on WikiText.", ""]
+    header = ["cell", "options", "training tokens", "WikiText ppl", "gap recovered", "Shakespeare ppl", "seconds", "peak RSS MiB"]
+    for group in GROUPS:
+        rows = []
+        for rec in (r for r in done.values() if r["group"] == group):
+            recon = list(rec["cell"].get("recon") or [])
+            epochs = int(recon[recon.index("--epochs") + 1]) if "--epochs" in recon else 1
+            tokens = [str(rec["calib_tokens"] * epochs)] if rec.get("recon_seconds") else []
+            if rec.get("retrain_tokens"):
+                tokens.append(str(rec["retrain_tokens"]))
+            secs = (rec.get("recon_seconds") or 0) + (rec.get("retrain_seconds") or 0)
+            peak = max(rec.get("recon_peak_mib") or 0, rec.get("retrain_peak_mib") or 0)
+            gap = f"{(p - rec['wikitext']) / (p - d):.0%}" if base else "-"
+            rows.append([rec["name"], describe(rec["cell"]), " + ".join(tokens) or "0", f"{rec['wikitext']:.2f}", gap,
+                         f"{rec['shakespeare']:.2f}", f"{secs:.0f}" if secs else "-", f"{peak:.0f}" if peak else "-"])
+        if rows:
+            lines += [f"### {group}", "", markdown_table(header, rows), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--group", action="append", choices=sorted(GROUPS), required=True)
+    ap.add_argument("--group", action="append", choices=sorted(GROUPS), default=[])
     ap.add_argument("--only", default=None, help="comma-separated cell names")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
     a = ap.parse_args()
@@ -77,13 +123,10 @@ def main() -> None:
         for cell in GROUPS[g]:
             if only is None or cell.name in only:
                 runner.run(cell)
-    rows = []
-    for rec in runner.done.values():
-        rows.append([rec["group"], rec["name"], rec["calib_tokens"], f"{rec['wikitext']:.2f}", f"{rec['shakespeare']:.2f}",
-                     round(rec.get("recon_seconds") or rec.get("retrain_seconds") or 0), round(rec.get("recon_peak_mib") or rec.get("retrain_peak_mib") or 0)])
-    table = markdown_table(["group", "cell", "calib tokens", "wikitext ppl", "shakespeare ppl", "adapt s", "adapt peak MiB"], rows)
-    (out / "sweep.md").write_text(table + f"\n\n{json.dumps(machine())}\n")
-    print(table)
+    text = report(runner.done, "python bench/sweep.py --group defaults --group gap --group windows")
+    write_section(ROOT / "bench" / "RESULTS.md", "sweep", text)
+    (out / "sweep.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
