@@ -9,7 +9,6 @@ with gradients and AdamW moments plus the activations of a batch through every b
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from freelunch_cli.data import read_text, resolve_text, sample_windows, text_fin
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
-from freelunch_cli.storage import load_tensors, save_tensors_atomic, write_bytes_atomic
+from freelunch_cli.storage import atomic_open, load_tensors, save_tensors_atomic
 from freelunch_cli.train import MaskedParams, autocast_factory, linear_schedule, masked_step
 from freelunch_cli.workdir import STAGE_OF, WorkDir, stage_lock
 from freelunch_cli.zeroshot import materialize
@@ -130,10 +129,9 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 bar.advance()
                 checkpoint("retrain.step")
                 if step % cfg.save_every == 0 and step < total:
-                    buf = io.BytesIO()
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "step": step, "losses": losses}, buf)
-                    write_bytes_atomic(ckpt_path, buf.getvalue())
+                    with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
+                        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "step": step, "losses": losses}, f)
         _save(work, model, arch, layers, start)
         ckpt_path.unlink(missing_ok=True)
         summary = {
