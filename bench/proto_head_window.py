@@ -3,8 +3,9 @@ on cached final hidden states of the calibration windows. Does a memory-light 'h
 domain fit that global retraining gets?  Measured on the Wanda 50% + block reconstruction cell: lr 1e-4 gave 37.85 / 68.70 from 39.14 / 68.90, lr 1e-3 43.56 / 96.21, so it is not shipped. Usage: python bench/proto_head_window.py WORK STAGE lr[,lr...] [epochs]"""
 import math, sys, time, json
 import torch, torch.nn.functional as F
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import HELDOUT, SHAKESPEARE  # bench/ is this script's own folder, first on sys.path
 from freelunch_cli.workdir import WorkDir
 from freelunch_cli.zeroshot import materialize
 from freelunch_cli.storage import load_tensors
@@ -21,7 +22,7 @@ tok = AutoTokenizer.from_pretrained(work.model_dir("dense"))
 calib = load_tensors(work.tokens_path)["input_ids"]
 def windows(path):
     return split_windows(tokenize(tok, read_text(resolve_text(path))), 512, 40)
-evals = {"wikitext": windows(str(Path(__file__).resolve().parents[2] / "shared" / "data") + "/wikitext-2-raw/heldout.txt"), "shakespeare": windows(str(Path(__file__).resolve().parents[2] / "shared" / "data") + "/tinyshakespeare/input.txt")}
+evals = {"wikitext": windows(str(HELDOUT)), "shakespeare": windows(str(SHAKESPEARE))}
 
 t0 = time.time()
 # the states entering the final norm, through a hook (HF's hidden_states[-1] is after the norm)

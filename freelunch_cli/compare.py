@@ -37,15 +37,14 @@ def stage_results(work: WorkDir, stage: str) -> dict[str, float]:
 def describe(work: WorkDir, stage: str) -> str:
     if stage == "dense":
         return "dense"
-    ret = work.stage("retrain") if stage == "retrained" else None
-    if ret is not None and ret.summary.get("from") == "dense":
+    steps = work.lineage(stage)
+    pr, rc, ret = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain")
+    if ret is not None and pr is None:
         return f"dense + fine-tuning ({ret.summary.get('tokens')} tokens, lr {ret.summary.get('config', {}).get('lr')})"
     parts = []
-    pr = work.stage("prune")
     if pr is not None:
         parts.append(f"{pr.summary.get('criterion')} {pr.summary.get('pattern')}")
-    rc = work.stage("reconstruct")
-    if stage in ("reconstructed", "retrained") and rc is not None and rc.status == "done":
+    if rc is not None and rc.status == "done":
         c = rc.summary.get("config", {})
         parts.append(f"+ {c.get('window')} reconstruction ({c.get('peft')}, lr {c.get('lr')}, {c.get('epochs')} ep)")
     if ret is not None:

@@ -156,12 +156,8 @@ def _itemsize(st_dtype: str) -> int:
 def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
     """A short README recording where the model came from and how it was made."""
     calib = work.stage("calibrate")
-    retrain = work.stage("retrain") if stage == "retrained" else None
-    from_dense = retrain is not None and retrain.summary.get("from") == "dense"
-    prune = work.stage("prune") if stage != "dense" and not from_dense else None
-    recon = work.stage("reconstruct") if stage in ("reconstructed", "retrained") else None
-    if retrain is not None and retrain.summary.get("from") != "reconstructed":
-        recon = None
+    steps = work.lineage(stage)
+    prune, recon, retrain = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain")
     source = calib.signature.get("model")
     lines = [
         "---",
@@ -185,7 +181,7 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
         lines.append("- Local reconstruction: none")
     if retrain is not None:
         c = retrain.summary["config"]
-        kind = "Fine-tuning of the dense model" if from_dense else "Global retraining"
+        kind = "Fine-tuning of the dense model" if prune is None else "Global retraining"
         lines.append(f"- {kind}: {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
     evals = sorted((work.root / "eval").glob("*.json")) if (work.root / "eval").is_dir() else []
     runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}

@@ -132,7 +132,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                     with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
                         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                     "step": step, "losses": losses}, f)
-        _save(work, model, arch, layers, start)
+        _save(work, model, arch, layers, start, masks)
         ckpt_path.unlink(missing_ok=True)
         summary = {
             "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
@@ -144,14 +144,16 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     return summary
 
 
-def _save(work: WorkDir, model, arch, layers, start: str) -> None:
-    """The retrained model as block shards plus its own embeddings/head shard, in the storage dtype."""
+def _save(work: WorkDir, model, arch, layers, start: str, masks: dict) -> None:
+    """The retrained model as block shards plus its own embeddings/head shard, in the storage dtype.
+
+    ``masks`` maps a weight's id to its keep mask (as trained with); a pruned weight that is not zero is a bug.
+    """
     storage = next(v.dtype for v in load_tensors(work.stage_block_path(start, 0)).values() if v.is_floating_point())
     for i, block in enumerate(layers):
-        masks = load_tensors(work.mask_path(i)) if start != "dense" else {}
         for name, lin in block_linears(block).items():
-            keep = masks.get(name)
-            if keep is not None and bool((lin.weight.detach().cpu()[~keep] != 0).any()):
+            keep = masks.get(id(lin.weight))
+            if keep is not None and bool((lin.weight.detach()[~keep] != 0).any()):
                 raise RuntimeError(f"block {i} {name}: a pruned weight became nonzero during retraining")
         state = {k: v.detach().to(storage) for k, v in block.state_dict().items()}
         path = work.block_path("retrained", i)

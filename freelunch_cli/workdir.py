@@ -233,6 +233,19 @@ class WorkDir:
             return None
         return StageState(name, s["status"], s["signature"], s["run_id"], s.get("summary", {}))
 
+    def lineage(self, stage: str) -> dict[str, StageState]:
+        """The stages whose work the model of ``stage`` holds (prune, reconstruct, retrain; the dense model: none).
+
+        Retraining holds what it started from: `--from dense` neither pruning nor reconstruction, `--from pruned`
+        not a reconstruction that may also exist in the directory. Model cards and run descriptions read this.
+        """
+        steps = {"dense": [], "pruned": ["prune"], "reconstructed": ["prune", "reconstruct"], "retrained": []}[stage]
+        if stage == "retrained":
+            ret = self.stage("retrain")
+            start = ret.summary.get("from") if ret is not None else None
+            steps = {"pruned": ["prune"], "reconstructed": ["prune", "reconstruct"]}.get(start, []) + ["retrain"]
+        return {name: st for name in steps if (st := self.stage(name)) is not None}
+
     def require_done(self, name: str, for_what: str) -> StageState:
         s = self.stage(name)
         if s is None or s.status != "done":

@@ -63,3 +63,20 @@ def test_retrain_from_dense_is_an_unmasked_control(fresh_work):
     from freelunch_cli.compare import describe
 
     assert describe(work, "retrained").startswith("dense + fine-tuning (")
+
+
+def test_descriptions_follow_what_retraining_started_from(fresh_work):
+    from freelunch_cli.compare import describe
+    from freelunch_cli.export import model_card
+    from freelunch_cli.reconstruct import ReconstructConfig, reconstruct
+
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", device="cpu"))
+    reconstruct(work, ReconstructConfig(lr=1e-3, device="cpu"))
+    retrain(work, RetrainConfig(start="pruned", steps=1, device="cpu"))  # a reconstruction exists but is not retrained
+    assert list(work.lineage("retrained")) == ["prune", "retrain"]
+    assert "reconstruction" not in describe(work, "retrained") and "+ retraining" in describe(work, "retrained")
+    assert "- Local reconstruction: none" in model_card(work, "retrained", 0.5)
+    retrain(work, RetrainConfig(start="reconstructed", steps=1, device="cpu"), force=True)
+    assert list(work.lineage("retrained")) == ["prune", "reconstruct", "retrain"]
+    assert "block reconstruction" in describe(work, "retrained")
