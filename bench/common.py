@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -90,3 +91,10 @@ def write_section(path: Path, key: str, text: str) -> None:
     else:
         new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
     path.write_text(new)
+
+
+def mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
+    """A table cell for repeated measurements: the value alone for one run, mean ± sample std for more."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"

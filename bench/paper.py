@@ -10,27 +10,28 @@
 3. Criterion: magnitude, random, Wanda, RIA, SparseGPT at 50% and 2:4, without and with block reconstruction.
 Headline cells (Wanda 50% with and without reconstruction, magnitude 50% with) use seeds 0, 1, 2.
 Calibration: calib.txt (WikiText-2, articles 1-31); perplexity: heldout.txt (articles 32-62) and Tiny
-Shakespeare, 40 windows of 512 tokens each. All reconstruction and retraining options are the CLI defaults
-unless a cell says otherwise.
+Shakespeare, 40 windows of 512 tokens each. Reconstruction and retraining run at their CLI default learning
+rates; Wanda uses dense-model statistics (`--stats dense`), as bench/sweep.py does. A cell whose inputs equal
+one that bench/sweep.py already measured takes that record (marked `measured_as`) instead of running again.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import Cell, Runner  # noqa: E402
-from common import ROOT, machine, markdown_table, write_json, write_section  # noqa: E402
+from cells import Cell, Runner, retrain, window  # noqa: E402
+from common import ROOT, machine, markdown_table, mean_std, write_json, write_section  # noqa: E402
 
-BLOCK = ("--window", "block")
+BLOCK = window("block")
 CRITERIA = ["magnitude", "random", "wanda", "ria", "sparsegpt"]
 
 
 def prune_args(criterion: str, pattern: str | None) -> tuple[str, ...]:
-    return ("--criterion", criterion, *(("--pattern", pattern) if pattern else ("--sparsity", "0.5")))
+    stats = ("--stats", "dense") if criterion == "wanda" else ()
+    return ("--criterion", criterion, *(("--pattern", pattern) if pattern else ("--sparsity", "0.5")), *stats)
 
 
 def cells(quick: bool) -> list[Cell]:
@@ -45,11 +46,11 @@ def cells(quick: bool) -> list[Cell]:
         if not quick:  # --quick keeps to experiment 1's Wanda cells (under 15 minutes on 2 cores)
             out.append(Cell(f"magnitude50-block-s{seed}", prune_args("magnitude", None), BLOCK, seed=seed, group="headline"))
     for mult in ([1] if quick else [1, 4, 16]):
-        out.append(Cell(f"wanda50-retrain-{mult}x", w50, retrain=("--from", "pruned", "--epochs", str(mult)), group="retrain", **size))
+        out.append(Cell(f"wanda50-retrain-{mult}x", w50, retrain=retrain("pruned", mult), group="retrain", **size))
     if quick:
         return out
-    for window in ("matrix", "submodule", "blocks:3", "blocks:10"):
-        out.append(Cell(f"wanda50-{window.replace(':', '')}", w50, ("--window", window), group="granularity"))
+    for kind in ("matrix", "submodule", "blocks:3", "blocks:10"):
+        out.append(Cell(f"wanda50-{kind.replace(':', '')}", w50, window(kind), group="granularity"))
     for pattern in (None, "2:4"):
         for crit in CRITERIA:
             tag = f"{crit}-{'2of4' if pattern else '50'}"
@@ -58,20 +59,15 @@ def cells(quick: bool) -> list[Cell]:
     return out
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> str:
     def get(name):
         return recs.get(name)
 
     lines = [f"## The paper's findings on SmolLM2-135M{' (quick subset)' if quick else ''}", "",
              f"Written by `{command}` on {machine()['date']} ({machine()['cpu_cores']} CPU cores, {machine()['platform']}; "
-             f"torch {machine()['torch']}, transformers {machine()['transformers']}). Every number below comes from this run; "
-             "per-cell records are in `bench/out/paper.json`.", "",
+             f"torch {machine()['torch']}, transformers {machine()['transformers']}). Every number below comes "
+             "from a run of this script or of `bench/sweep.py` on this machine (per-cell records in `bench/out/paper.json`; a record "
+             "marked `measured_as` was taken, unchanged, from the sweep cell with the same inputs).", "",
              f"Perplexity on {eval_windows} x 512 tokens of held-out WikiText (articles 32-62, `heldout.txt`) and of Tiny Shakespeare "
              "(out of domain). Calibration: 128 x 512 tokens of `calib.txt`" + (" (quick: 32 x 256)" if quick else "") + ".", ""]
     dense = next((r["dense"] for r in recs.values() if "dense" in r), None)
@@ -130,7 +126,8 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     root = Path(a.root) if a.root else ROOT / "runs" / ("bench-quick" if a.quick else "bench")
-    runner = Runner(root, out / ("paper-quick.jsonl" if a.quick else "paper.jsonl"), eval_windows=10 if a.quick else 40)
+    runner = Runner(root, out / ("paper-quick.jsonl" if a.quick else "paper.jsonl"), eval_windows=10 if a.quick else 40,
+                    shared=() if a.quick else (out / "sweep.jsonl",))
     only = set(a.only.split(",")) if a.only else None
     for cell in cells(a.quick):
         if only is None or cell.name in only:

@@ -15,13 +15,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import Cell, Runner  # noqa: E402
-from common import ROOT, machine, markdown_table, write_section  # noqa: E402
+from cells import RECON_LR, WANDA50, Cell, Runner  # noqa: E402
+from common import ROOT, machine, markdown_table, mean_std, write_section  # noqa: E402
 
-W50 = ("--criterion", "wanda", "--sparsity", "0.5", "--stats", "dense")
-
-
-LR = "1e-3"  # the reconstruction learning rate the other groups use (the defaults group chose it)
+W50 = WANDA50
+LR = RECON_LR  # the reconstruction learning rate the other groups use (the defaults group chose it)
 
 
 def block(*extra: str) -> tuple[str, ...]:
@@ -52,6 +50,14 @@ GROUPS = {
         # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
         Cell("dense-retrain-1x", W50, retrain=("--from", "dense", "--lr", "1e-4", "--epochs", "1"), group="gap"),
     ],
+    # seeds 1 and 2 of the comparison (seed 0: wanda50, lr1e-3, retrain-1x, recon+retrain): calibration windows, masks and data order
+    "seeds": [c for seed in (1, 2) for c in (
+        Cell(f"wanda50-s{seed}", W50, seed=seed, group="seeds"),
+        Cell(f"lr1e-3-s{seed}", W50, block("--lr", LR), seed=seed, group="seeds"),
+        Cell(f"retrain-1x-s{seed}", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), seed=seed, group="seeds"),
+        Cell(f"recon+retrain-s{seed}", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1"),
+             seed=seed, after=f"lr1e-3-s{seed}", group="seeds"),
+    )],
     "windows": [
         Cell("matrix", W50, ("--window", "matrix", "--lr", LR), group="windows"),
         Cell("submodule", W50, ("--window", "submodule", "--lr", LR), group="windows"),
@@ -75,7 +81,35 @@ def describe(cell: dict) -> str:
         parts.append("retrain " + " ".join(cell["retrain"]))
     if cell["samples"] != 128 or cell["seqlen"] != 512:
         parts.append(f"calibrate --samples {cell['samples']} --seqlen {cell['seqlen']}")
+    if cell["seed"]:
+        parts.append(f"seed {cell['seed']}")
     return "; ".join(parts) or "no adaptation"
+
+
+SEEDED = (("no adaptation", "wanda50"), ("block reconstruction", "lr1e-3"), ("retraining, 1 epoch", "retrain-1x"),
+          ("reconstruction, then retraining 1 epoch", "recon+retrain"))
+
+
+def seed_summary(done: dict) -> list[str]:
+    """Mean ± std over seeds 0-2 of the comparison's cells; the gap is measured against each seed's own pruned model."""
+    dense = done["wanda50"]["dense"]["wikitext"] if "wanda50" in done else None
+    rows = []
+    for label, stem in SEEDED:
+        runs = [(s, done.get(stem if s == 0 else f"{stem}-s{s}")) for s in (0, 1, 2)]
+        runs = [(s, r) for s, r in runs if r]
+        pruned = {s: done.get("wanda50" if s == 0 else f"wanda50-s{s}") for s, _ in runs}
+        gaps = [(pruned[s]["wikitext"] - r["wikitext"]) / (pruned[s]["wikitext"] - dense) for s, r in runs if pruned[s] and dense]
+        secs = [(r.get("recon_seconds") or 0) + (r.get("retrain_seconds") or 0) for _, r in runs]
+        peak = [max(r.get("recon_peak_mib") or 0, r.get("retrain_peak_mib") or 0) for _, r in runs]
+        if runs:
+            rows.append([label, str(len(runs)), mean_std([r["wikitext"] for _, r in runs]),
+                         mean_std([100 * g for g in gaps], "{:.0f}") + "%" if gaps else "-", mean_std([r["shakespeare"] for _, r in runs]),
+                         mean_std(secs, "{:.0f}") if any(secs) else "-", f"{max(peak):.0f}" if any(peak) else "-"])
+    if len(rows) < 2:
+        return []
+    header = ["adaptation", "seeds", "WikiText ppl", "gap recovered", "Shakespeare ppl", "seconds", "peak RSS MiB (max)"]
+    return ["### Seeds (mean ± std; the seed sets the calibration windows, the masks and the data order)", "",
+            markdown_table(header, rows), ""]
 
 
 def report(done: dict, command: str) -> str:
@@ -90,6 +124,7 @@ def report(done: dict, command: str) -> str:
         d, p = base["dense"]["wikitext"], base["wikitext"]
         lines += [f"Dense: WikiText {d:.2f}, Shakespeare {base['dense']['shakespeare']:.2f}. Wanda 50% without adaptation: "
                   f"{p:.2f}, {base['shakespeare']:.2f}. *Gap recovered* = (pruned - ppl) / (pruned - dense) on WikiText.", ""]
+    lines += seed_summary(done)
     header = ["cell", "options", "training tokens", "WikiText ppl", "gap recovered", "Shakespeare ppl", "seconds", "peak RSS MiB"]
     for group in GROUPS:
         rows = []
@@ -117,7 +152,7 @@ def main() -> None:
     a = ap.parse_args()
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(Path(a.root), out / "sweep.jsonl")
+    runner = Runner(Path(a.root), out / "sweep.jsonl", shared=(out / "paper.jsonl",))
     only = set(a.only.split(",")) if a.only else None
     for g in a.group:
         for cell in GROUPS[g]:

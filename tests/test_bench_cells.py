@@ -1,0 +1,49 @@
+"""The benchmark's cell bookkeeping: a cell measured by one script is reused, not rerun, by another.
+
+Runs no stage: every cell here is either already recorded or must be refused before any stage starts.
+"""
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from cells import WANDA50, Cell, Runner, retrain, window  # noqa: E402
+from common import mean_std  # noqa: E402
+
+
+def _record(cell: Cell, wikitext: float) -> dict:
+    return {"name": cell.name, "group": cell.group, "cell": asdict(cell), "wikitext": wikitext, "shakespeare": 2 * wikitext}
+
+
+def test_equal_inputs_reuse_the_other_scripts_record(tmp_path, monkeypatch):
+    measured = Cell("lr1e-3", WANDA50, ("--window", "block", "--lr", "1e-3"), group="defaults")
+    shared = tmp_path / "sweep.jsonl"
+    shared.write_text(json.dumps(_record(measured, 39.0)) + "\n")
+    import cells
+
+    def no_stage(*args, **kw):
+        raise AssertionError(f"a stage ran: {args}")
+
+    monkeypatch.setattr(cells, "run_stage", no_stage)
+    runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl", shared=(shared,))
+    # spelled through the shared helpers, the paper's block cell has the sweep cell's inputs
+    rec = runner.run(Cell("wanda50-block-s0", WANDA50, window("block"), group="headline"))
+    assert rec["wikitext"] == 39.0 and rec["name"] == "wanda50-block-s0" and rec["measured_as"] == "sweep.jsonl:lr1e-3"
+    lines = [json.loads(x) for x in (tmp_path / "paper.jsonl").read_text().splitlines()]
+    assert [x["name"] for x in lines] == ["wanda50-block-s0"]
+    # a reopened runner finds it in its own file
+    assert Runner(tmp_path / "runs", tmp_path / "paper.jsonl").run(Cell("wanda50-block-s0", WANDA50, window("block")))["wikitext"] == 39.0
+    # any other input (here the seed, or retraining on top) is a different cell: it would run stages
+    for other in (Cell("s1", WANDA50, window("block"), seed=1), Cell("rr", WANDA50, window("block"), retrain("reconstructed"))):
+        with pytest.raises(AssertionError, match="a stage ran"):
+            runner.run(other)
+
+
+def test_mean_std_is_the_sample_statistics():
+    assert mean_std([39.14]) == "39.14"
+    assert mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"  # sample std: sqrt(((1-2)^2 + 0 + (3-2)^2) / 2)
+    assert mean_std([50.0, 54.0], "{:.0f}") == "52 ± 3"
