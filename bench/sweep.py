@@ -47,6 +47,9 @@ GROUPS = {
         Cell("retrain-2x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "2"), group="gap"),
         Cell("retrain-4x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "4"), group="gap"),
         Cell("nmse", W50, block("--lr", LR, "--loss", "nmse"), group="gap"),
+        # the same, retraining with gradient checkpointing: the memory the combination needs
+        Cell("recon+retrain-gc", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1", "--grad-checkpoint"),
+             after="lr1e-3", group="gap"),
         # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
         Cell("dense-retrain-1x", W50, retrain=("--from", "dense", "--lr", "1e-4", "--epochs", "1"), group="gap"),
     ],

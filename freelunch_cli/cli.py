@@ -205,6 +205,7 @@ def retrain(
     samples: Optional[int] = typer.Option(None, help="Windows of --data (of the calibration length)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Let --data windows overlap."),
     save_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute block activations in backward: far less memory, ~1/3 more compute."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     resume: bool = ResumeOpt,
@@ -217,7 +218,7 @@ def retrain(
     from freelunch_cli.workdir import WorkDir
 
     cfg = RetrainConfig(start, lr, epochs, steps, batch_size, warmup, weight_decay, grad_clip if grad_clip and grad_clip > 0 else None,
-                        seed, data, samples, allow_overlap, save_every, device, dtype)
+                        seed, data, samples, allow_overlap, save_every, device, dtype, grad_checkpoint=grad_checkpoint)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 

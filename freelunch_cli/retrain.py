@@ -9,11 +9,13 @@ with gradients and AdamW moments plus the activations of a batch through every b
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from freelunch_cli.arch import block_linears, find_arch
@@ -45,6 +47,7 @@ class RetrainConfig:
     save_every: int = 50  # steps between resumable checkpoints
     device: str = "auto"
     dtype: str = "float32"
+    grad_checkpoint: bool = False  # recompute each block's activations in backward: memory of one block, ~1/3 more compute
 
     def validate(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.save_every < 1:
@@ -81,7 +84,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         start = work.require_model(cfg.start)
     ids, data_sig = _training_ids(work, cfg)
     signature = {"from": start, "from_run": work.stage(STAGE_OF[start]).run_id, **data_sig, **asdict(cfg)}
-    for k in ("device", "save_every", "start"):
+    for k in ("device", "save_every", "start", "grad_checkpoint"):  # how, not what: a run may resume with other values
         signature.pop(k)
     with stage_lock(work, "retrain"):
         state = work.begin("retrain", signature, resume, force)
@@ -95,6 +98,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         for i, block in enumerate(layers if start != "dense" else []):
             for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items():
                 masks[id(block.get_submodule(name).weight)] = keep
+        if cfg.grad_checkpoint:
+            recompute_in_backward(layers)
         params = MaskedParams([p for p in model.parameters()], masks)
         for p in params.params:
             p.requires_grad_(True)
@@ -137,11 +142,23 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         summary = {
             "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
             "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-            "seconds": round(time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
+            "seconds": round(time.time() - t0, 2), "dtype": dtype_name(compute), "grad_checkpoint": cfg.grad_checkpoint, "config": asdict(cfg),
         }
         work.finish("retrain", summary)
     rep.summary(f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s", summary)
     return summary
+
+
+def recompute_in_backward(layers) -> None:
+    """Gradient checkpointing per decoder block: the forward keeps only each block's input and backward reruns the
+    block, so activation memory is one block's instead of the whole model's. Done here rather than through
+    transformers' switch, which only acts in train mode (we train in eval mode: no dropout, as in every other stage)."""
+    for block in layers:
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _save(work: WorkDir, model, arch, layers, start: str, masks: dict) -> None:

@@ -80,3 +80,24 @@ def test_descriptions_follow_what_retraining_started_from(fresh_work):
     retrain(work, RetrainConfig(start="reconstructed", steps=1, device="cpu"), force=True)
     assert list(work.lineage("retrained")) == ["prune", "reconstruct", "retrain"]
     assert "block reconstruction" in describe(work, "retrained")
+
+
+def test_grad_checkpoint_recomputes_each_block_and_trains_the_same_model(fresh_work, monkeypatch):
+    a, b = fresh_work("llama"), fresh_work("llama")
+    for w in (a, b):
+        prune(w, PruneConfig(criterion="magnitude", device="cpu"))
+    retrain(a, RetrainConfig(lr=1e-3, steps=3, device="cpu"))
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    s = retrain(b, RetrainConfig(lr=1e-3, steps=3, device="cpu", grad_checkpoint=True))
+    assert s["grad_checkpoint"] and len(calls) == 3 * 2  # every step, each of the 2 blocks
+    for i in range(2):  # recomputation changes memory, not the arithmetic
+        x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
+        assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+        assert not torch.equal(x["mlp.up_proj.weight"], load_tensors(a.block_path("pruned", i))["mlp.up_proj.weight"])
