@@ -9,6 +9,7 @@ JSON line to the results file, so an interrupted benchmark resumes where it stop
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,6 @@ class Cell:
     extra_calib: tuple[str, ...] = ()
     group: str = ""
     after: str | None = None  # a finished cell with the same calibration, pruning and reconstruct options: start from its model
-
 
     @property
     def inputs(self) -> tuple:
@@ -132,7 +132,10 @@ class Runner:
             if cell.after is not None:  # continue from that cell's reconstruction instead of repeating it
                 prior = self.done[cell.after]
                 assert (prior["cell"]["prune"], prior["cell"]["recon"], prior["cell"]["seed"]) == (list(cell.prune), list(cell.recon), cell.seed)
-                clone_work(self.root / f"{cell.prune_key}--{cell.after}", work)
+                source = self.root / f"{cell.prune_key}--{cell.after}"
+                if not source.is_dir():  # e.g. its record was taken over from another script
+                    sys.exit(f"{cell.name}: the work directory of {cell.after} is not under {self.root}; run {cell.after} here first")
+                clone_work(source, work)
                 stage = "reconstructed"
                 rec.update({k: prior.get(k) for k in ("recon_seconds", "recon_peak_mib", "window", "recon_loss_before",
                                                       "recon_loss_after", "trainable_params")})

@@ -43,6 +43,7 @@ GROUPS = {
         Cell("s256", W50, block("--lr", LR), samples=256, group="gap"),
         Cell("s256-retrain-1x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), samples=256, group="gap"),
         Cell("recon+retrain", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1"), group="gap"),
+        Cell("owl-pruned", W50 + ("--owl", "0.08"), group="gap"),
         Cell("owl", W50 + ("--owl", "0.08"), block("--lr", LR), group="gap"),
         Cell("retrain-2x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "2"), group="gap"),
         Cell("retrain-4x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "4"), group="gap"),
