@@ -48,10 +48,11 @@ class Cell:
     after: str | None = None  # a finished cell with the same calibration, pruning and reconstruct options: start from its model
 
     @property
-    def inputs(self) -> tuple:
-        """What determines a cell's numbers (everything but its name and group): equal inputs, equal record."""
-        return (list(self.prune), list(self.recon or []), list(self.retrain or []), self.samples, self.seqlen, self.seed,
-                list(self.extra_calib))
+    def inputs(self) -> str:
+        """What determines a cell's numbers (everything but its name, group and where it starts), as a key: equal
+        inputs, equal record."""
+        return repr((list(self.prune), list(self.recon or []), list(self.retrain or []), self.samples, self.seqlen, self.seed,
+                     list(self.extra_calib)))
 
     @property
     def calib_key(self) -> str:
@@ -64,8 +65,8 @@ class Cell:
 
 
 def inputs_of(cell: dict) -> str:
-    """Cell.inputs of a recorded cell (records hold the cell as a dict), as a hashable key."""
-    return repr(Cell(**{k: tuple(v) if isinstance(v, list) else v for k, v in cell.items()}).inputs)
+    """Cell.inputs of a recorded cell (records hold the cell as a dict)."""
+    return Cell(**{k: tuple(v) if isinstance(v, list) else v for k, v in cell.items()}).inputs
 
 
 @dataclass
@@ -116,8 +117,8 @@ class Runner:
     def run(self, cell: Cell) -> dict:
         if cell.name in self.done:
             return self.done[cell.name]
-        if repr(cell.inputs) in self.known:  # measured by another script: record it here under this cell's name
-            path, prior = self.known[repr(cell.inputs)]
+        if cell.inputs in self.known:  # measured by another script: record it here under this cell's name
+            path, prior = self.known[cell.inputs]
             return self.record({**prior, "name": cell.name, "group": cell.group, "cell": asdict(cell),
                                 "measured_as": f"{path.name}:{prior.get('measured_as', prior['name'])}"})
         t0 = time.time()
@@ -128,7 +129,7 @@ class Runner:
             rec.update(stage="pruned", **self.evaluate(base, "pruned"), dense=self.dense(base))
         else:
             work = self.root / f"{cell.prune_key}--{cell.name}"
-            stage = "pruned"
+            stage = "pruned" if cell.recon is None else "reconstructed"
             if cell.after is not None:  # continue from that cell's reconstruction instead of repeating it
                 prior = self.done[cell.after]
                 assert (prior["cell"]["prune"], prior["cell"]["recon"], prior["cell"]["seed"]) == (list(cell.prune), list(cell.recon), cell.seed)
@@ -136,17 +137,15 @@ class Runner:
                 if not source.is_dir():  # e.g. its record was taken over from another script
                     sys.exit(f"{cell.name}: the work directory of {cell.after} is not under {self.root}; run {cell.after} here first")
                 clone_work(source, work)
-                stage = "reconstructed"
                 rec.update({k: prior.get(k) for k in ("recon_seconds", "recon_peak_mib", "window", "recon_loss_before",
                                                       "recon_loss_after", "trainable_params")})
             else:
                 clone_work(base, work)
-            if cell.recon is not None and cell.after is None:
-                r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *cell.recon, "--seed", str(cell.seed), "--resume")
-                stage = "reconstructed"
-                rec.update(recon_seconds=r.get("seconds"), recon_peak_mib=r["_peak_rss_mib"], window=r.get("window"),
-                           recon_loss_before=r.get("loss_before"), recon_loss_after=r.get("loss_after"),
-                           trainable_params=r.get("trainable_params"))
+                if cell.recon is not None:
+                    r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *cell.recon, "--seed", str(cell.seed), "--resume")
+                    rec.update(recon_seconds=r.get("seconds"), recon_peak_mib=r["_peak_rss_mib"], window=r.get("window"),
+                               recon_loss_before=r.get("loss_before"), recon_loss_after=r.get("loss_after"),
+                               trainable_params=r.get("trainable_params"))
             if cell.retrain is not None:
                 t = run_stage("retrain", "--work", str(work), *cell.retrain, "--seed", str(cell.seed), "--resume")
                 stage = "retrained"

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import RECON_LR, WANDA50, Cell, Runner  # noqa: E402
+from cells import RECON_LR, WANDA50, Cell, Runner, retrain  # noqa: E402
 from common import ROOT, machine, markdown_table, mean_std, write_section  # noqa: E402
 
 W50 = WANDA50
@@ -37,29 +37,29 @@ GROUPS = {
         Cell("lr1e-3-ep2", W50, block("--lr", "1e-3", "--epochs", "2"), group="defaults"),
     ],
     "gap": [
-        Cell("retrain-1x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), group="gap"),
+        Cell("retrain-1x", W50, retrain=retrain("pruned"), group="gap"),
         Cell("kl", W50, block("--lr", LR, "--kl-weight", "1"), group="gap"),
         Cell("sparse-inputs", W50, block("--lr", LR, "--inputs", "sparse"), group="gap"),
         Cell("s256", W50, block("--lr", LR), samples=256, group="gap"),
-        Cell("s256-retrain-1x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), samples=256, group="gap"),
-        Cell("recon+retrain", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1"), group="gap"),
+        Cell("s256-retrain-1x", W50, retrain=retrain("pruned"), samples=256, group="gap"),
+        Cell("recon+retrain", W50, block("--lr", LR), retrain=retrain("reconstructed"), group="gap"),
         Cell("owl-pruned", W50 + ("--owl", "0.08"), group="gap"),
         Cell("owl", W50 + ("--owl", "0.08"), block("--lr", LR), group="gap"),
-        Cell("retrain-2x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "2"), group="gap"),
-        Cell("retrain-4x", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "4"), group="gap"),
+        Cell("retrain-2x", W50, retrain=retrain("pruned", 2), group="gap"),
+        Cell("retrain-4x", W50, retrain=retrain("pruned", 4), group="gap"),
         Cell("nmse", W50, block("--lr", LR, "--loss", "nmse"), group="gap"),
         # the same, retraining with gradient checkpointing: the memory the combination needs
-        Cell("recon+retrain-gc", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1", "--grad-checkpoint"),
+        Cell("recon+retrain-gc", W50, block("--lr", LR), retrain=retrain("reconstructed") + ("--grad-checkpoint",),
              after="lr1e-3", group="gap"),
         # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
-        Cell("dense-retrain-1x", W50, retrain=("--from", "dense", "--lr", "1e-4", "--epochs", "1"), group="gap"),
+        Cell("dense-retrain-1x", W50, retrain=retrain("dense"), group="gap"),
     ],
     # seeds 1 and 2 of the comparison (seed 0: wanda50, lr1e-3, retrain-1x, recon+retrain): calibration windows, masks and data order
     "seeds": [c for seed in (1, 2) for c in (
         Cell(f"wanda50-s{seed}", W50, seed=seed, group="seeds"),
         Cell(f"lr1e-3-s{seed}", W50, block("--lr", LR), seed=seed, group="seeds"),
-        Cell(f"retrain-1x-s{seed}", W50, retrain=("--from", "pruned", "--lr", "1e-4", "--epochs", "1"), seed=seed, group="seeds"),
-        Cell(f"recon+retrain-s{seed}", W50, block("--lr", LR), retrain=("--from", "reconstructed", "--lr", "1e-4", "--epochs", "1"),
+        Cell(f"retrain-1x-s{seed}", W50, retrain=retrain("pruned"), seed=seed, group="seeds"),
+        Cell(f"recon+retrain-s{seed}", W50, block("--lr", LR), retrain=retrain("reconstructed"),
              seed=seed, after=f"lr1e-3-s{seed}", group="seeds"),
     )],
     "windows": [

@@ -142,7 +142,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         summary = {
             "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
             "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-            "seconds": round(time.time() - t0, 2), "dtype": dtype_name(compute), "grad_checkpoint": cfg.grad_checkpoint, "config": asdict(cfg),
+            "seconds": round(time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
         }
         work.finish("retrain", summary)
     rep.summary(f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s", summary)

@@ -98,7 +98,7 @@ def test_grad_checkpoint_recomputes_each_block_and_trains_the_same_model(fresh_w
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
     s = retrain(b, RetrainConfig(lr=1e-3, steps=3, device="cpu", grad_checkpoint=True))
-    assert s["grad_checkpoint"] and len(calls) == 3 * 2  # every step, each of the 2 blocks
+    assert s["config"]["grad_checkpoint"] and len(calls) == 3 * 2  # every step, each of the 2 blocks
     for i in range(2):  # recomputation changes memory, not the arithmetic
         x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
         assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
