@@ -29,6 +29,11 @@ BLOCK = window("block")
 CRITERIA = ["magnitude", "random", "wanda", "ria", "sparsegpt"]
 
 
+def ppl(x: float) -> str:
+    """Perplexity for a table: two decimals, or scientific notation where a criterion destroys the model."""
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
 def prune_args(criterion: str, pattern: str | None) -> tuple[str, ...]:
     stats = ("--stats", "dense") if criterion == "wanda" else ()
     return ("--criterion", criterion, *(("--pattern", pattern) if pattern else ("--sparsity", "0.5")), *stats)
@@ -59,6 +64,33 @@ def cells(quick: bool) -> list[Cell]:
     return out
 
 
+def seeds_of(recs: dict, stem: str) -> list[dict]:
+    """The records of one cell's seed replicates (stem + seed number)."""
+    return [r for n, r in recs.items() if n.startswith(stem) and n[len(stem):].isdigit()]
+
+
+def headline(recs: dict) -> str:
+    """The table the README shows: one row per finding's key cell, with what each adaptation costs."""
+    header = ["model", "seeds", "WikiText ppl", "Shakespeare ppl", "training tokens", "seconds", "peak RSS MiB"]
+    dense = next((r["dense"] for r in recs.values() if "dense" in r), None)
+    rows = [["dense", "", f"{dense['wikitext']:.2f}", f"{dense['shakespeare']:.2f}", "-", "-", "-"]] if dense else []
+    for label, stem in (("Wanda 50%, no adaptation", "wanda50-s"), ("Wanda 50% + block reconstruction", "wanda50-block-s"),
+                        ("Wanda 50% + retraining 1x", "wanda50-retrain-1x"), ("Wanda 50% + retraining 4x", "wanda50-retrain-4x"),
+                        ("Wanda 50% + retraining 16x", "wanda50-retrain-16x"), ("magnitude 50%, no adaptation", "magnitude-50"),
+                        ("magnitude 50% + block reconstruction", "magnitude50-block-s"),
+                        ("SparseGPT 50%, no adaptation", "sparsegpt-50"), ("SparseGPT 50% + block reconstruction", "sparsegpt-50-block")):
+        rs = seeds_of(recs, stem) or ([recs[stem]] if stem in recs else [])
+        if not rs:
+            continue
+        r = rs[0]
+        tokens = r.get("retrain_tokens") or (r["calib_tokens"] if r.get("recon_seconds") else 0)
+        secs = [(x.get("recon_seconds") or 0) + (x.get("retrain_seconds") or 0) for x in rs]
+        mem = max((x.get("recon_peak_mib") or x.get("retrain_peak_mib") or 0) for x in rs)
+        rows.append([label, str(len(rs)), mean_std([x["wikitext"] for x in rs]), mean_std([x["shakespeare"] for x in rs]),
+                     f"{tokens:,}" if tokens else "0", f"{min(secs):.0f}" if any(secs) else "-", f"{mem:.0f}" if mem else "-"])
+    return markdown_table(header, rows)
+
+
 def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> str:
     def get(name):
         return recs.get(name)
@@ -73,15 +105,8 @@ def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> s
     dense = next((r["dense"] for r in recs.values() if "dense" in r), None)
     if dense:
         lines += [f"Dense model: WikiText {dense['wikitext']:.2f}, Tiny Shakespeare {dense['shakespeare']:.2f}.", ""]
-    # headline with seeds
-    lines += ["### Headline (mean ± std over seeds; the seed sets the calibration windows and the data order)", ""]
-    rows = []
-    for label, stem in (("Wanda 50%, no adaptation", "wanda50-s"), ("Wanda 50% + block reconstruction", "wanda50-block-s"),
-                        ("magnitude 50% + block reconstruction", "magnitude50-block-s")):
-        rs = [r for n, r in recs.items() if n.startswith(stem) and n[len(stem):].isdigit()]
-        if rs:
-            rows.append([label, len(rs), mean_std([r["wikitext"] for r in rs]), mean_std([r["shakespeare"] for r in rs])])
-    lines += [markdown_table(["model", "seeds", "WikiText ppl", "Shakespeare ppl"], rows), ""]
+    lines += ["### Headline (mean ± std where a cell ran with 3 seeds; the seed sets the calibration windows, the masks and the data order)", "",
+              headline(recs), ""]
     # experiment 1
     lines += ["### 1. Local reconstruction vs. global retraining (Wanda 50%)", ""]
     rows = []
@@ -103,17 +128,21 @@ def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> s
             rows.append([label, f"{r['wikitext']:.2f}", f"{r['shakespeare']:.2f}", f"{r['recon_seconds']:.0f}", f"{r['recon_peak_mib']:.0f}"])
     if rows:
         lines += ["### 2. Granularity (Wanda 50%)", "", markdown_table(["window", "WikiText ppl", "Shakespeare ppl", "seconds", "peak RSS MiB"], rows), ""]
-    # experiment 3
+    # experiment 3: finding 3 asks how far each criterion stays from the best one once reconstructed
     rows = []
     for pattern, tag in (("50% unstructured", "50"), ("2:4", "2of4")):
+        best = min((r["wikitext"] for c in CRITERIA if (r := get(f"{c}-{tag}-block"))), default=None)
         for crit in CRITERIA:
             a, b = get(f"{crit}-{tag}"), get(f"{crit}-{tag}-block")
             if a or b:
-                rows.append([crit, pattern, f"{a['wikitext']:.2f}" if a else "-", f"{b['wikitext']:.2f}" if b else "-",
-                             f"{a['shakespeare']:.2f}" if a else "-", f"{b['shakespeare']:.2f}" if b else "-"])
+                rows.append([crit, pattern, ppl(a["wikitext"]) if a else "-", ppl(b["wikitext"]) if b else "-",
+                             f"+{100 * (b['wikitext'] / best - 1):.0f}%" if b else "-",
+                             ppl(a["shakespeare"]) if a else "-", ppl(b["shakespeare"]) if b else "-"])
     if rows:
         lines += ["### 3. Criterion, without and with block reconstruction", "",
-                  markdown_table(["criterion", "pattern", "WikiText (pruned)", "WikiText (+ block)", "Shakespeare (pruned)", "Shakespeare (+ block)"], rows), ""]
+                  "*vs. best*: the reconstructed model's WikiText perplexity above the best reconstructed criterion of the same pattern.", "",
+                  markdown_table(["criterion", "pattern", "WikiText (pruned)", "WikiText (+ block)", "vs. best", "Shakespeare (pruned)",
+                                  "Shakespeare (+ block)"], rows), ""]
     return "\n".join(lines)
 
 
@@ -138,6 +167,8 @@ def main() -> None:
         (out / "RESULTS-quick.md").write_text(text + "\n")
     else:
         write_section(ROOT / "bench" / "RESULTS.md", "paper", text)
+        write_section(ROOT / "README.md", "paper-headline", f"Written by `{command}` on {machine()['date']}; all cells in `bench/RESULTS.md`.\n\n"
+                      + headline(runner.done))
     write_json(out / ("paper-quick.json" if a.quick else "paper.json"), {"machine": machine(), "command": command, "cells": runner.done})
     print(text)
 

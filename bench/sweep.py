@@ -48,6 +48,8 @@ GROUPS = {
         Cell("retrain-2x", W50, retrain=retrain("pruned", 2), group="gap"),
         Cell("retrain-4x", W50, retrain=retrain("pruned", 4), group="gap"),
         Cell("nmse", W50, block("--lr", LR, "--loss", "nmse"), group="gap"),
+        # longer sequences at equal tokens: 64 x 1024 instead of 128 x 512
+        Cell("s64x1024", W50, block("--lr", LR), samples=64, seqlen=1024, group="gap"),
         # the same, retraining with gradient checkpointing: the memory the combination needs
         Cell("recon+retrain-gc", W50, block("--lr", LR), retrain=retrain("reconstructed") + ("--grad-checkpoint",),
              after="lr1e-3", group="gap"),

@@ -47,3 +47,25 @@ def test_mean_std_is_the_sample_statistics():
     assert mean_std([39.14]) == "39.14"
     assert mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"  # sample std: sqrt(((1-2)^2 + 0 + (3-2)^2) / 2)
     assert mean_std([50.0, 54.0], "{:.0f}") == "52 ± 3"
+
+
+def test_paper_tables_average_seeds_and_compare_criteria_to_the_best():
+    import paper
+
+    recs = {f"wanda50-block-s{s}": {"wikitext": w, "shakespeare": 60.0 + s, "calib_tokens": 65536, "recon_seconds": t,
+                                    "recon_peak_mib": m}
+            for s, (w, t, m) in enumerate([(39.0, 530.0, 1100.0), (40.0, 520.0, 1150.0), (41.0, 600.0, 1120.0)])}
+    recs["wanda50-retrain-1x"] = {"wikitext": 31.5, "shakespeare": 68.0, "retrain_tokens": 65536, "retrain_seconds": 600.0,
+                                  "retrain_peak_mib": 8000.0}
+    row = next(line for line in paper.headline(recs).splitlines() if line.startswith("| Wanda 50% + block"))
+    # three seeds: mean ± sample std, the fastest seed's time, the largest peak
+    assert row == "| Wanda 50% + block reconstruction | 3 | 40.00 ± 1.00 | 61.00 ± 1.00 | 65,536 | 520 | 1150 |"
+    assert "| Wanda 50% + retraining 1x | 1 | 31.50 | 68.00 | 65,536 | 600 | 8000 |" in paper.headline(recs)
+    # experiment 3: each reconstructed criterion against the best of its pattern; a destroyed model in scientific notation
+    for crit, pruned, block in (("magnitude", 600.0, 80.0), ("random", 2.4e8, 1e5), ("sparsegpt", 45.0, 32.0)):
+        recs[f"{crit}-50"] = {"wikitext": pruned, "shakespeare": pruned}
+        recs[f"{crit}-50-block"] = {"wikitext": block, "shakespeare": block}
+    text = paper.write_results(recs, False, "python bench/paper.py", 40)
+    assert "| magnitude | 50% unstructured | 600.00 | 80.00 | +150% |" in text
+    assert "| sparsegpt | 50% unstructured | 45.00 | 32.00 | +0% |" in text
+    assert "| random | 50% unstructured | 2.4e+08 | 1.0e+05 |" in text
