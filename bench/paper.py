@@ -64,6 +64,11 @@ def cells(quick: bool) -> list[Cell]:
     return out
 
 
+def above(x: float, best: float) -> str:
+    """How far x is above best: a percentage, or a factor once it is ten times or more."""
+    return f"+{100 * (x / best - 1):.0f}%" if x < 10 * best else f"x{x / best:,.0f}"
+
+
 def seeds_of(recs: dict, stem: str) -> list[dict]:
     """The records of one cell's seed replicates (stem + seed number)."""
     return [r for n, r in recs.items() if n.startswith(stem) and n[len(stem):].isdigit()]
@@ -136,7 +141,7 @@ def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> s
             a, b = get(f"{crit}-{tag}"), get(f"{crit}-{tag}-block")
             if a or b:
                 rows.append([crit, pattern, ppl(a["wikitext"]) if a else "-", ppl(b["wikitext"]) if b else "-",
-                             f"+{100 * (b['wikitext'] / best - 1):.0f}%" if b else "-",
+                             above(b["wikitext"], best) if b else "-",
                              ppl(a["shakespeare"]) if a else "-", ppl(b["shakespeare"]) if b else "-"])
     if rows:
         lines += ["### 3. Criterion, without and with block reconstruction", "",
