@@ -22,6 +22,9 @@ from common import CALIB, HELDOUT, SHAKESPEARE, clone_work, run_stage, smollm2_g
 # with the sequential default, in 60% of the prune time), reconstruction and retraining at their CLI default lrs.
 WANDA50 = ("--criterion", "wanda", "--sparsity", "0.5", "--stats", "dense")
 RECON_LR = "1e-3"
+# Every recorded reconstruction cell that does not say otherwise trained one epoch per window, the CLI default
+# when it ran; pinning it keeps a cell's meaning fixed when the default changes (it became 2 epochs).
+RECON_EPOCHS = "1"
 
 
 def window(kind: str = "block", *extra: str) -> tuple[str, ...]:
@@ -142,7 +145,8 @@ class Runner:
             else:
                 clone_work(base, work)
                 if cell.recon is not None:
-                    r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *cell.recon, "--seed", str(cell.seed), "--resume")
+                    pinned = () if {"--epochs", "--steps"} & set(cell.recon) else ("--epochs", RECON_EPOCHS)
+                    r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *cell.recon, *pinned, "--seed", str(cell.seed), "--resume")
                     rec.update(recon_seconds=r.get("seconds"), recon_peak_mib=r["_peak_rss_mib"], window=r.get("window"),
                                recon_loss_before=r.get("loss_before"), recon_loss_after=r.get("loss_after"),
                                trainable_params=r.get("trainable_params"))

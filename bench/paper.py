@@ -11,7 +11,8 @@
 Headline cells (Wanda 50% with and without reconstruction, magnitude 50% with) use seeds 0, 1, 2.
 Calibration: calib.txt (WikiText-2, articles 1-31); perplexity: heldout.txt (articles 32-62) and Tiny
 Shakespeare, 40 windows of 512 tokens each. Reconstruction and retraining run at their CLI default learning
-rates; Wanda uses dense-model statistics (`--stats dense`), as bench/sweep.py does. A cell whose inputs equal
+rates, reconstruction for one epoch per window (the default when these cells were measured; bench/cells.py pins
+it, the CLI default is now two); Wanda uses dense-model statistics (`--stats dense`), as bench/sweep.py does. A cell whose inputs equal
 one that bench/sweep.py already measured takes that record (marked `measured_as`) instead of running again.
 """
 

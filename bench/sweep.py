@@ -35,6 +35,7 @@ GROUPS = {
         Cell("lr1e-3-bs8", W50, block("--lr", "1e-3", "--batch-size", "8"), group="defaults"),
         Cell("lr1e-3-bs1", W50, block("--lr", "5e-4", "--batch-size", "1"), group="defaults"),
         Cell("lr1e-3-ep2", W50, block("--lr", "1e-3", "--epochs", "2"), group="defaults"),
+        Cell("lr1e-3-ep2-s1", W50, block("--lr", "1e-3", "--epochs", "2"), seed=1, group="defaults"),
     ],
     "gap": [
         Cell("retrain-1x", W50, retrain=retrain("pruned"), group="gap"),

@@ -20,7 +20,7 @@ class ReconstructConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lr: float = 1e-3  # chosen by bench/sweep.py --group defaults (see the README)
-    epochs: int = 1
+    epochs: int = 2  # a second pass over the windows: better in and out of domain (bench/sweep.py, lr1e-3-ep2)
     steps: int | None = None
     batch_size: int = 4
     warmup: float = 0.0

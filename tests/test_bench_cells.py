@@ -69,3 +69,25 @@ def test_paper_tables_average_seeds_and_compare_criteria_to_the_best():
     assert "| magnitude | 50% unstructured | 600.00 | 80.00 | +150% |" in text
     assert "| sparsegpt | 50% unstructured | 45.00 | 32.00 | +0% |" in text
     assert "| random | 50% unstructured | 2.4e+08 | 1.0e+05 | x3,125 |" in text
+
+
+def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, monkeypatch):
+    import cells
+
+    calls = []
+
+    def fake_stage(name, *args, **kw):
+        calls.append((name, args))
+        return {"seconds": 1.0, "_peak_rss_mib": 1.0, "results": [{"ppl": 10.0, "tokens": 5}]}
+
+    monkeypatch.setattr(cells, "run_stage", fake_stage)
+    monkeypatch.setattr(cells, "clone_work", lambda src, dst: None)
+    monkeypatch.setattr(cells, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl")
+    runner.run(Cell("block", WANDA50, window("block")))
+    runner.run(Cell("block-ep2", WANDA50, window("block", "--epochs", "2")))
+    recon = [args for name, args in calls if name == "reconstruct"]
+    assert len(recon) == 2
+    # a cell that does not name its epochs keeps the one epoch it was measured with; one that names them is not touched
+    assert recon[0][recon[0].index("--epochs") + 1] == cells.RECON_EPOCHS == "1"
+    assert recon[1].count("--epochs") == 1 and recon[1][recon[1].index("--epochs") + 1] == "2"

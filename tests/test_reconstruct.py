@@ -37,3 +37,30 @@ def test_block_reconstruction_lowers_loss_and_keeps_zeros(arch, fresh_work):
         # trainable parameter count equals a direct count of the block's tensors
         assert rec["trainable_params"] == sum(v.numel() for v in pruned.values())
         assert rec["trainable_nonzero"] == rec["trainable_params"] - sum(int((~k).sum()) for k in masks.values())
+
+
+def test_default_is_two_passes_over_the_calibration_windows(fresh_work):
+    """The default (chosen by bench/sweep.py: two epochs beat one in and out of domain) trains twice the steps of --epochs 1."""
+    from conftest import SAMPLES
+
+    steps = {}
+    for label, cfg in (("default", ReconstructConfig(device="cpu")), ("one", ReconstructConfig(epochs=1, device="cpu"))):
+        work = fresh_work("llama")
+        prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
+        reconstruct(work, cfg)
+        steps[label] = read_json(work.window_record_path(0))["steps"]
+    per_epoch = -(-SAMPLES // ReconstructConfig().batch_size)
+    assert steps == {"default": 2 * per_epoch, "one": per_epoch}
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The CLI spells its defaults out (importing the config would load torch for --help); they must not drift."""
+    import typer.main
+
+    from freelunch_cli.cli import app
+
+    command = typer.main.get_command(app).commands["reconstruct"]
+    defaults = {p.name: p.default for p in command.params}
+    cfg = ReconstructConfig()
+    for name in ("window", "inputs", "peft", "lr", "epochs", "batch_size", "loss", "loss_samples"):
+        assert defaults[name] == getattr(cfg, name), name
