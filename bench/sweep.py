@@ -93,8 +93,9 @@ def describe(cell: dict) -> str:
     return "; ".join(parts) or "no adaptation"
 
 
-SEEDED = (("no adaptation", "wanda50"), ("block reconstruction", "lr1e-3"), ("retraining, 1 epoch", "retrain-1x"),
-          ("reconstruction, then retraining 1 epoch", "recon+retrain"))
+SEEDED = (("no adaptation", "wanda50"), ("block reconstruction, 1 epoch", "lr1e-3"),
+          ("block reconstruction, 2 epochs (the default)", "lr1e-3-ep2"), ("retraining, 1 epoch", "retrain-1x"),
+          ("reconstruction (1 epoch), then retraining 1 epoch", "recon+retrain"))
 
 
 def seed_summary(done: dict) -> list[str]:
