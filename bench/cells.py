@@ -67,6 +67,19 @@ class Cell:
         return self.calib_key + "-" + "-".join(a.strip("-").replace(":", "of").replace("/", "_") for a in self.prune)
 
 
+def training_tokens(rec: dict) -> list[int]:
+    """Tokens a recorded cell trained on, one entry per training stage (reconstruct epochs count, retrain reports its own)."""
+    recon = list((rec.get("cell") or {}).get("recon") or [])
+    epochs = int(recon[recon.index("--epochs") + 1]) if "--epochs" in recon else int(RECON_EPOCHS)
+    return ([rec["calib_tokens"] * epochs] if rec.get("recon_seconds") else []) + ([rec["retrain_tokens"]] if rec.get("retrain_tokens") else [])
+
+
+def cost(rec: dict) -> tuple[float, float]:
+    """A recorded cell's training cost: seconds of reconstruct and retrain together, and the larger of their peaks (0 if none)."""
+    return ((rec.get("recon_seconds") or 0) + (rec.get("retrain_seconds") or 0),
+            max(rec.get("recon_peak_mib") or 0, rec.get("retrain_peak_mib") or 0))
+
+
 def inputs_of(cell: dict) -> str:
     """Cell.inputs of a recorded cell (records hold the cell as a dict)."""
     return Cell(**{k: tuple(v) if isinstance(v, list) else v for k, v in cell.items()}).inputs

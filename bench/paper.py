@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import Cell, Runner, retrain, window  # noqa: E402
+from cells import Cell, Runner, cost, retrain, training_tokens, window  # noqa: E402
 from common import ROOT, machine, markdown_table, mean_std, write_json, write_section  # noqa: E402
 
 BLOCK = window("block")
@@ -88,12 +88,10 @@ def headline(recs: dict) -> str:
         rs = seeds_of(recs, stem) or ([recs[stem]] if stem in recs else [])
         if not rs:
             continue
-        r = rs[0]
-        tokens = r.get("retrain_tokens") or (r["calib_tokens"] if r.get("recon_seconds") else 0)
-        secs = [(x.get("recon_seconds") or 0) + (x.get("retrain_seconds") or 0) for x in rs]
-        mem = max((x.get("recon_peak_mib") or x.get("retrain_peak_mib") or 0) for x in rs)
+        secs, peaks = zip(*(cost(x) for x in rs))
         rows.append([label, str(len(rs)), mean_std([x["wikitext"] for x in rs]), mean_std([x["shakespeare"] for x in rs]),
-                     f"{tokens:,}" if tokens else "0", f"{min(secs):.0f}" if any(secs) else "-", f"{mem:.0f}" if mem else "-"])
+                     " + ".join(f"{t:,}" for t in training_tokens(rs[0])) or "0", f"{min(secs):.0f}" if any(secs) else "-",
+                     f"{max(peaks):.0f}" if any(peaks) else "-"])
     return markdown_table(header, rows)
 
 
@@ -120,10 +118,9 @@ def write_results(recs: dict, quick: bool, command: str, eval_windows: int) -> s
                         ("retraining 4x", "wanda50-retrain-4x"), ("retraining 16x", "wanda50-retrain-16x")):
         r = get(name)
         if r:
-            tokens = r.get("retrain_tokens") or (r["calib_tokens"] if r.get("recon_seconds") else 0)
-            secs = r.get("recon_seconds") or r.get("retrain_seconds") or 0
-            mem = r.get("recon_peak_mib") or r.get("retrain_peak_mib")
-            rows.append([label, f"{r['wikitext']:.2f}", f"{r['shakespeare']:.2f}", tokens, f"{secs:.0f}", f"{mem:.0f}" if mem else "-"])
+            secs, mem = cost(r)
+            rows.append([label, f"{r['wikitext']:.2f}", f"{r['shakespeare']:.2f}", " + ".join(map(str, training_tokens(r))) or "0",
+                         f"{secs:.0f}", f"{mem:.0f}" if mem else "-"])
     lines += [markdown_table(["adaptation", "WikiText ppl", "Shakespeare ppl", "training tokens", "seconds", "peak RSS MiB"], rows), ""]
     # experiment 2
     rows = []

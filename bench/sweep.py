@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import RECON_LR, WANDA50, Cell, Runner, retrain  # noqa: E402
+from cells import RECON_LR, WANDA50, Cell, Runner, cost, retrain, training_tokens  # noqa: E402
 from common import ROOT, machine, markdown_table, mean_std, write_section  # noqa: E402
 
 W50 = WANDA50
@@ -107,9 +107,8 @@ def seed_summary(done: dict) -> list[str]:
         runs = [(s, r) for s, r in runs if r]
         pruned = {s: done.get("wanda50" if s == 0 else f"wanda50-s{s}") for s, _ in runs}
         gaps = [(pruned[s]["wikitext"] - r["wikitext"]) / (pruned[s]["wikitext"] - dense) for s, r in runs if pruned[s] and dense]
-        secs = [(r.get("recon_seconds") or 0) + (r.get("retrain_seconds") or 0) for _, r in runs]
-        peak = [max(r.get("recon_peak_mib") or 0, r.get("retrain_peak_mib") or 0) for _, r in runs]
         if runs:
+            secs, peak = zip(*(cost(r) for _, r in runs))
             rows.append([label, str(len(runs)), mean_std([r["wikitext"] for _, r in runs]),
                          mean_std([100 * g for g in gaps], "{:.0f}") + "%" if gaps else "-", mean_std([r["shakespeare"] for _, r in runs]),
                          f"{min(secs):.0f}" if any(secs) else "-", f"{max(peak):.0f}" if any(peak) else "-"])
@@ -138,13 +137,8 @@ def report(done: dict, command: str) -> str:
     for group in GROUPS:
         rows = []
         for rec in (r for r in done.values() if r["group"] == group):
-            recon = list(rec["cell"].get("recon") or [])
-            epochs = int(recon[recon.index("--epochs") + 1]) if "--epochs" in recon else 1
-            tokens = [str(rec["calib_tokens"] * epochs)] if rec.get("recon_seconds") else []
-            if rec.get("retrain_tokens"):
-                tokens.append(str(rec["retrain_tokens"]))
-            secs = (rec.get("recon_seconds") or 0) + (rec.get("retrain_seconds") or 0)
-            peak = max(rec.get("recon_peak_mib") or 0, rec.get("retrain_peak_mib") or 0)
+            tokens = [str(t) for t in training_tokens(rec)]
+            secs, peak = cost(rec)
             gap = f"{(p - rec['wikitext']) / (p - d):.0%}" if base else "-"
             rows.append([rec["name"], describe(rec["cell"]), " + ".join(tokens) or "0", f"{rec['wikitext']:.2f}", gap,
                          f"{rec['shakespeare']:.2f}", f"{secs:.0f}" if secs else "-", f"{peak:.0f}" if peak else "-"])
