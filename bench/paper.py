@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import Cell, Runner, cost, retrain, training_tokens, window  # noqa: E402
+from cells import Cell, Runner, continued_from, cost, retrain, training_tokens, window  # noqa: E402
 from common import ROOT, machine, markdown_table, mean_std, write_json, write_section  # noqa: E402
 
 BLOCK = window("block")
@@ -154,12 +154,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--root", default=None)
     ap.add_argument("--only", default=None, help="comma-separated cell names (the others keep their recorded results)")
+    ap.add_argument("--keep-work", action="store_true", help="keep each cell's work directory (by default deleted once recorded)")
     a = ap.parse_args()
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     root = Path(a.root) if a.root else ROOT / "runs" / ("bench-quick" if a.quick else "bench")
     runner = Runner(root, out / ("paper-quick.jsonl" if a.quick else "paper.jsonl"), eval_windows=10 if a.quick else 40,
-                    shared=() if a.quick else (out / "sweep.jsonl",))
+                    shared=() if a.quick else (out / "sweep.jsonl",), keep=continued_from(cells(a.quick)), keep_work=a.keep_work)
     only = set(a.only.split(",")) if a.only else None
     for cell in cells(a.quick):
         if only is None or cell.name in only:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import RECON_LR, WANDA50, Cell, Runner, cost, retrain, training_tokens  # noqa: E402
+from cells import RECON_LR, WANDA50, Cell, Runner, continued_from, cost, retrain, training_tokens  # noqa: E402
 from common import ROOT, machine, markdown_table, mean_std, write_section  # noqa: E402
 
 W50 = WANDA50
@@ -152,10 +152,12 @@ def main() -> None:
     ap.add_argument("--group", action="append", choices=sorted(GROUPS), default=[])
     ap.add_argument("--only", default=None, help="comma-separated cell names")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--keep-work", action="store_true", help="keep each cell's work directory (by default deleted once recorded)")
     a = ap.parse_args()
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(Path(a.root), out / "sweep.jsonl", shared=(out / "paper.jsonl",))
+    runner = Runner(Path(a.root), out / "sweep.jsonl", shared=(out / "paper.jsonl",),
+                    keep=continued_from(c for cells in GROUPS.values() for c in cells), keep_work=a.keep_work)
     only = set(a.only.split(",")) if a.only else None
     for g in a.group:
         for cell in GROUPS[g]:

@@ -91,3 +91,32 @@ def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, mo
     # a cell that does not name its epochs keeps the one epoch it was measured with; one that names them is not touched
     assert recon[0][recon[0].index("--epochs") + 1] == cells.RECON_EPOCHS == "1"
     assert recon[1].count("--epochs") == 1 and recon[1][recon[1].index("--epochs") + 1] == "2"
+
+
+def test_a_recorded_cells_work_directory_is_deleted_unless_a_cell_continues_from_it(tmp_path, monkeypatch):
+    import cells
+
+    def fake_stage(name, *args, **kw):
+        return {"seconds": 1.0, "_peak_rss_mib": 1.0, "results": [{"ppl": 10.0, "tokens": 5}]}
+
+    def fake_clone(src, dst):  # a work directory with a model file in it, as the real copy makes
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "block_000.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(cells, "run_stage", fake_stage)
+    monkeypatch.setattr(cells, "clone_work", fake_clone)
+    monkeypatch.setattr(cells, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    plan = [Cell("recon", WANDA50, window("block")), Cell("recon-then-retrain", WANDA50, window("block"), retrain("reconstructed"),
+                                                          after="recon"), Cell("other", WANDA50, window("submodule"))]
+    assert cells.continued_from(plan) == {"recon"}
+    runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl", keep=cells.continued_from(plan))
+    for cell in plan:
+        runner.run(cell)
+    work = {c.name: tmp_path / "runs" / f"{c.prune_key}--{c.name}" for c in plan}
+    # the continued-from cell keeps its directory (the next cell was cloned from it); the others are deleted once recorded
+    assert work["recon"].is_dir() and not work["recon-then-retrain"].exists() and not work["other"].exists()
+    assert [json.loads(x)["name"] for x in (tmp_path / "paper.jsonl").read_text().splitlines()] == [c.name for c in plan]
+    # --keep-work keeps them all
+    kept = Runner(tmp_path / "kept", tmp_path / "kept.jsonl", keep_work=True)
+    kept.run(plan[2])
+    assert (tmp_path / "kept" / f"{plan[2].prune_key}--other" / "block_000.safetensors").exists()
