@@ -161,7 +161,7 @@ def reconstruct(
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the parameters with the lowest validation loss."),
     loss_samples: int = typer.Option(32, help="Training samples the reported loss before/after is measured on (0: all)."),
     seed: int = typer.Option(0, help="Seed of the data order, validation split and adapters."),
-    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep activation files no unfinished window needs."),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep activation files no unfinished window needs, and each window's parameters after assembly."),
     shard: Optional[str] = typer.Option(None, help="Take share I of N windows (I/N); default from torchrun or a Slurm array."),
     stale_after: float = typer.Option(300.0, help="Seconds without a heartbeat after which a claimed window is taken over."),
     max_memory: Optional[str] = typer.Option(None, help="Budget for --window auto: e.g. 40GiB, or 0.8 of the device."),

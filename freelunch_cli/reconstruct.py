@@ -21,7 +21,7 @@ from freelunch_cli.runtime import parse_dtype, pick_device
 from freelunch_cli.scheduler import Claims, detect_shard
 from freelunch_cli.skeleton import Skeleton
 from freelunch_cli.storage import read_json
-from freelunch_cli.window_runner import Reconstructor, window_done, window_params_path
+from freelunch_cli.window_runner import Reconstructor, window_done, window_index_done, window_params_path
 from freelunch_cli.windows import Window, enumerate_windows
 from freelunch_cli.workdir import Busy, WorkDir, locked_file, stage_lock
 
@@ -134,6 +134,8 @@ def finish_reconstruct(work: WorkDir, rc: Reconstructor, windows: list[Window], 
             if cfg.inputs == "sparse" and not cfg.keep_cache:
                 shutil.rmtree(work.acts_dir / "recon", ignore_errors=True)
             work.finish("reconstruct", summary)
+            if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight
+                work.forget([work.rel(window_params_path(work, w.index)) for w in windows])
             return summary
     except Busy:
         return None
@@ -189,14 +191,7 @@ def reconstruct_status(work: WorkDir, stale_after: float = 300.0) -> dict:
     claims = Claims(work.root / "windows", stale_after)
     out = {"status": st.status, "window": st.signature.get("window"), "done": [], "running": [], "stale": [], "pending": []}
     for i in range(total):
-        rec_path = work.window_record_path(i)
-        rec = None
-        if rec_path.exists():
-            try:
-                rec = read_json(rec_path)
-            except FreelunchError:
-                rec = None
-        if rec is not None and rec.get("status") == "done" and work.rel(window_params_path(work, i)) in work.manifest()["files"]:
+        if window_index_done(work, i):
             out["done"].append(i)
             continue
         cur = claims.current(i)

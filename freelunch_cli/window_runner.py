@@ -320,12 +320,22 @@ def window_params_path(work: WorkDir, index: int):
 
 
 def window_done(work: WorkDir, win: Window) -> bool:
-    """Done when its record says so and its parameter file is recorded (a damaged one was forgotten)."""
-    p = work.window_record_path(win.index)
+    return window_index_done(work, win.index)
+
+
+def window_index_done(work: WorkDir, index: int) -> bool:
+    """Done when its record says so and its parameter file is recorded (a damaged one was forgotten), or, once the
+    stage is done and the assembled blocks hold every window, when its record says so (the file was deleted)."""
+    p = work.window_record_path(index)
     if not p.exists():
         return False
     try:
         status = read_json(p).get("status")
     except FreelunchError:
         return False
-    return status == "done" and work.rel(window_params_path(work, win.index)) in work.manifest()["files"]
+    if status != "done":
+        return False
+    if work.rel(window_params_path(work, index)) in work.manifest()["files"]:
+        return True
+    st = work.stage("reconstruct")
+    return st is not None and st.status == "done"

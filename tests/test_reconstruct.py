@@ -64,3 +64,31 @@ def test_cli_defaults_are_the_library_defaults():
     cfg = ReconstructConfig()
     for name in ("window", "inputs", "peft", "lr", "epochs", "batch_size", "loss", "loss_samples"):
         assert defaults[name] == getattr(cfg, name), name
+
+
+def test_window_parameter_files_are_deleted_once_the_blocks_are_assembled(fresh_work):
+    """Each window's trained parameters are a second copy of what the assembled blocks hold: deleted after assembly
+    (half the stage's disk for a full-weight window) unless --keep-cache; the windows still count as done."""
+    from freelunch_cli.reconstruct import reconstruct_status
+    from freelunch_cli.window_runner import window_params_path
+
+    kept, dropped = fresh_work("llama"), fresh_work("llama")
+    summary = {}
+    for work, keep in ((kept, True), (dropped, False)):
+        prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
+        summary[keep] = reconstruct(work, ReconstructConfig(window="block", epochs=1, keep_cache=keep, device="cpu"))
+        assert summary[keep]["windows"] == 2
+    for i in range(2):
+        assert window_params_path(kept, i).exists()
+        assert not window_params_path(dropped, i).exists()
+        assert dropped.rel(window_params_path(dropped, i)) not in dropped.manifest()["files"]
+        # the same model either way (same seed, same data order), and nothing the stage recorded is missing
+        for name, t in load_tensors(kept.block_path("reconstructed", i)).items():
+            torch.testing.assert_close(load_tensors(dropped.block_path("reconstructed", i))[name], t)
+    assert dropped.scan_stage("reconstruct") == []
+    st = reconstruct_status(dropped)
+    assert st["status"] == "done" and st["done"] == [0, 1] and st["pending"] == []
+    # a resumed run finds the stage done and trains nothing again (the model files are not rewritten)
+    before = [dropped.block_path("reconstructed", i).stat().st_mtime_ns for i in range(2)]
+    assert reconstruct(dropped, ReconstructConfig(window="block", epochs=1, device="cpu"), resume=True) == summary[False]
+    assert [dropped.block_path("reconstructed", i).stat().st_mtime_ns for i in range(2)] == before
