@@ -36,6 +36,7 @@ GROUPS = {
         Cell("lr1e-3-bs1", W50, block("--lr", "5e-4", "--batch-size", "1"), group="defaults"),
         Cell("lr1e-3-ep2", W50, block("--lr", "1e-3", "--epochs", "2"), group="defaults"),
         Cell("lr1e-3-ep2-s1", W50, block("--lr", "1e-3", "--epochs", "2"), seed=1, group="defaults"),
+        Cell("lr1e-3-ep3", W50, block("--lr", "1e-3", "--epochs", "3"), group="defaults"),
     ],
     "gap": [
         Cell("retrain-1x", W50, retrain=retrain("pruned"), group="gap"),
@@ -54,6 +55,8 @@ GROUPS = {
         # the same, retraining with gradient checkpointing: the memory the combination needs
         Cell("recon+retrain-gc", W50, block("--lr", LR), retrain=retrain("reconstructed") + ("--grad-checkpoint",),
              after="lr1e-3", group="gap"),
+        # the combination with the 2-epoch default: retraining continues from lr1e-3-ep2's model
+        Cell("recon2+retrain", W50, block("--lr", LR, "--epochs", "2"), retrain=retrain("reconstructed"), after="lr1e-3-ep2", group="gap"),
         # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
         Cell("dense-retrain-1x", W50, retrain=retrain("dense"), group="gap"),
     ],
@@ -95,7 +98,8 @@ def describe(cell: dict) -> str:
 
 SEEDED = (("no adaptation", "wanda50"), ("block reconstruction, 1 epoch", "lr1e-3"),
           ("block reconstruction, 2 epochs (the default)", "lr1e-3-ep2"), ("retraining, 1 epoch", "retrain-1x"),
-          ("reconstruction (1 epoch), then retraining 1 epoch", "recon+retrain"))
+          ("reconstruction (1 epoch), then retraining 1 epoch", "recon+retrain"),
+          ("reconstruction (2 epochs), then retraining 1 epoch", "recon2+retrain"))
 
 
 def seed_summary(done: dict) -> list[str]:
