@@ -1,7 +1,7 @@
 """Reproduce the paper's three findings on SmolLM2-135M and write bench/RESULTS.md (+ bench/out/paper.json).
 
     python bench/paper.py            # the full tables (hours on 2 CPU cores; resumes where it stopped)
-    python bench/paper.py --quick    # Wanda 50%: none, block reconstruction, retraining 1x (32 x 256 tokens), ~13 minutes
+    python bench/paper.py --quick    # Wanda 50%: none, block reconstruction, retraining 1x (32 x 256 tokens), 8.5 minutes on 2 cores
     python bench/paper.py --only wanda50-retrain-4x,ria-50-block   # just these cells (the table keeps the others)
 
 1. Reconstruction vs. retraining: Wanda 50% without adaptation, with block reconstruction, and with global
