@@ -67,7 +67,10 @@ GROUPS = {
         Cell(f"retrain-1x-s{seed}", W50, retrain=retrain("pruned"), seed=seed, group="seeds"),
         Cell(f"recon+retrain-s{seed}", W50, block("--lr", LR), retrain=retrain("reconstructed"),
              seed=seed, after=f"lr1e-3-s{seed}", group="seeds"),
-    )],
+    )] + [
+        # the 2-epoch default then retraining, seed 1, in one cell (lr1e-3-ep2-s1's directory was not kept)
+        Cell("recon2+retrain-s1", W50, block("--lr", LR, "--epochs", "2"), retrain=retrain("reconstructed"), seed=1, group="seeds"),
+    ],
     "windows": [
         Cell("matrix", W50, ("--window", "matrix", "--lr", LR), group="windows"),
         Cell("submodule", W50, ("--window", "submodule", "--lr", LR), group="windows"),
