@@ -113,6 +113,10 @@ class Runner:
                     self.done[rec["name"]] = rec
                 self.known.setdefault(inputs_of(rec["cell"]), (path, rec))
 
+    def work_dir(self, cell: Cell, name: str | None = None) -> Path:
+        """Where a cell (or the cell ``name`` with the same pruning, e.g. the one it continues from) adapts its model."""
+        return self.root / f"{cell.prune_key}--{name or cell.name}"
+
     def calibrated(self, cell: Cell) -> tuple[Path, dict]:
         work = self.root / cell.calib_key
         s = run_stage("calibrate", "--model", str(smollm2_gguf()), "--data", str(CALIB), "--samples", str(cell.samples),
@@ -154,12 +158,12 @@ class Runner:
         if cell.recon is None and cell.retrain is None:
             rec.update(stage="pruned", **self.evaluate(base, "pruned"), dense=self.dense(base))
         else:
-            work = self.root / f"{cell.prune_key}--{cell.name}"
+            work = self.work_dir(cell)
             stage = "pruned" if cell.recon is None else "reconstructed"
             if cell.after is not None:  # continue from that cell's reconstruction instead of repeating it
                 prior = self.done[cell.after]
                 assert (prior["cell"]["prune"], prior["cell"]["recon"], prior["cell"]["seed"]) == (list(cell.prune), list(cell.recon), cell.seed)
-                source = self.root / f"{cell.prune_key}--{cell.after}"
+                source = self.work_dir(cell, cell.after)
                 if not source.is_dir():  # its record was taken over from another script, or its directory was deleted
                     sys.exit(f"{cell.name}: the work directory of {cell.after} is not under {self.root}; it was recorded by "
                              f"another script or deleted; remove {cell.after}'s line from {self.results} to rerun it")
@@ -183,7 +187,7 @@ class Runner:
         rec["measured_on"] = time.strftime("%Y-%m-%d %H:%M")
         rec = self.record(rec)
         if cell.name not in self.keep and not self.keep_work:
-            shutil.rmtree(self.root / f"{cell.prune_key}--{cell.name}", ignore_errors=True)
+            shutil.rmtree(self.work_dir(cell), ignore_errors=True)
         return rec
 
     def record(self, rec: dict) -> dict:

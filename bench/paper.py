@@ -159,10 +159,11 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     root = Path(a.root) if a.root else ROOT / "runs" / ("bench-quick" if a.quick else "bench")
+    plan = cells(a.quick)
     runner = Runner(root, out / ("paper-quick.jsonl" if a.quick else "paper.jsonl"), eval_windows=10 if a.quick else 40,
-                    shared=() if a.quick else (out / "sweep.jsonl",), keep=continued_from(cells(a.quick)), keep_work=a.keep_work)
+                    shared=() if a.quick else (out / "sweep.jsonl",), keep=continued_from(plan), keep_work=a.keep_work)
     only = set(a.only.split(",")) if a.only else None
-    for cell in cells(a.quick):
+    for cell in plan:
         if only is None or cell.name in only:
             runner.run(cell)
     command = "python bench/paper.py" + (" --quick" if a.quick else "")

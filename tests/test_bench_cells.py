@@ -71,7 +71,9 @@ def test_paper_tables_average_seeds_and_compare_criteria_to_the_best():
     assert "| random | 50% unstructured | 2.4e+08 | 1.0e+05 | x3,125 |" in text
 
 
-def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_stages(tmp_path, monkeypatch):
+    """Stages that only answer (their calls recorded), and work-directory copies holding one model file."""
     import cells
 
     calls = []
@@ -80,9 +82,20 @@ def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, mo
         calls.append((name, args))
         return {"seconds": 1.0, "_peak_rss_mib": 1.0, "results": [{"ppl": 10.0, "tokens": 5}]}
 
+    def fake_clone(src, dst):
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "block_000.safetensors").write_bytes(b"weights")
+
     monkeypatch.setattr(cells, "run_stage", fake_stage)
-    monkeypatch.setattr(cells, "clone_work", lambda src, dst: None)
+    monkeypatch.setattr(cells, "clone_work", fake_clone)
     monkeypatch.setattr(cells, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    return calls
+
+
+def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, fake_stages):
+    import cells
+
+    calls = fake_stages
     runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl")
     runner.run(Cell("block", WANDA50, window("block")))
     runner.run(Cell("block-ep2", WANDA50, window("block", "--epochs", "2")))
@@ -93,30 +106,20 @@ def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, mo
     assert recon[1].count("--epochs") == 1 and recon[1][recon[1].index("--epochs") + 1] == "2"
 
 
-def test_a_recorded_cells_work_directory_is_deleted_unless_a_cell_continues_from_it(tmp_path, monkeypatch):
+def test_a_recorded_cells_work_directory_is_deleted_unless_a_cell_continues_from_it(tmp_path, fake_stages):
     import cells
 
-    def fake_stage(name, *args, **kw):
-        return {"seconds": 1.0, "_peak_rss_mib": 1.0, "results": [{"ppl": 10.0, "tokens": 5}]}
-
-    def fake_clone(src, dst):  # a work directory with a model file in it, as the real copy makes
-        dst.mkdir(parents=True, exist_ok=True)
-        (dst / "block_000.safetensors").write_bytes(b"weights")
-
-    monkeypatch.setattr(cells, "run_stage", fake_stage)
-    monkeypatch.setattr(cells, "clone_work", fake_clone)
-    monkeypatch.setattr(cells, "smollm2_gguf", lambda: tmp_path / "model.gguf")
     plan = [Cell("recon", WANDA50, window("block")), Cell("recon-then-retrain", WANDA50, window("block"), retrain("reconstructed"),
                                                           after="recon"), Cell("other", WANDA50, window("submodule"))]
     assert cells.continued_from(plan) == {"recon"}
     runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl", keep=cells.continued_from(plan))
     for cell in plan:
         runner.run(cell)
-    work = {c.name: tmp_path / "runs" / f"{c.prune_key}--{c.name}" for c in plan}
+    work = {c.name: runner.work_dir(c) for c in plan}
     # the continued-from cell keeps its directory (the next cell was cloned from it); the others are deleted once recorded
     assert work["recon"].is_dir() and not work["recon-then-retrain"].exists() and not work["other"].exists()
     assert [json.loads(x)["name"] for x in (tmp_path / "paper.jsonl").read_text().splitlines()] == [c.name for c in plan]
     # --keep-work keeps them all
     kept = Runner(tmp_path / "kept", tmp_path / "kept.jsonl", keep_work=True)
     kept.run(plan[2])
-    assert (tmp_path / "kept" / f"{plan[2].prune_key}--other" / "block_000.safetensors").exists()
+    assert (kept.work_dir(plan[2]) / "block_000.safetensors").exists()
