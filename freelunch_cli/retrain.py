@@ -109,13 +109,13 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(total * cfg.warmup), total))
         ckpt_path = work.model_dir("retrained") / "checkpoint.pt"
-        step, losses = 0, []
+        step, losses, before = 0, [], 0.0  # before: training seconds of earlier runs, so a resumed run reports the total
         if ckpt_path.exists():
             ck = torch.load(ckpt_path, map_location=device, weights_only=False)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            step, losses = ck["step"], ck["losses"]
+            step, losses, before = ck["step"], ck["losses"], ck.get("seconds", 0.0)
             rep.info(f"retrain: resuming at step {step} of {total}")
         rep.info(f"retrain: the whole {start} model, {total} steps of {cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}")
         autocast = autocast_factory(device, compute)
@@ -136,13 +136,13 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 if step % cfg.save_every == 0 and step < total:
                     with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
                         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "step": step, "losses": losses}, f)
+                                    "step": step, "losses": losses, "seconds": before + time.time() - t0}, f)
         _save(work, model, arch, layers, start, masks)
         ckpt_path.unlink(missing_ok=True)
         summary = {
             "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
             "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-            "seconds": round(time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
+            "seconds": round(before + time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
         }
         work.finish("retrain", summary)
     rep.summary(f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s", summary)

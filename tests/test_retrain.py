@@ -45,8 +45,13 @@ def test_retrain_resumes_by_step_to_the_same_model(fresh_work, tmp_path):
     env = {**os.environ, "FREELUNCH_KILL_AT": "retrain.step:5"}
     killed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)], env=env, capture_output=True, text=True)
     assert killed.returncode == -9 and (a.model_dir("retrained") / "checkpoint.pt").exists()
+    ckpt = a.model_dir("retrained") / "checkpoint.pt"
+    ck = torch.load(ckpt, weights_only=False)
+    assert ck["step"] == 4 and ck["seconds"] > 0  # time spent up to the checkpoint travels with it
+    torch.save({**ck, "seconds": 1000.0}, ckpt)  # as if the killed run had taken long: the summary must carry it
     resumed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert 1000 < a.stage("retrain").summary["seconds"] < 1000 + 300  # the total over both runs, not the resumed part alone
     retrain(b, RetrainConfig(lr=1e-3, steps=6, save_every=2, device="cpu"))
     for i in range(2):
         x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
