@@ -1,6 +1,8 @@
 """Sharded reconstruction: concurrent workers, takeover of a dead worker's window, status, memory choice."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +65,7 @@ def test_two_concurrent_shards_equal_one_worker(pruned4, tmp_path):
     one = worker(single)
     assert one.wait() == 0, one.stderr.read()
     procs = [worker(shared, "--shard", f"{i}/2") for i in range(2)]
+    hold_first_claimer_until_both_claim(shared, procs)
     outs = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert shared.stage("reconstruct").status == "done"
@@ -74,6 +77,35 @@ def test_two_concurrent_shards_equal_one_worker(pruned4, tmp_path):
     for i in range(4):
         a, b = load_tensors(single.block_path("reconstructed", i)), load_tensors(shared.block_path("reconstructed", i))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def claimers(work) -> set[int]:
+    """Process ids of the workers that have claimed a window so far."""
+    pids = set()
+    for p in (work.root / "windows").glob("*.claim.*"):
+        try:
+            pids.add(int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1]))
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass  # being written: read again on the next poll
+    return pids
+
+
+def hold_first_claimer_until_both_claim(work, procs, timeout=120.0):
+    """Pause the first worker to claim a window until the other has claimed one too. Otherwise a worker whose
+    start (the torch import) is slow may find every window already done, and the test would not show sharing."""
+    deadline, stopped = time.time() + timeout, None
+    try:
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            pids = claimers(work)
+            if stopped is None and pids:
+                stopped = next(iter(pids))
+                os.kill(stopped, signal.SIGSTOP)
+            if len(pids) >= 2:
+                return
+            time.sleep(0.02)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
 
 
 def test_a_dead_workers_window_is_taken_over(pruned4, tmp_path):
