@@ -29,6 +29,9 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of
 ForceOpt = typer.Option(False, "--force", help="Start this stage over (later stages are discarded).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 JsonOpt = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+PeftOpt = typer.Option("full", help="What trains: full, bias-norm, lora or masked-lora (adapters merged at the end, masks kept).")
+LoraRankOpt = typer.Option(16, help="LoRA rank (lora, masked-lora).")
+LoraAlphaOpt = typer.Option(32.0, help="LoRA alpha: the update is alpha / rank x B A.")
 
 
 def _run(fn, *args, **kwargs):
@@ -145,9 +148,9 @@ def reconstruct(
     work: Path = WorkOpt,
     window: str = typer.Option("block", help="matrix, submodule, block, blocks:K, model, or auto (with --max-memory)."),
     inputs: str = typer.Option("dense", help="dense (windows read dense activations, independent) or sparse (chained)."),
-    peft: str = typer.Option("full", help="full, bias-norm, lora or masked-lora."),
-    lora_rank: int = typer.Option(16, help="LoRA rank."),
-    lora_alpha: float = typer.Option(32.0, help="LoRA alpha (update scaled by alpha / rank)."),
+    peft: str = PeftOpt,
+    lora_rank: int = LoraRankOpt,
+    lora_alpha: float = LoraAlphaOpt,
     lr: float = typer.Option(1e-3, help="Peak AdamW learning rate (linear decay to 0)."),
     epochs: int = typer.Option(2, help="Passes over the calibration windows (1 takes about half the time, at some quality)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per window (overrides --epochs)."),
@@ -206,6 +209,9 @@ def retrain(
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Let --data windows overlap."),
     save_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute block activations in backward: far less memory, ~1/3 more compute."),
+    peft: str = PeftOpt,
+    lora_rank: int = LoraRankOpt,
+    lora_alpha: float = LoraAlphaOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     resume: bool = ResumeOpt,
@@ -218,7 +224,8 @@ def retrain(
     from freelunch_cli.workdir import WorkDir
 
     cfg = RetrainConfig(start, lr, epochs, steps, batch_size, warmup, weight_decay, grad_clip if grad_clip and grad_clip > 0 else None,
-                        seed, data, samples, allow_overlap, save_every, device, dtype, grad_checkpoint=grad_checkpoint)
+                        seed, data, samples, allow_overlap, save_every, device, dtype, grad_checkpoint=grad_checkpoint,
+                        peft=peft, lora_rank=lora_rank, lora_alpha=lora_alpha)
     _run(run, WorkDir(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 

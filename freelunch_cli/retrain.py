@@ -23,6 +23,7 @@ from freelunch_cli.console import Reporter
 from freelunch_cli.data import read_text, resolve_text, sample_windows, text_fingerprint, tokenize
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
+from freelunch_cli.peft import PeftConfig, Trainable, prepare
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.storage import atomic_open, load_tensors, save_tensors_atomic
 from freelunch_cli.train import MaskedParams, autocast_factory, linear_schedule, masked_step
@@ -48,6 +49,9 @@ class RetrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     grad_checkpoint: bool = False  # recompute each block's activations in backward: memory of one block, ~1/3 more compute
+    peft: str = "full"  # full, bias-norm, lora or masked-lora: what trains (the paper's PEFT retraining baselines)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
 
     def validate(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.save_every < 1:
@@ -56,6 +60,23 @@ class RetrainConfig:
             raise FreelunchError("--warmup is a fraction of the steps, in [0, 1)")
         if self.start not in ("latest", "pruned", "reconstructed", "dense"):
             raise FreelunchError("--from must be latest, pruned, reconstructed or dense")
+        self.peft_config().validate()
+
+    def peft_config(self) -> PeftConfig:
+        return PeftConfig(self.peft, self.lora_rank, self.lora_alpha, self.seed)
+
+    def signature(self) -> dict:
+        """What the run computes. Device, checkpoint spacing and recomputation are how, not what: a run may resume
+        with other values. The LoRA shape matters only to LoRA, and full training is left implicit, so a run
+        started before --peft existed still resumes."""
+        sig = asdict(self)
+        for k in ("device", "save_every", "start", "grad_checkpoint"):
+            sig.pop(k)
+        if self.peft == "full":
+            sig.pop("peft")
+        if self.peft not in ("lora", "masked-lora"):
+            sig.pop("lora_rank"), sig.pop("lora_alpha")
+        return sig
 
 
 def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict]:
@@ -83,9 +104,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     else:
         start = work.require_model(cfg.start)
     ids, data_sig = _training_ids(work, cfg)
-    signature = {"from": start, "from_run": work.stage(STAGE_OF[start]).run_id, **data_sig, **asdict(cfg)}
-    for k in ("device", "save_every", "start", "grad_checkpoint"):  # how, not what: a run may resume with other values
-        signature.pop(k)
+    signature = {"from": start, "from_run": work.stage(STAGE_OF[start]).run_id, **data_sig, **cfg.signature()}
     with stage_lock(work, "retrain"):
         state = work.begin("retrain", signature, resume, force)
         if state == "done":
@@ -94,15 +113,14 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         model = materialize(work, start, device, torch.float32)
         arch = find_arch(model, model.config)
         layers = model.get_submodule(arch.layers_path)
-        masks = {}  # none for the dense control: every weight trains
-        for i, block in enumerate(layers if start != "dense" else []):
-            for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items():
-                masks[id(block.get_submodule(name).weight)] = keep
+        masks = {}  # by qualified name "i/mlp.up_proj"; none for the dense control: every weight trains
+        for i in range(len(layers) if start != "dense" else 0):
+            masks.update({f"{i}/{name}": keep for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items()})
         if cfg.grad_checkpoint:
             recompute_in_backward(layers)
-        params = MaskedParams([p for p in model.parameters()], masks)
-        for p in params.params:
-            p.requires_grad_(True)
+        trainable = choose_trainable(model, layers, masks, cfg.peft_config())
+        params = trainable.params
+        n_train = sum(p.numel() for p in params.params)
         n = ids.shape[0]
         per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.steps or per_epoch * cfg.epochs
@@ -117,7 +135,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             sched.load_state_dict(ck["scheduler"])
             step, losses, before = ck["step"], ck["losses"], ck.get("seconds", 0.0)
             rep.info(f"retrain: resuming at step {step} of {total}")
-        rep.info(f"retrain: the whole {start} model, {total} steps of {cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}")
+        rep.info(f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters), {total} steps of "
+                 f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}")
         autocast = autocast_factory(device, compute)
         model.train(False)  # no dropout: the same deterministic forward as every other stage
         with rep.progress("retrain", total=total, completed=step) as bar:
@@ -137,16 +156,33 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                     with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
                         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                     "step": step, "losses": losses, "seconds": before + time.time() - t0}, f)
-        _save(work, model, arch, layers, start, masks)
+        trainable.finalize()  # LoRA merged, masks re-applied: plain weights as sparse as the pruned model's
+        _save(work, model, arch, layers, start, {id(trainable.linears[q].weight): keep for q, keep in masks.items()})
         ckpt_path.unlink(missing_ok=True)
         summary = {
             "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
             "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-            "seconds": round(before + time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
+            "trainable_params": n_train, "seconds": round(before + time.time() - t0, 2), "dtype": dtype_name(compute), "config": asdict(cfg),
         }
         work.finish("retrain", summary)
     rep.summary(f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s", summary)
     return summary
+
+
+def choose_trainable(model, layers, masks: dict, peft: PeftConfig) -> Trainable:
+    """What trains. full: every parameter (embeddings and head too), pruned weights held at zero; bias-norm: every
+    bias and norm of the model, the final norm included; lora / masked-lora: adapters on the blocks' linear layers."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if peft.variant in ("lora", "masked-lora"):
+        return prepare({f"{i}/": block for i, block in enumerate(layers)}, masks, peft)
+    linears = {f"{i}/{name}": lin for i, block in enumerate(layers) for name, lin in block_linears(block).items()}
+    if peft.variant == "bias-norm":
+        return Trainable(prepare({"model": model}, {}, peft).params, linears, masks, lora=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    by_id = {id(linears[q].weight): keep for q, keep in masks.items()}
+    return Trainable(MaskedParams(list(model.parameters()), by_id), linears, masks, lora=False)
 
 
 def recompute_in_backward(layers) -> None:

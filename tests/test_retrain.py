@@ -108,3 +108,63 @@ def test_grad_checkpoint_recomputes_each_block_and_trains_the_same_model(fresh_w
         x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
         assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
         assert not all(torch.equal(x[k], v) for k, v in load_tensors(a.block_path("pruned", i)).items())
+
+
+def test_bias_norm_retraining_trains_only_biases_and_norms(fresh_work):
+    work = fresh_work("qwen2")  # q/k/v biases as well as norms
+    prune(work, PruneConfig(criterion="magnitude", device="cpu"))
+    s = retrain(work, RetrainConfig(lr=1e-2, epochs=3, device="cpu", peft="bias-norm"))
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(work.model_dir("dense"))
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    assert s["trainable_params"] == cfg.num_hidden_layers * (2 * h + h + 2 * kv) + h  # 2 norms + q,k,v biases per block; final norm
+    assert s["last_loss"] < s["first_loss"]
+    for i in range(2):
+        w, p = load_tensors(work.block_path("retrained", i)), load_tensors(work.block_path("pruned", i))
+        changed = {k for k in w if not torch.equal(w[k], p[k])}
+        assert changed and all(k.endswith("bias") or "norm" in k for k in changed), changed
+    rest, before = (load_tensors(work.model_dir(m) / "rest.safetensors") for m in ("retrained", "dense"))
+    assert torch.equal(rest["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert not torch.equal(rest["model.norm.weight"], before["model.norm.weight"])
+
+
+@pytest.mark.parametrize("variant", ["lora", "masked-lora"])
+def test_lora_retraining_merges_into_weights_as_sparse_as_the_pruned_ones(fresh_work, variant):
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.6, device="cpu"))
+    s = retrain(work, RetrainConfig(lr=1e-2, epochs=3, device="cpu", peft=variant, lora_rank=4))
+    from freelunch_cli.arch import block_linears
+    from freelunch_cli.zeroshot import materialize
+
+    model = materialize(work, "pruned", "cpu", torch.float32)
+    lins = [m for block in model.model.layers for m in block_linears(block).values()]
+    assert s["trainable_params"] == sum(4 * (m.in_features + m.out_features) for m in lins)
+    assert s["last_loss"] < s["first_loss"]
+    for i in range(2):
+        w, p = load_tensors(work.block_path("retrained", i)), load_tensors(work.block_path("pruned", i))
+        for name, keep in load_tensors(work.mask_path(i)).items():
+            assert torch.all(w[f"{name}.weight"][~keep] == 0)  # an unmasked adapter's update is cut back to the mask
+            assert not torch.equal(w[f"{name}.weight"], p[f"{name}.weight"])  # the adapter was merged in
+        assert all(torch.equal(w[k], p[k]) for k in w if "norm" in k)  # adapters only
+    assert set(load_tensors(work.block_path("retrained", 0))) == set(load_tensors(work.block_path("pruned", 0)))
+
+
+def test_masked_lora_retraining_resumes_and_refuses_another_variant(fresh_work):
+    from freelunch_cli.errors import FreelunchError
+
+    a, b = fresh_work("llama"), fresh_work("llama")
+    for w in (a, b):
+        prune(w, PruneConfig(criterion="magnitude", device="cpu"))
+    args = ["retrain", "--lr", "1e-2", "--steps", "6", "--save-every", "2", "--peft", "masked-lora", "--lora-rank", "4", "--device", "cpu", "--quiet"]
+    killed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)],
+                            env={**os.environ, "FREELUNCH_KILL_AT": "retrain.step:5"}, capture_output=True, text=True)
+    assert killed.returncode == -9 and (a.model_dir("retrained") / "checkpoint.pt").exists()
+    with pytest.raises(FreelunchError, match="another retrain configuration .*peft"):
+        retrain(a, RetrainConfig(lr=1e-2, steps=6, device="cpu", peft="bias-norm"), resume=True)  # not what was started
+    resumed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    retrain(b, RetrainConfig(lr=1e-2, steps=6, save_every=2, device="cpu", peft="masked-lora", lora_rank=4))
+    for i in range(2):
+        x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
+        assert all(torch.equal(x[k], y[k]) for k in x)
