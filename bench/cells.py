@@ -35,9 +35,9 @@ def window(kind: str = "block", *extra: str) -> tuple[str, ...]:
     return ("--window", kind, "--lr", RECON_LR, *extra)
 
 
-def retrain(start: str = "pruned", epochs: int = 1) -> tuple[str, ...]:
-    """retrain options: next-token fine-tuning from a stage for a number of epochs at the default learning rate."""
-    return ("--from", start, "--lr", "1e-4", "--epochs", str(epochs))
+def retrain(start: str = "pruned", epochs: int = 1, lr: str = "1e-4", *extra: str) -> tuple[str, ...]:
+    """retrain options: next-token fine-tuning from a stage for a number of epochs (at the default learning rate)."""
+    return ("--from", start, "--lr", lr, "--epochs", str(epochs), *extra)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     python bench/sweep.py --group defaults      # lr / epochs / batch size (issue: reconstruction defaults)
     python bench/sweep.py --group gap           # what closes the gap to retraining
     python bench/sweep.py --group windows       # window kinds and PEFT variants
+    python bench/sweep.py --group peft          # PEFT retraining, alone and after reconstruction
 
 Results go to bench/out/sweep.jsonl (one line per finished cell; rerunning skips finished cells) and
 a table to bench/out/sweep.md.
@@ -78,6 +79,18 @@ GROUPS = {
         Cell("bias-norm", W50, block("--lr", "1e-2", "--peft", "bias-norm"), group="windows"),
         Cell("lora", W50, block("--lr", LR, "--peft", "lora"), group="windows"),
         Cell("masked-lora", W50, block("--lr", LR, "--peft", "masked-lora"), group="windows"),
+    ],
+    # finding 1 with PEFT: global retraining of what the windows group's PEFT reconstruction trains, at the same
+    # ratio to full training's learning rate (bias-norm 10x, adapters 1x); then the least-memory pipeline, the
+    # 2-epoch default reconstruction followed by PEFT retraining with recomputed activations
+    "peft": [
+        Cell("retrain-bias-norm", W50, retrain=retrain("pruned", 1, "1e-3", "--peft", "bias-norm"), group="peft"),
+        Cell("retrain-lora", W50, retrain=retrain("pruned", 1, "1e-4", "--peft", "lora"), group="peft"),
+        Cell("retrain-masked-lora", W50, retrain=retrain("pruned", 1, "1e-4", "--peft", "masked-lora"), group="peft"),
+        Cell("recon2+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "2"),
+             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
+        Cell("recon2+retrain-masked-lora-gc", W50, block("--lr", LR, "--epochs", "2"),
+             retrain=retrain("reconstructed", 1, "1e-4", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
     ],
 }
 
@@ -170,7 +183,7 @@ def main() -> None:
         for cell in GROUPS[g]:
             if only is None or cell.name in only:
                 runner.run(cell)
-    text = report(runner.done, "python bench/sweep.py --group defaults --group gap --group windows")
+    text = report(runner.done, "python bench/sweep.py --group defaults --group gap --group seeds --group windows --group peft")
     write_section(ROOT / "bench" / "RESULTS.md", "sweep", text)
     (out / "sweep.md").write_text(text + "\n")
     print(text)
