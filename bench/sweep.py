@@ -87,6 +87,8 @@ GROUPS = {
         Cell("retrain-bias-norm", W50, retrain=retrain("pruned", 1, "1e-3", "--peft", "bias-norm"), group="peft"),
         Cell("retrain-lora", W50, retrain=retrain("pruned", 1, "1e-4", "--peft", "lora"), group="peft"),
         Cell("retrain-masked-lora", W50, retrain=retrain("pruned", 1, "1e-4", "--peft", "masked-lora"), group="peft"),
+        # adapters usually want a larger learning rate than full fine-tuning: reconstruction's own (1e-3)
+        Cell("retrain-masked-lora-lr1e-3", W50, retrain=retrain("pruned", 1, "1e-3", "--peft", "masked-lora"), group="peft"),
         Cell("recon2+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "2"),
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
         Cell("recon2+retrain-masked-lora-gc", W50, block("--lr", LR, "--epochs", "2"),
