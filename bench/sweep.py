@@ -93,6 +93,13 @@ GROUPS = {
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
         Cell("recon2+retrain-masked-lora-gc", W50, block("--lr", LR, "--epochs", "2"),
              retrain=retrain("reconstructed", 1, "1e-4", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
+        # bias-norm at reconstruction's bias-norm rate (1e-2), alone and after reconstruction; and the cheaper pipeline
+        # (1-epoch reconstruction, then bias-norm retraining)
+        Cell("retrain-bias-norm-lr1e-2", W50, retrain=retrain("pruned", 1, "1e-2", "--peft", "bias-norm"), group="peft"),
+        Cell("recon2+retrain-bias-norm-gc-lr1e-2", W50, block("--lr", LR, "--epochs", "2"),
+             retrain=retrain("reconstructed", 1, "1e-2", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
+        Cell("recon1+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "1"),
+             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), group="peft"),
     ],
 }
 
