@@ -181,7 +181,8 @@ class Runner:
             if cell.retrain is not None:
                 t = run_stage("retrain", "--work", str(work), *cell.retrain, "--seed", str(cell.seed), "--resume")
                 stage = "retrained"
-                rec.update(retrain_seconds=t.get("seconds"), retrain_peak_mib=t["_peak_rss_mib"], retrain_tokens=t.get("tokens"))
+                rec.update(retrain_seconds=t.get("seconds"), retrain_peak_mib=t["_peak_rss_mib"], retrain_tokens=t.get("tokens"),
+                           retrain_trainable_params=t.get("trainable_params"))
             rec.update(stage=stage, **self.evaluate(work, stage))
         rec["wall_seconds"] = round(time.time() - t0, 1)
         rec["measured_on"] = time.strftime("%Y-%m-%d %H:%M")
