@@ -45,7 +45,7 @@ class LoRA(nn.Module):
         self.A = nn.Parameter(a.to(device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         self.scale = alpha / rank
-        self.register_buffer("mask", mask.to(device=device, dtype=torch.float32) if mask is not None else None)
+        self.register_buffer("mask", mask.to(device=device, dtype=torch.bool) if mask is not None else None)  # 1 byte a weight, not 4
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = (self.B @ self.A) * self.scale
