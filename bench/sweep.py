@@ -100,6 +100,8 @@ GROUPS = {
              retrain=retrain("reconstructed", 1, "1e-2", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
         Cell("recon2+retrain-masked-lora-gc-lr1e-3", W50, block("--lr", LR, "--epochs", "2"),
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
+        Cell("recon2+retrain-masked-lora-gc-lr1e-3-s1", W50, block("--lr", LR, "--epochs", "2"),
+             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), seed=1, group="peft"),
         Cell("recon1+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "1"),
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), group="peft"),
     ],
