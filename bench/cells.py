@@ -36,7 +36,7 @@ def window(kind: str = "block", *extra: str) -> tuple[str, ...]:
 
 
 def retrain(start: str = "pruned", epochs: int = 1, lr: str = "1e-4", *extra: str) -> tuple[str, ...]:
-    """retrain options: next-token fine-tuning from a stage for a number of epochs (at the default learning rate)."""
+    """retrain options: next-token fine-tuning from a stage for a number of epochs at learning rate ``lr``."""
     return ("--from", start, "--lr", lr, "--epochs", str(epochs), *extra)
 
 

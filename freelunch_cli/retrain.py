@@ -145,8 +145,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
                 batch = ids[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]].to(device)
                 with autocast():
-                    logits = model(input_ids=batch, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+                    loss = next_token_loss(model, batch, HEAD_CHUNK if cfg.grad_checkpoint else None)
                 masked_step(loss, opt, sched, params, cfg.grad_clip, "retraining", step)
                 step += 1
                 losses.append(loss.item())
@@ -167,6 +166,29 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         work.finish("retrain", summary)
     rep.summary(f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s", summary)
     return summary
+
+
+HEAD_CHUNK = 512  # positions per chunk of the head and loss under --grad-checkpoint: 512 x 49,152 floats = 100 MB
+
+
+def next_token_loss(model, batch: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch``. With ``chunk``, the head and the loss run over ``chunk`` positions
+    at a time and are recomputed in backward, so the vocabulary-wide logits (4 x 512 x 49,152 floats, 400 MB, and
+    several copies of them in backward) never exist whole: the head's share of --grad-checkpoint."""
+    targets = batch[:, 1:].reshape(-1)
+    if chunk is None:
+        logits = model(input_ids=batch, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets)
+    hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    head = model.get_output_embeddings()
+    total = sum(torch.utils.checkpoint.checkpoint(_summed_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+                for i in range(0, targets.numel(), chunk))
+    return total / targets.numel()
+
+
+def _summed_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def choose_trainable(model, layers, masks: dict, peft: PeftConfig) -> Trainable:
