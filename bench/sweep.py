@@ -104,6 +104,12 @@ GROUPS = {
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), seed=1, group="peft"),
         Cell("recon1+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "1"),
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), group="peft"),
+        # issue 9 at equal tokens: the pipelines against retraining for as many epochs as they train in all
+        Cell("recon2+retrain-masked-lora-gc-lr1e-3-s2", W50, block("--lr", LR, "--epochs", "2"),
+             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), seed=2, group="peft"),
+        Cell("retrain-3x", W50, retrain=retrain("pruned", 3), group="peft"),  # = 2 reconstruction epochs + 1 retraining epoch
+        Cell("recon1+retrain-masked-lora-gc-lr1e-3", W50, block("--lr", LR),  # = retrain-2x's 131,072 tokens
+             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), group="peft"),
     ],
 }
 
