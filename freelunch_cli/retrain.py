@@ -23,6 +23,7 @@ from freelunch_cli.console import Reporter
 from freelunch_cli.data import read_text, resolve_text, sample_windows, text_fingerprint, tokenize
 from freelunch_cli.errors import FreelunchError
 from freelunch_cli.faults import checkpoint
+from freelunch_cli.head_loss import linear_cross_entropy
 from freelunch_cli.peft import PeftConfig, Trainable, prepare
 from freelunch_cli.runtime import dtype_name, parse_dtype, pick_device
 from freelunch_cli.storage import atomic_open, load_tensors, save_tensors_atomic
@@ -172,23 +173,16 @@ HEAD_CHUNK = 512  # positions per chunk of the head and loss under --grad-checkp
 
 
 def next_token_loss(model, batch: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``batch``. With ``chunk``, the head and the loss run over ``chunk`` positions
-    at a time and are recomputed in backward, so the vocabulary-wide logits (4 x 512 x 49,152 floats, 400 MB, and
-    several copies of them in backward) never exist whole: the head's share of --grad-checkpoint."""
+    """Mean next-token cross-entropy of ``batch``. With ``chunk``, the head and the loss run ``chunk`` positions at a
+    time with their gradients taken on the way (head_loss), so the vocabulary-wide logits never exist whole: the
+    head's share of --grad-checkpoint, at no extra compute."""
     targets = batch[:, 1:].reshape(-1)
     if chunk is None:
         logits = model(input_ids=batch, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets)
     hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     head = model.get_output_embeddings()
-    total = sum(torch.utils.checkpoint.checkpoint(_summed_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
-                for i in range(0, targets.numel(), chunk))
-    return total / targets.numel()
-
-
-def _summed_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets, chunk)
 
 
 def choose_trainable(model, layers, masks: dict, peft: PeftConfig) -> Trainable:
