@@ -110,6 +110,8 @@ GROUPS = {
         Cell("retrain-3x", W50, retrain=retrain("pruned", 3), group="peft"),  # = 2 reconstruction epochs + 1 retraining epoch
         Cell("recon1+retrain-masked-lora-gc-lr1e-3", W50, block("--lr", LR),  # = retrain-2x's 131,072 tokens
              retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), group="peft"),
+        Cell("recon2+retrain-masked-lora-gc-lr3e-3", W50, block("--lr", LR, "--epochs", "2"),
+             retrain=retrain("reconstructed", 1, "3e-3", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
     ],
 }
 
