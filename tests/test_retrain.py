@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from conftest import SEQLEN
+from transformers import AutoModelForCausalLM
+
 from freelunch_cli.evaluate import EvalConfig, evaluate
-from freelunch_cli.head_loss import linear_cross_entropy
 from freelunch_cli.export import export
+from freelunch_cli.head_loss import linear_cross_entropy
 from freelunch_cli.prune import PruneConfig, prune
 import freelunch_cli.retrain as retrain_module
 from freelunch_cli.retrain import RetrainConfig, retrain
 from freelunch_cli.storage import load_tensors
-from freelunch_cli.zeroshot import materialize
-from tiny import HELDOUT
+from tiny import HELDOUT, tiny_config
 
 
 def test_retrain_keeps_masks_lowers_loss_and_is_a_model_stage(fresh_work, tmp_path):
@@ -106,8 +107,11 @@ def test_grad_checkpoint_recomputes_each_block_and_trains_the_same_model(fresh_w
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
     monkeypatch.setattr(retrain_module, "HEAD_CHUNK", 50)  # 4 x 47 predicted positions: chunks of 50, 50, 50, 38
+    heads = []
+    monkeypatch.setattr(retrain_module, "linear_cross_entropy", lambda *a: heads.append(a[-1]) or linear_cross_entropy(*a))
     s = retrain(b, RetrainConfig(lr=1e-3, steps=3, device="cpu", grad_checkpoint=True))
     assert s["config"]["grad_checkpoint"] and len(calls) == 3 * 2  # every step, each of the 2 blocks
+    assert heads == [50] * 3  # every step's loss through the chunked head
     # Recomputation and the chunked head change memory, not the arithmetic, up to rounding: the head's sums run in
     # another order, and AdamW turns a gradient within rounding of zero into a step of up to lr (1e-3), so the
     # models agree to a tenth of one step. A key bias shifts every score of a query equally, so softmax cancels it:
@@ -121,14 +125,18 @@ def test_grad_checkpoint_recomputes_each_block_and_trains_the_same_model(fresh_w
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "opt"])  # qwen2: head tied to the embeddings; opt: projections around it
-def test_chunked_next_token_loss_equals_the_whole_logits_loss_and_gradients(fresh_work, arch):
-    work = fresh_work(arch)
-    model = materialize(work, "dense", "cpu", torch.float32)
-    batch = load_tensors(work.tokens_path)["input_ids"][:3]
+def test_chunked_next_token_loss_equals_the_whole_logits_loss_and_gradients(arch):
+    cfg = tiny_config(arch)
+    if arch == "opt":
+        cfg.word_embed_proj_dim = 32  # project_in / project_out between the blocks and the head
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert arch != "opt" or model.model.decoder.project_out is not None
+    batch = torch.randint(0, cfg.vocab_size, (3, 48))
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # independent: log-probabilities of the next tokens
     expected = -torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None]).mean()
     want = torch.autograd.grad(expected, list(model.parameters()))
-    whole = batch.shape[0] * (batch.shape[1] - 1) * model.config.vocab_size
+    whole = batch.shape[0] * (batch.shape[1] - 1) * cfg.vocab_size
     for chunk in (None, 7, 10_000):  # whole, uneven chunks, one chunk larger than the batch
         largest = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: largest.append(t.numel()) or t, lambda t: t):
@@ -139,20 +147,40 @@ def test_chunked_next_token_loss_equals_the_whole_logits_loss_and_gradients(fres
         assert (max(largest) >= whole) == (chunk is None)  # only the plain loss keeps the logits for backward
 
 
-def test_linear_cross_entropy_against_autograd_with_a_bias_and_a_frozen_weight():
+def _head_problem(n=64, hidden=8, vocab=500):
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(23, 8, generator=g, requires_grad=True)
-    weight, bias = torch.randn(50, 8, generator=g), torch.randn(50, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (23,), generator=g)
+    return (torch.randn(n, hidden, generator=g, requires_grad=True), torch.randn(vocab, hidden, generator=g),
+            torch.randn(vocab, generator=g, requires_grad=True), torch.randint(0, vocab, (n,), generator=g))
+
+
+def test_linear_cross_entropy_against_autograd_with_a_bias_and_a_frozen_weight():
+    hidden, weight, bias, targets = _head_problem()
     for trained in (True, False):
         weight.requires_grad_(trained)
         inputs = [hidden, weight, bias] if trained else [hidden, bias]
         expected = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets)
         want = torch.autograd.grad(expected * 3, inputs)  # an upstream gradient other than 1
-        loss = linear_cross_entropy(hidden, weight, bias, targets, chunk=5)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = linear_cross_entropy(hidden, weight, bias, targets, chunk=5)
         got = torch.autograd.grad(loss * 3, inputs)
         assert torch.allclose(loss, expected, atol=1e-6)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+        assert sum(saved) < hidden.shape[0] * weight.shape[0] / 4  # what backward keeps: no chunk's logits
+    with torch.no_grad():  # no gradients taken at all
+        assert torch.allclose(linear_cross_entropy(hidden, weight, bias, targets, chunk=5), expected, atol=1e-6)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_head():
+    hidden, weight, bias, targets = _head_problem()
+    weight.requires_grad_(True)
+    for h in (hidden, hidden.detach().bfloat16().requires_grad_(True)):  # fp32 and bf16 hidden states, fp32 weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight, bias).float(), targets)
+            loss = linear_cross_entropy(h, weight, bias, targets, chunk=5)
+        want, got = torch.autograd.grad(expected, [h, weight, bias]), torch.autograd.grad(loss, [h, weight, bias])
+        assert torch.allclose(loss, expected, rtol=1e-2)
+        assert all(a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=0.05, atol=1e-3) for a, b in zip(got, want))
 
 
 def test_bias_norm_retraining_trains_only_biases_and_norms(fresh_work):
