@@ -136,7 +136,8 @@ def describe(cell: dict) -> str:
 SEEDED = (("no adaptation", "wanda50"), ("block reconstruction, 1 epoch", "lr1e-3"),
           ("block reconstruction, 2 epochs (the default)", "lr1e-3-ep2"), ("retraining, 1 epoch", "retrain-1x"),
           ("reconstruction (1 epoch), then retraining 1 epoch", "recon+retrain"),
-          ("reconstruction (2 epochs), then retraining 1 epoch", "recon2+retrain"))
+          ("reconstruction (2 epochs), then retraining 1 epoch", "recon2+retrain"),
+          ("reconstruction (2 epochs), then masked-LoRA retraining 1 epoch (lr 1e-3, --grad-checkpoint)", "recon2+retrain-masked-lora-gc-lr1e-3"))
 
 
 def seed_summary(done: dict) -> list[str]:
