@@ -46,13 +46,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w += g.T.to(w.dtype) @ h.to(w.dtype)
             if want_b:
                 grad_b += g.sum(0)
-        grads = (grad_h, grad_w.to(weight.dtype) if want_w else None, grad_b.to(bias.dtype) if want_b else None)
-        ctx.save_for_backward(*(t for t in grads if t is not None))
-        ctx.have = (want_h, want_w, want_b)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None, grad_b.to(bias.dtype) if want_b else None)
         return total / n
 
     @staticmethod
     @once_differentiable  # the gradients are constants computed in forward: no second derivative through them
     def backward(ctx, grad_out):
-        saved = iter(ctx.saved_tensors)
-        return (*(next(saved) * grad_out if have else None for have in ctx.have), None, None, None)
+        return (*(None if g is None else g * grad_out for g in ctx.saved_tensors), None, None, None)
