@@ -30,6 +30,22 @@ RECON_LR = "1e-3"
 RECON_EPOCHS = "1"
 
 
+def recon_as_run(opts) -> tuple[str, ...]:
+    """reconstruct options as measured: one epoch unless the cell names its epochs or steps."""
+    return (*opts, *(() if {"--epochs", "--steps"} & set(opts) else ("--epochs", RECON_EPOCHS)))
+
+
+def retrain_as_run(opts) -> tuple[str, ...]:
+    """retrain options as measured. Every recorded cell that names no --peft trained every weight, and none that
+    omits --grad-checkpoint recomputed: the CLI defaults then. Since then a reconstructed model defaults to
+    masked-LoRA adapters and every PEFT variant to recomputation, so those are spelled out where they differ."""
+    peft = opts[opts.index("--peft") + 1] if "--peft" in opts else None
+    start = opts[opts.index("--from") + 1] if "--from" in opts else "latest"
+    pinned = ("--peft", "full") if peft is None and start not in ("pruned", "dense") else ()
+    pinned += ("--no-grad-checkpoint",) if peft not in (None, "full") and "--grad-checkpoint" not in opts else ()
+    return (*opts, *pinned)
+
+
 def window(kind: str = "block", *extra: str) -> tuple[str, ...]:
     """reconstruct options: a window kind at the default learning rate, then any extras."""
     return ("--window", kind, "--lr", RECON_LR, *extra)
@@ -173,13 +189,13 @@ class Runner:
             else:
                 clone_work(base, work)
                 if cell.recon is not None:
-                    pinned = () if {"--epochs", "--steps"} & set(cell.recon) else ("--epochs", RECON_EPOCHS)
-                    r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *cell.recon, *pinned, "--seed", str(cell.seed), "--resume")
+                    r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *recon_as_run(cell.recon), "--seed", str(cell.seed),
+                                  "--resume")
                     rec.update(recon_seconds=r.get("seconds"), recon_peak_mib=r["_peak_rss_mib"], window=r.get("window"),
                                recon_loss_before=r.get("loss_before"), recon_loss_after=r.get("loss_after"),
                                trainable_params=r.get("trainable_params"))
             if cell.retrain is not None:
-                t = run_stage("retrain", "--work", str(work), *cell.retrain, "--seed", str(cell.seed), "--resume")
+                t = run_stage("retrain", "--work", str(work), *retrain_as_run(cell.retrain), "--seed", str(cell.seed), "--resume")
                 stage = "retrained"
                 rec.update(retrain_seconds=t.get("seconds"), retrain_peak_mib=t["_peak_rss_mib"], retrain_tokens=t.get("tokens"),
                            retrain_trainable_params=t.get("trainable_params"))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cells import RECON_LR, WANDA50, Cell, Runner, continued_from, cost, retrain, training_tokens  # noqa: E402
+from cells import RECON_LR, WANDA50, Cell, Runner, continued_from, cost, recon_as_run, retrain, retrain_as_run, training_tokens  # noqa: E402
 from common import ROOT, machine, markdown_table, mean_std, write_section  # noqa: E402
 
 W50 = WANDA50
@@ -123,9 +123,9 @@ def describe(cell: dict) -> str:
     if extra:
         parts.append("prune " + " ".join(extra))
     if cell.get("recon"):
-        parts.append("reconstruct " + " ".join(cell["recon"]))
+        parts.append("reconstruct " + " ".join(recon_as_run(cell["recon"])))
     if cell.get("retrain"):
-        parts.append("retrain " + " ".join(cell["retrain"]))
+        parts.append("retrain " + " ".join(retrain_as_run(cell["retrain"])))
     if cell["samples"] != 128 or cell["seqlen"] != 512:
         parts.append(f"calibrate --samples {cell['samples']} --seqlen {cell['seqlen']}")
     if cell["seed"]:
@@ -135,9 +135,10 @@ def describe(cell: dict) -> str:
 
 SEEDED = (("no adaptation", "wanda50"), ("block reconstruction, 1 epoch", "lr1e-3"),
           ("block reconstruction, 2 epochs (the default)", "lr1e-3-ep2"), ("retraining, 1 epoch", "retrain-1x"),
-          ("reconstruction (1 epoch), then retraining 1 epoch", "recon+retrain"),
-          ("reconstruction (2 epochs), then retraining 1 epoch", "recon2+retrain"),
-          ("reconstruction (2 epochs), then masked-LoRA retraining 1 epoch (lr 1e-3, --grad-checkpoint)", "recon2+retrain-masked-lora-gc-lr1e-3"))
+          ("reconstruction (1 epoch), then full retraining 1 epoch", "recon+retrain"),
+          ("reconstruction (2 epochs), then full retraining 1 epoch", "recon2+retrain"),
+          ("reconstruction (2 epochs), then masked-LoRA retraining 1 epoch (lr 1e-3, --grad-checkpoint): "
+           "the defaults of reconstruct, then retrain", "recon2+retrain-masked-lora-gc-lr1e-3"))
 
 
 def seed_summary(done: dict) -> list[str]:

@@ -196,7 +196,7 @@ def reconstruct(
 def retrain(
     work: Path = WorkOpt,
     start: str = typer.Option("latest", "--from", help="Model to retrain: pruned, reconstructed, latest, or dense (a fine-tuning control, no masks)."),
-    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (linear decay to 0)."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate, linear decay to 0 [default: 1e-4 full, 1e-3 PEFT]."),
     epochs: int = typer.Option(1, help="Passes over the training windows."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(4, help="Windows per step."),
@@ -208,8 +208,11 @@ def retrain(
     samples: Optional[int] = typer.Option(None, help="Windows of --data (of the calibration length)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Let --data windows overlap."),
     save_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute block activations in backward: far less memory, ~1/3 more compute."),
-    peft: str = PeftOpt,
+    grad_checkpoint: Optional[bool] = typer.Option(
+        None, "--grad-checkpoint/--no-grad-checkpoint",
+        help="Recompute block activations in backward: far less memory, ~1/3 more compute [default: on for PEFT]."),
+    peft: Optional[str] = typer.Option(
+        None, help="What trains: full, bias-norm, lora or masked-lora [default: masked-lora from a reconstructed model, else full]."),
     lora_rank: int = LoraRankOpt,
     lora_alpha: float = LoraAlphaOpt,
     device: str = DeviceOpt,
@@ -219,7 +222,8 @@ def retrain(
     quiet: bool = QuietOpt,
     json_out: bool = JsonOpt,
 ):
-    """Global retraining baseline: next-token training of the whole pruned model, masks kept."""
+    """Next-token training of the whole model, masks kept: full retraining of the pruned model (the baseline), or
+    sparse adapters on the reconstructed one (the default after `reconstruct`)."""
     from freelunch_cli.retrain import RetrainConfig, retrain as run
     from freelunch_cli.workdir import WorkDir
 

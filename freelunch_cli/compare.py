@@ -48,7 +48,8 @@ def describe(work: WorkDir, stage: str) -> str:
         c = rc.summary.get("config", {})
         parts.append(f"+ {c.get('window')} reconstruction ({c.get('peft')}, lr {c.get('lr')}, {c.get('epochs')} ep)")
     if ret is not None:
-        parts.append(f"+ retraining ({ret.summary.get('tokens')} tokens, lr {ret.summary.get('config', {}).get('lr')})")
+        c = ret.summary.get("config", {})
+        parts.append(f"+ retraining ({c.get('peft') or 'full'}, {ret.summary.get('tokens')} tokens, lr {c.get('lr')})")
     return " ".join(parts)
 
 

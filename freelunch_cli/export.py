@@ -182,7 +182,7 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
     if retrain is not None:
         c = retrain.summary["config"]
         kind = "Fine-tuning of the dense model" if prune is None else "Global retraining"
-        lines.append(f"- {kind}: {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
+        lines.append(f"- {kind} ({c.get('peft') or 'full'}): {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
     evals = sorted((work.root / "eval").glob("*.json")) if (work.root / "eval").is_dir() else []
     runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
     rows = [r for r in (read_json(p) for p in evals) if r.get("key", {}).get("run") == runs.get(r.get("model"))]

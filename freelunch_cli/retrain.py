@@ -1,7 +1,8 @@
 """Global retraining, the baseline every claim is measured against: next-token training of the whole
 pruned (or reconstructed) model with its masks kept, resumable by step. `--from dense` fine-tunes the dense
 model the same way (no masks): the control that tells how much of retraining's gain is a fit to the
-calibration domain rather than recovery from pruning.
+calibration domain rather than recovery from pruning. After a reconstruction the default is not the baseline
+but the pipeline measured best: sparse (masked) LoRA adapters on the reconstructed model (see LR_BY_PEFT).
 
 The whole model is trained at once (this is what local reconstruction avoids): its memory is the full model
 with gradients and AdamW moments plus the activations of a batch through every block.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.utils.checkpoint
@@ -32,10 +33,19 @@ from freelunch_cli.workdir import STAGE_OF, WorkDir, stage_lock
 from freelunch_cli.zeroshot import materialize
 
 
+# Defaults that follow what trains (bench/RESULTS.md, sweep groups "peft" and "gap"): after a reconstruction,
+# sparse adapters at 1e-3 with recomputation were the best pipeline measured (26.76 / 65.54 over 3 seeds against
+# 27.41 / 64.45 for full retraining, at under half its memory); from the pruned model full retraining stays
+# the baseline. Adapters want 10x full training's rate (masked-LoRA from pruned: 30.71 at 1e-3, 44.23 at 1e-4);
+# biases and norms at 1e-2 fit WikiText and lose Shakespeare, so they take 1e-3 as well.
+PEFT_AFTER_RECONSTRUCTION = "masked-lora"
+LR_BY_PEFT = {"full": 1e-4, "bias-norm": 1e-3, "lora": 1e-3, "masked-lora": 1e-3}
+
+
 @dataclass
 class RetrainConfig:
     start: str = "latest"  # the model to retrain: pruned, reconstructed, the latest of the two, or dense (a control)
-    lr: float = 1e-4
+    lr: float | None = None  # None: LR_BY_PEFT of what trains
     epochs: int = 1
     steps: int | None = None  # overrides epochs
     batch_size: int = 4
@@ -49,19 +59,26 @@ class RetrainConfig:
     save_every: int = 50  # steps between resumable checkpoints
     device: str = "auto"
     dtype: str = "float32"
-    grad_checkpoint: bool = False  # recompute each block's activations in backward: memory of one block, ~1/3 more compute
-    peft: str = "full"  # full, bias-norm, lora or masked-lora: what trains (the paper's PEFT retraining baselines)
+    grad_checkpoint: bool | None = None  # recompute block activations in backward (None: on for PEFT, whose memory is activations)
+    peft: str | None = None  # full, bias-norm, lora or masked-lora (None: masked-lora after a reconstruction, else full)
     lora_rank: int = 16
     lora_alpha: float = 32.0
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.save_every < 1:
+        if (self.lr is not None and self.lr <= 0) or self.epochs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.save_every < 1:
             raise FreelunchError("--lr must be positive; --epochs, --steps, --batch-size and --save-every at least 1")
         if not 0 <= self.warmup < 1:
             raise FreelunchError("--warmup is a fraction of the steps, in [0, 1)")
         if self.start not in ("latest", "pruned", "reconstructed", "dense"):
             raise FreelunchError("--from must be latest, pruned, reconstructed or dense")
-        self.peft_config().validate()
+        if self.peft is not None:
+            self.peft_config().validate()
+
+    def resolved(self, start: str) -> RetrainConfig:
+        """The options as run from ``start`` (pruned, reconstructed or dense): unset ones take the defaults above."""
+        peft = self.peft or (PEFT_AFTER_RECONSTRUCTION if start == "reconstructed" else "full")
+        return replace(self, peft=peft, lr=LR_BY_PEFT[peft] if self.lr is None else self.lr,
+                       grad_checkpoint=peft != "full" if self.grad_checkpoint is None else self.grad_checkpoint)
 
     def peft_config(self) -> PeftConfig:
         return PeftConfig(self.peft, self.lora_rank, self.lora_alpha, self.seed)
@@ -104,6 +121,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         start = "reconstructed" if rc is not None and rc.status == "done" else "pruned"
     else:
         start = work.require_model(cfg.start)
+    chosen = cfg.peft is None and start == "reconstructed"
+    cfg = cfg.resolved(start)
     ids, data_sig = _training_ids(work, cfg)
     signature = {"from": start, "from_run": work.stage(STAGE_OF[start]).run_id, **data_sig, **cfg.signature()}
     with stage_lock(work, "retrain"):
@@ -137,7 +156,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             step, losses, before = ck["step"], ck["losses"], ck.get("seconds", 0.0)
             rep.info(f"retrain: resuming at step {step} of {total}")
         rep.info(f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters), {total} steps of "
-                 f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}")
+                 f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}"
+                 + (" (the default after a reconstruction; --peft full trains every weight)" if chosen else ""))
         autocast = autocast_factory(device, compute)
         model.train(False)  # no dropout: the same deterministic forward as every other stage
         with rep.progress("retrain", total=total, completed=step) as bar:

@@ -106,6 +106,32 @@ def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, fa
     assert recon[1].count("--epochs") == 1 and recon[1][recon[1].index("--epochs") + 1] == "2"
 
 
+def test_recorded_retraining_cells_keep_what_they_measured_when_the_cli_defaults_change(tmp_path, fake_stages):
+    import cells
+    import sweep
+
+    calls = fake_stages
+    runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl")
+    plan = [Cell("recon+retrain", WANDA50, window("block"), retrain("reconstructed")),
+            Cell("recon+lora", WANDA50, window("block"), retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint")),
+            Cell("retrain-lora", WANDA50, retrain=retrain("pruned", 1, "1e-4", "--peft", "lora")),
+            Cell("retrain-1x", WANDA50, retrain=retrain("pruned"))]
+    for cell in plan:
+        runner.run(cell)
+    ran = [args for name, args in calls if name == "retrain"]
+    # measured when full training without recomputation was every default: after a reconstruction the default is now
+    # adapters, and PEFT now recomputes, so those cells spell out what they ran; the others are passed as they are
+    assert ran[0][ran[0].index("--peft") + 1] == "full" and "--no-grad-checkpoint" not in ran[0]
+    assert ran[1].count("--peft") == 1 and "--no-grad-checkpoint" not in ran[1]
+    assert ran[2].count("--peft") == 1 and "--no-grad-checkpoint" in ran[2]
+    assert "--peft" not in ran[3] and "--no-grad-checkpoint" not in ran[3]
+    for cell, args in zip(plan, ran):
+        assert args == ("--work", str(runner.work_dir(cell)), *cells.retrain_as_run(cell.retrain), "--seed", "0", "--resume")
+    # and the results table shows the options as they ran, so that a copied command repeats the cell
+    assert sweep.describe(asdict(plan[0])) == ("reconstruct --window block --lr 1e-3 --epochs 1; "
+                                              "retrain --from reconstructed --lr 1e-4 --epochs 1 --peft full")
+
+
 def test_a_recorded_cells_work_directory_is_deleted_unless_a_cell_continues_from_it(tmp_path, fake_stages):
     import cells
 

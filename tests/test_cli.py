@@ -33,6 +33,9 @@ def test_pipeline_through_the_cli(tiny_models, tmp_path):
     assert recon["model"] == "reconstructed" and dense["model"] == "dense"
     rt = run("retrain", "--work", w, "--steps", "2", "--lr", "1e-4", "--device", "cpu")
     assert rt["steps"] == 2 and rt["from"] == "reconstructed"
+    assert (rt["config"]["peft"], rt["config"]["lr"], rt["config"]["grad_checkpoint"]) == ("masked-lora", 1e-4, True)
+    rt = run("retrain", "--work", w, "--steps", "2", "--no-grad-checkpoint", "--peft", "full", "--device", "cpu", "--force")
+    assert (rt["config"]["peft"], rt["config"]["lr"], rt["config"]["grad_checkpoint"]) == ("full", 1e-4, False)
     out = tmp_path / "hf"
     ex = run("export", "--work", w, "--out", str(out), "--stage", "reconstructed")
     assert ex["stage"] == "reconstructed" and (out / "config.json").exists()

@@ -92,6 +92,54 @@ def test_descriptions_follow_what_retraining_started_from(fresh_work):
     assert "block reconstruction" in describe(work, "retrained")
 
 
+def test_defaults_follow_the_start_and_what_trains():
+    """Unset options resolve by the start model, then by what trains; a given option overrides only itself."""
+    def got(cfg, start):
+        r = cfg.resolved(start)
+        return r.peft, r.lr, r.grad_checkpoint
+
+    assert got(RetrainConfig(), "pruned") == got(RetrainConfig(), "dense") == ("full", 1e-4, False)  # the baseline
+    assert got(RetrainConfig(), "reconstructed") == ("masked-lora", 1e-3, True)  # the pipeline measured best
+    assert got(RetrainConfig(peft="full"), "reconstructed") == ("full", 1e-4, False)
+    assert got(RetrainConfig(lr=5e-4), "reconstructed") == ("masked-lora", 5e-4, True)
+    assert got(RetrainConfig(grad_checkpoint=False), "reconstructed") == ("masked-lora", 1e-3, False)
+    assert got(RetrainConfig(peft="bias-norm"), "pruned") == ("bias-norm", 1e-3, True)
+    assert got(RetrainConfig(peft="full", grad_checkpoint=True), "pruned") == ("full", 1e-4, True)
+
+
+def test_retraining_a_reconstruction_trains_sparse_adapters_by_default(fresh_work, monkeypatch):
+    from freelunch_cli.arch import block_linears
+    from freelunch_cli.compare import describe
+    from freelunch_cli.errors import FreelunchError
+    from freelunch_cli.reconstruct import ReconstructConfig, reconstruct
+    from freelunch_cli.zeroshot import materialize
+
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.6, device="cpu"))
+    reconstruct(work, ReconstructConfig(lr=1e-3, device="cpu"))
+    heads = []
+    monkeypatch.setattr(retrain_module, "linear_cross_entropy", lambda *a: heads.append(a[-1]) or linear_cross_entropy(*a))
+    s = retrain(work, RetrainConfig(steps=3, device="cpu"))  # --from latest: the reconstruction
+    c = s["config"]
+    assert s["from"] == "reconstructed" and (c["peft"], c["lr"], c["grad_checkpoint"], c["lora_rank"]) == ("masked-lora", 1e-3, True, 16)
+    assert len(heads) == 3  # recomputed, so the loss went through the chunked head
+    lins = [m for block in materialize(work, "reconstructed", "cpu", torch.float32).model.layers for m in block_linears(block).values()]
+    assert s["trainable_params"] == sum(16 * (m.in_features + m.out_features) for m in lins)  # adapters, not the model
+    for i in range(2):
+        w, r = load_tensors(work.block_path("retrained", i)), load_tensors(work.block_path("reconstructed", i))
+        for name, keep in load_tensors(work.mask_path(i)).items():
+            assert torch.all(w[f"{name}.weight"][~keep] == 0) and not torch.equal(w[f"{name}.weight"], r[f"{name}.weight"])
+        assert all(torch.equal(w[k], r[k]) for k in w if "norm" in k)
+    assert "+ retraining (masked-lora, " in describe(work, "retrained")
+    # the same defaults again: the finished stage, nothing redone; the full baseline on top of it must be asked for
+    assert retrain(work, RetrainConfig(steps=3, device="cpu")) == s
+    with pytest.raises(FreelunchError, match="another retrain configuration"):
+        retrain(work, RetrainConfig(steps=3, device="cpu", peft="full"))
+    full = retrain(work, RetrainConfig(steps=3, device="cpu", peft="full"), force=True)
+    assert (full["config"]["peft"], full["config"]["lr"], full["trainable_params"]) == ("full", 1e-4, sum(
+        p.numel() for p in materialize(work, "reconstructed", "cpu", torch.float32).parameters()))
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])  # rotary embeddings passed in as a tuple; OPT's learned positions
 def test_grad_checkpoint_recomputes_each_block_and_trains_the_same_model(fresh_work, monkeypatch, arch):
     a, b = fresh_work(arch), fresh_work(arch)
