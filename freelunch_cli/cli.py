@@ -196,7 +196,7 @@ def reconstruct(
 def retrain(
     work: Path = WorkOpt,
     start: str = typer.Option("latest", "--from", help="Model to retrain: pruned, reconstructed, latest, or dense (a fine-tuning control, no masks)."),
-    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate, linear decay to 0 [default: 1e-4 full, 1e-3 PEFT]."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate, linear decay to 0 (default: 1e-4 for full, 1e-3 for PEFT)."),
     epochs: int = typer.Option(1, help="Passes over the training windows."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(4, help="Windows per step."),
@@ -210,9 +210,9 @@ def retrain(
     save_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
     grad_checkpoint: Optional[bool] = typer.Option(
         None, "--grad-checkpoint/--no-grad-checkpoint",
-        help="Recompute block activations in backward: far less memory, ~1/3 more compute [default: on for PEFT]."),
+        help="Recompute block activations in backward: far less memory, ~1/3 more compute (default: on for PEFT, off for full)."),
     peft: Optional[str] = typer.Option(
-        None, help="What trains: full, bias-norm, lora or masked-lora [default: masked-lora from a reconstructed model, else full]."),
+        None, help="What trains: full, bias-norm, lora or masked-lora (default: masked-lora from a reconstructed model, else full)."),
     lora_rank: int = LoraRankOpt,
     lora_alpha: float = LoraAlphaOpt,
     device: str = DeviceOpt,
