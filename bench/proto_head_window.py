@@ -6,11 +6,11 @@ import torch, torch.nn.functional as F
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import HELDOUT, SHAKESPEARE  # bench/ is this script's own folder, first on sys.path
-from freelunch_cli.workdir import WorkDir
-from freelunch_cli.zeroshot import materialize
-from freelunch_cli.storage import load_tensors
-from freelunch_cli.data import read_text, resolve_text, tokenize
-from freelunch_cli.perplexity import split_windows
+from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.model.assembly import materialize
+from freelunch_cli.workdir.files import load_tensors
+from freelunch_cli.model.text import read_text, resolve_text, tokenize
+from freelunch_cli.evaluation.perplexity import split_sequences
 from transformers import AutoTokenizer
 
 torch.manual_seed(0)
@@ -21,7 +21,7 @@ model = materialize(work, stage, torch.device("cpu"), torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(work.model_dir("dense"))
 calib = load_tensors(work.tokens_path)["input_ids"]
 def windows(path):
-    return split_windows(tokenize(tok, read_text(resolve_text(path))), 512, 40)
+    return split_sequences(tokenize(tok, read_text(resolve_text(path))), 512, 40)
 evals = {"wikitext": windows(str(HELDOUT)), "shakespeare": windows(str(SHAKESPEARE))}
 
 t0 = time.time()

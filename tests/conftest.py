@@ -1,21 +1,17 @@
+"""Fixtures shared by every test folder: tiny saved models and calibrated work directories (helpers.py builds them)."""
+
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tiny import CALIB, make_tiny_model  # noqa: E402
+from helpers import ARCHS, CALIB, SAMPLES, SEQLEN, make_tiny_model  # noqa: E402
 
-from freelunch_cli.calibrate import CalibrateConfig, calibrate  # noqa: E402
-from freelunch_cli.workdir import WorkDir  # noqa: E402
-
-ARCHS = ["llama", "qwen2", "mistral", "opt"]
-SAMPLES, SEQLEN = 16, 48
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate  # noqa: E402
+from freelunch_cli.workdir.directory import WorkDir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,38 @@
+"""Activation caches: hidden states ``[samples, seqlen, hidden]`` written batch by batch, range-checked on the way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from freelunch_cli.core.device import dtype_name
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.workdir.files import StreamingTensorWriter
+
+
+def write_activations(work, path: Path, producer: Callable[[slice], torch.Tensor], samples: int, seqlen: int, hidden: int,
+                      dtype: torch.dtype, batch_size: int) -> None:
+    """Compute an activation cache file batch by batch (``producer(rows)`` gives rows ``[b, seqlen, hidden]``) in
+    ``dtype`` and record it in ``work``'s manifest.
+
+    Raises FreelunchError when a value exceeds ``dtype``'s range (naming the file and the option that helps).
+    """
+    limit = torch.finfo(dtype).max
+    with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype) as w:
+        for start in range(0, samples, batch_size):
+            out = producer(slice(start, min(start + batch_size, samples)))
+            peak = out.abs().max().item()
+            if peak > limit:
+                raise FreelunchError(
+                    f"hidden states in {path.name} reach {peak:.0f}, beyond {dtype_name(dtype)}'s range; "
+                    f"rerun calibrate with --cache-dtype bfloat16 --force"
+                )
+            w.append(out)
+    work.record_file(path, w.info)
+
+
+def cache_dtype_of(rows) -> torch.dtype:
+    """The torch dtype of a ``TensorRows`` file (safetensors names it F16, BF16 or F32)."""
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[rows.dtype]

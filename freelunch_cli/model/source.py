@@ -1,0 +1,234 @@
+"""Where a model comes from (a local folder, a Hub id, a GGUF file) and how it becomes block shards.
+
+``import_model`` writes the work directory's dense model: ``config.json``, tokenizer files,
+``rest.safetensors`` (embeddings, final norm, head) and one ``block_NNN.safetensors`` per decoder
+block, with keys relative to the block. Safetensors checkpoints are streamed one block at a time;
+GGUF files (which must be dequantized) and ``.bin`` checkpoints are loaded whole by ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from freelunch_cli.model.arch import find_arch
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.workdir.files import save_tensors_atomic
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved ``--model``: a local folder, optionally with a GGUF file inside it."""
+
+    spec: str
+    folder: Path
+    gguf_file: str | None = None
+    hub_id: str | None = None
+
+    def signature(self) -> dict:
+        return {"model": self.hub_id or str(self.folder.resolve()), "gguf_file": self.gguf_file}
+
+    def hf_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise FreelunchError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def resolve_model(model: str, gguf_file: str | None = None) -> ModelSpec:
+    """Turn ``--model``/``--gguf-file`` into a local folder, downloading from the Hub if needed."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise FreelunchError(f"{p} is a file but not a .gguf file; pass a Hugging Face model folder, a Hub id or a .gguf file")
+        _check_gguf(p)
+        return ModelSpec(model, p.parent, p.name)
+    if p.is_dir():
+        if gguf_file:
+            g = p / gguf_file
+            if not g.is_file():
+                raise FreelunchError(f"no GGUF file {gguf_file!r} in {p}")
+            _check_gguf(g)
+            return ModelSpec(model, p, gguf_file)
+        if not (p / "config.json").is_file():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            hint = f"; it holds {ggufs[0]}: pass --gguf-file {ggufs[0]}" if ggufs else ""
+            raise FreelunchError(f"{p} is not a Hugging Face model folder (no config.json){hint}")
+        return ModelSpec(model, p)
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise FreelunchError(f"model not found: {model} (no such file or folder)")
+    return _from_hub(model, gguf_file)
+
+
+def _from_hub(repo_id: str, gguf_file: str | None) -> ModelSpec:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+    patterns += [gguf_file] if gguf_file else ["*.safetensors"]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FreelunchError(
+            f"model not found: {repo_id} is not a local path, and the Hugging Face Hub could not provide it ({first})"
+        ) from None
+    return ModelSpec(repo_id, folder, gguf_file, hub_id=repo_id)
+
+
+def load_config(spec: ModelSpec):
+    try:
+        config = AutoConfig.from_pretrained(spec.folder, **spec.hf_kwargs())
+    except Exception as e:
+        raise FreelunchError(f"cannot read the model config in {spec.folder}: {str(e).splitlines()[0]}") from None
+    if getattr(config, "quantization_config", None) is not None and spec.gguf_file:
+        # GGUF weights are dequantized on load; the working model is plain floating point.
+        del config.quantization_config
+    return config
+
+
+def load_tokenizer(spec: ModelSpec):
+    try:
+        return AutoTokenizer.from_pretrained(spec.folder, **spec.hf_kwargs())
+    except Exception as e:
+        raise FreelunchError(f"cannot load the tokenizer of {spec.spec}: {str(e).splitlines()[0]}") from None
+
+
+def meta_model(config) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise FreelunchError(
+            f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def init_non_persistent_buffers(lm: nn.Module) -> None:
+    """Compute the buffers no checkpoint holds (rotary inverse frequencies) with the model's own initialiser, as
+    ``from_pretrained`` does; buffers still on the meta device are first given CPU storage."""
+    with torch.no_grad():
+        for mod in lm.modules():
+            if any(name in mod._non_persistent_buffers_set for name in mod._buffers):
+                for name, buf in list(mod._buffers.items()):
+                    if buf is not None and buf.is_meta:
+                        mod._buffers[name] = torch.empty_like(buf, device="cpu")
+                lm._init_weights(mod)
+
+
+def _safetensors_index(folder: Path) -> dict[str, Path] | None:
+    """Checkpoint key -> file, or None when the folder has no safetensors weights."""
+    idx = folder / "model.safetensors.index.json"
+    if idx.is_file():
+        wm = json.loads(idx.read_text())["weight_map"]
+        return {k: folder / v for k, v in wm.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = f
+    return out
+
+
+def _key_mapping(expected: set[str], found: set[str], base_prefix: str) -> dict[str, str] | None:
+    """Map model keys to checkpoint keys when they differ at most by the base-model prefix."""
+    p = base_prefix + "."
+    for f in (lambda k: k, lambda k: k[len(p):] if k.startswith(p) else None, lambda k: p + k):
+        mapping = {k: f(k) for k in expected}
+        if all(v in found for v in mapping.values() if v is not None) and None not in mapping.values():
+            return mapping
+    return None
+
+
+def iter_model_parts(spec: ModelSpec, config, log=print):
+    """Yield ("rest", tensors) then (i, tensors) per block, keys relative to the part.
+
+    Streams a safetensors checkpoint one block at a time; otherwise loads the model whole.
+    """
+    lm = meta_model(config)
+    arch = find_arch(lm, config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected = {k for k in lm.state_dict() if not (tied and k.endswith("lm_head.weight"))}
+    index = None if spec.gguf_file else _safetensors_index(spec.folder)
+    mapping = _key_mapping(expected, set(index), lm.base_model_prefix) if index else None
+    if mapping is not None:
+        yield from _stream_parts(arch, mapping, index)
+        return
+    log(f"loading {spec.spec} whole (GGUF or non-safetensors checkpoint; it cannot be streamed)")
+    try:
+        full = AutoModelForCausalLM.from_pretrained(spec.folder, dtype="auto", **spec.hf_kwargs())
+    except Exception as e:
+        raise FreelunchError(f"cannot load the model {spec.spec}: {str(e).splitlines()[0]}") from None
+    sd = full.state_dict()
+    del full
+    yield "rest", {k: v for k, v in sd.items() if not k.startswith(arch.layers_path + ".") and not (tied and k.endswith("lm_head.weight"))}
+    for i in range(arch.num_blocks):
+        pre = arch.block_prefix(i)
+        yield i, {k[len(pre):]: sd.pop(k) for k in [k for k in sd if k.startswith(pre)]}
+
+
+def _stream_parts(arch, mapping: dict[str, str], index: dict[str, Path]):
+    def read(keys: list[str], strip: str) -> dict[str, torch.Tensor]:
+        by_file = defaultdict(list)
+        for k in keys:
+            by_file[index[mapping[k]]].append(k)
+        out = {}
+        for f, ks in by_file.items():
+            with safe_open(str(f), framework="pt") as h:
+                for k in ks:
+                    out[k[len(strip):]] = h.get_tensor(mapping[k])
+        return out
+
+    layer_pre = arch.layers_path + "."
+    yield "rest", read([k for k in mapping if not k.startswith(layer_pre)], "")
+    for i in range(arch.num_blocks):
+        pre = arch.block_prefix(i)
+        yield i, read([k for k in mapping if k.startswith(pre)], pre)
+
+
+def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print) -> dict:
+    """Write the dense model of ``spec`` into ``work`` as block shards (``dtype``: cast floating tensors, None keeps the
+    checkpoint's); shards already recorded are kept. Returns the block count, storage dtype and model type."""
+    folder = work.model_dir("dense")
+    files = work.manifest()["files"]
+
+    def part_path(part) -> Path:
+        return work.own_rest_path("dense") if part == "rest" else work.block_path("dense", part)
+
+    def written(part) -> bool:
+        return work.rel(part_path(part)) in files and part_path(part).exists()
+
+    if (folder / "config.json").exists():
+        config = AutoConfig.from_pretrained(folder)
+        if all(written(p) for p in ["rest", *range(config.num_hidden_layers)]):
+            return {"num_blocks": config.num_hidden_layers, "storage_dtype": str(config.dtype).removeprefix("torch."),
+                    "model_type": config.model_type}
+    config = load_config(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    (tokenizer or load_tokenizer(spec)).save_pretrained(folder)
+    storage = None
+    for part, tensors in iter_model_parts(spec, config, log=log):
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        if storage is None:
+            storage = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
+        if not written(part):
+            work.record_file(part_path(part), save_tensors_atomic(part_path(part), tensors))
+    config.dtype = str(storage).removeprefix("torch.")
+    config.save_pretrained(folder)
+    return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}

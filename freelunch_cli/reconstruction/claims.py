@@ -1,0 +1,125 @@
+"""Sharing windows between processes: shard assignment, atomic claims with heartbeats, takeover.
+
+A window is claimed by creating ``windows/NNN.claim.K`` exclusively (K = attempt). Its owner touches the
+file every few seconds from a background thread; a claim not touched for ``stale_after`` seconds belongs
+to a dead worker and is taken over by creating attempt K+1, which only one process can do. Before writing
+its result, a worker checks that no later attempt exists, so a window is never written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from freelunch_cli.core.errors import FreelunchError
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+    source: str  # "--shard", "torchrun" or "slurm"
+
+    def owns(self, window_index: int) -> bool:
+        return window_index % self.count == self.index
+
+
+def detect_shard(flag: str | None, env: dict | None = None) -> Shard | None:
+    """``--shard I/N``, else torchrun's RANK/WORLD_SIZE, else a Slurm array's task id and count."""
+    env = os.environ if env is None else env
+    if flag:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", flag)
+        if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+            raise FreelunchError(f"--shard must be I/N with 0 <= I < N, got {flag!r}")
+        return Shard(int(m.group(1)), int(m.group(2)), "--shard")
+    if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
+        return Shard(int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun")
+    if "SLURM_ARRAY_TASK_ID" in env and int(env.get("SLURM_ARRAY_TASK_COUNT", "1")) > 1:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return Shard(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]), "slurm")
+    return None
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Claims:
+    """Claim files of one work directory's windows."""
+
+    def __init__(self, folder: Path, stale_after: float):
+        self.folder = Path(folder)
+        self.stale_after = stale_after
+        self.me = worker_id()
+
+    def _attempts(self, index: int) -> list[int]:
+        pat = re.compile(rf"{index:03d}\.claim\.(\d+)$")
+        return sorted(int(m.group(1)) for p in self.folder.glob(f"{index:03d}.claim.*") if (m := pat.match(p.name)))
+
+    def path(self, index: int, attempt: int) -> Path:
+        return self.folder / f"{index:03d}.claim.{attempt}"
+
+    def current(self, index: int) -> tuple[int, dict, float] | None:
+        """(attempt, owner record, seconds since its last heartbeat) of the latest claim, or None."""
+        att = self._attempts(index)
+        if not att:
+            return None
+        p = self.path(index, att[-1])
+        try:
+            age = time.time() - p.stat().st_mtime
+            owner = json.loads(p.read_text() or "{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return att[-1], {}, 0.0
+        return att[-1], owner, age
+
+    def is_live(self, index: int) -> bool:
+        cur = self.current(index)
+        return cur is not None and cur[2] < self.stale_after
+
+    def try_claim(self, index: int) -> int | None:
+        """The attempt number if this process now owns the window, else None (someone live owns it)."""
+        cur = self.current(index)
+        if cur is not None and cur[2] < self.stale_after:
+            return None
+        attempt = 1 if cur is None else cur[0] + 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path(index, attempt), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"worker": self.me, "started": time.time(), "takes_over": cur[1].get("worker") if cur else None}, f)
+        return attempt
+
+    def still_mine(self, index: int, attempt: int) -> bool:
+        att = self._attempts(index)
+        return bool(att) and att[-1] == attempt
+
+    @contextmanager
+    def heartbeat(self, index: int, attempt: int):
+        """Touch the claim every few seconds while the window runs."""
+        path = self.path(index, attempt)
+        stop = threading.Event()
+        period = max(0.2, min(10.0, self.stale_after / 4))
+
+        def beat():
+            while not stop.wait(period):
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    return
+
+        t = threading.Thread(target=beat, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()

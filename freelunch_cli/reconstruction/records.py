@@ -1,0 +1,39 @@
+"""Which reconstruction windows are done, read from their records (``windows/NNN.json``) and parameter files."""
+
+from __future__ import annotations
+
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.workdir.files import read_json
+
+
+def window_done(work, index: int) -> bool:
+    """Done when its record says so and its parameter file is recorded (a damaged one was forgotten), or, once the
+    stage is done and the assembled blocks hold every window, when its record says so (the file was deleted)."""
+    p = work.window_record_path(index)
+    if not p.exists():
+        return False
+    try:
+        status = read_json(p).get("status")
+    except FreelunchError:
+        return False
+    if status != "done":
+        return False
+    if work.is_recorded(work.window_params_path(index)):
+        return True
+    st = work.stage("reconstruct")
+    return st is not None and st.status == "done"
+
+
+def missing_windows(work) -> str:
+    """Indices of windows without a finished record, for error messages ("unknown" before the stage planned them)."""
+    total = work.progress("reconstruct").get("windows_total")
+    if total is None:
+        return "unknown"
+    missing = []
+    for i in range(total):
+        p = work.window_record_path(i)
+        if not p.exists() or read_json(p).get("status") != "done":
+            missing.append(str(i))
+    if len(missing) > 12:
+        return ", ".join(missing[:12]) + f", ... ({len(missing)} in all)"
+    return ", ".join(missing) or "none"

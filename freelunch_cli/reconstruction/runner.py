@@ -1,0 +1,201 @@
+"""Running one reconstruction window: its modules, data, training, outputs and the chained stream.
+
+Each window trains a copy of its pruned modules (initialised from the pruned shards) to match the dense
+model at its end. It writes only its own files: ``recon/windows/NNN.safetensors`` (the parameters it
+changed) and ``windows/NNN.json`` (its record; ``status: done`` marks it finished). Once every window is
+done, the blocks are assembled into ``recon/block_NNN.safetensors``.
+
+With ``--inputs sparse`` a window reads the output of the already-reconstructed windows before it (the
+chained stream ``acts/recon``, stored so that a resumed run computes the same numbers); targets always
+stay the dense model's activations. What differs between window kinds is in ``reconstruction.windows``.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from freelunch_cli.core.device import free_memory, parse_dtype
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.activations import write_activations
+from freelunch_cli.model.arch import Halves, block_halves
+from freelunch_cli.model.hooks import capture_linear_io
+from freelunch_cli.model.skeleton import Skeleton, run_block
+from freelunch_cli.reconstruction.claims import Claims, worker_id
+from freelunch_cli.reconstruction.records import window_done
+from freelunch_cli.reconstruction.windows import Window
+from freelunch_cli.training.loop import train_window
+from freelunch_cli.training.peft import prepare, qualify
+from freelunch_cli.workdir.files import TensorRows, load_tensors, save_tensors_atomic, write_json_atomic
+
+
+class _Batches:
+    """(input, target) batches of a window, by sample indices."""
+
+    def __init__(self, fn):
+        self.batch = fn
+
+
+class WindowRunner:
+    """Everything one window needs: shards, caches, the dense reference and the chained stream."""
+
+    def __init__(self, work, cfg, windows: list[Window], device, compute):
+        self.work, self.cfg, self.windows, self.device, self.compute = work, cfg, windows, device, compute
+        self.sk = Skeleton.from_work(work, "pruned", device, compute, rest_device="cpu")
+        calib = work.stage("calibrate")
+        self.cache_dtype = parse_dtype(calib.signature["cache_dtype"])
+        self.samples = calib.summary["samples"]
+        self.storage_dtype = next(v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point())
+        self.sparse_inputs = cfg.inputs == "sparse"
+        self._dense: tuple[int, nn.Module] | None = None
+        perm = torch.randperm(self.samples, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = int(round(self.samples * cfg.val_fraction))
+        if cfg.val_fraction and (n_val < 1 or n_val >= self.samples):
+            raise FreelunchError(f"--val-fraction {cfg.val_fraction} of {self.samples} samples leaves no validation or no training samples")
+        self.val_idx, self.train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
+
+    @cached_property
+    def layout(self) -> Halves:
+        """How a block splits into attention and MLP halves (only submodule windows ask)."""
+        return block_halves(self.sk.build_block(0), self.sk.config.model_type)
+
+    # ---- state -------------------------------------------------------------------------------------
+    def dense_block(self, i: int) -> nn.Module:
+        if self._dense is None or self._dense[0] != i:
+            self._dense = (i, self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i))))
+        return self._dense[1]
+
+    def current_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``: the pruned shard, with the parameters of every finished window that touched it."""
+        state = load_tensors(self.work.stage_block_path("pruned", i))
+        for w in self.windows:
+            if i in w.blocks and window_done(self.work, w.index):
+                for k, v in load_tensors(self.work.check_file(self.work.window_params_path(w.index))).items():
+                    b, _, name = k.partition("/")
+                    if int(b) == i:
+                        state[name] = v
+        return state
+
+    def call(self, i: int, x: torch.Tensor):
+        return self.sk.block_call(i, x.shape[0], x.shape[1])
+
+    # ---- activations (what window kinds read) --------------------------------------------------------
+    def rows(self, stream: str, name: str) -> TensorRows:
+        return TensorRows(self.work.check_file(self.work.act_path(stream, name)))
+
+    def input_stream(self, b: int) -> str:
+        """The stream a window starting at block ``b`` reads: the chained one, except at the embeddings."""
+        return "recon" if self.sparse_inputs and b > 0 else "dense"
+
+    def load(self, rows: TensorRows, idx) -> torch.Tensor:
+        return rows.take(idx).to(self.device, torch.float32)
+
+    def dense_mid(self, i: int, x_dense: torch.Tensor) -> torch.Tensor:
+        """The dense residual stream between block ``i``'s halves, from its dense input."""
+        block = self.dense_block(i)
+        with torch.no_grad():
+            return self.layout.attention(block, x_dense.to(self.compute), self.call(i, x_dense)).float()
+
+    def dense_matrix_io(self, i: int, name: str, x_dense: torch.Tensor):
+        """The dense matrix's input and output inside dense block ``i``."""
+        block = self.dense_block(i)
+        return capture_linear_io(block, name, lambda: run_block(block, x_dense.to(self.compute), self.call(i, x_dense)))
+
+    def logit_loss(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``kl_weight`` · KL(dense ‖ reconstructed) of the next-token distributions, through the frozen final
+        norm and head: aligns the last window with what perplexity measures."""
+        with torch.no_grad():
+            teacher = torch.log_softmax(self.sk.head(t).float(), dim=-1)
+        student = torch.log_softmax(self.sk.head(y).float(), dim=-1)
+        kl = torch.nn.functional.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean")
+        return self.cfg.kl_weight * kl.to(y.device)
+
+    # ---- one window --------------------------------------------------------------------------------
+    def run(self, win: Window, claims: Claims | None = None, attempt: int = 1) -> dict | None:
+        """Train, then write the window's parameters and its record; None if another worker took it over."""
+        t0 = time.time()
+        work, cfg = self.work, self.cfg
+        if self.sparse_inputs:
+            self.ensure_chained_input(win)
+        rec = {"window": win.as_dict(), "status": "running", "started": t0, "worker": worker_id(), "attempt": attempt}
+        write_json_atomic(work.window_record_path(win.index), rec)
+        blocks = {}
+        for i in win.blocks:
+            state = win.start_state(load_tensors(work.stage_block_path("pruned", i)), lambda i=i: self.current_state(i), self)
+            blocks[i] = self.sk.build_block(i, state, dtype=torch.float32)
+        masks = {}
+        for i in win.blocks:
+            for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=self.device).items():
+                masks[f"{i}/{name}"] = keep
+        scope = win.trained_modules(blocks, self)
+        trainable = prepare(scope, {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}, cfg.peft_config(win.index))
+        total, free = trainable.params.count()
+        extra = self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
+        result = train_window(win.forward(blocks, self), trainable.params, _Batches(win.batches(blocks, self)), self.train_idx,
+                              self.val_idx, cfg.train_config(win.index), self.device, self.compute, extra_loss=extra)
+        if extra is not None:
+            result["kl_weight"] = cfg.kl_weight
+        trainable.finalize()
+        params = {}
+        for prefix, module in scope.items():
+            for k, v in module.state_dict().items():
+                params[qualify(prefix, k)] = v.detach().to(self.storage_dtype) if v.is_floating_point() else v.detach()
+        del blocks, scope, trainable
+        if claims is not None and not claims.still_mine(win.index, attempt):
+            return None  # declared dead and taken over meanwhile: the new owner writes this window
+        path = work.window_params_path(win.index)
+        work.record_file(path, save_tensors_atomic(path, params))
+        if self.sparse_inputs:
+            self.write_chained_output(win, params)
+        rec.update(result, status="done", seconds=time.time() - t0, trainable_params=total, trainable_nonzero=free)
+        write_json_atomic(work.window_record_path(win.index), rec)
+        if self.sparse_inputs and not cfg.keep_cache:
+            for name in win.chained_release():
+                work.forget_file(work.act_path("recon", name))
+        free_memory(torch.device(self.device))
+        return rec
+
+    # ---- the chained stream (--inputs sparse) -------------------------------------------------------------
+    def write_chained_output(self, win: Window, params: dict[str, torch.Tensor]) -> None:
+        """Run the finished window, as it is stored, on its chained input; store the output for the next window."""
+        name = win.chained_output(self.sk.num_blocks)
+        if name is None:
+            return
+        blocks = {}
+        for j in win.blocks:
+            state = self.current_state(j)
+            state.update({k.partition("/")[2]: v for k, v in params.items() if int(k.partition("/")[0]) == j})
+            blocks[j] = self.sk.build_block(j, state)
+        stream, source, fn = win.replay(blocks, self)
+        src = self.rows(stream, source)
+
+        def producer(rows_slice):
+            with torch.no_grad():
+                return fn(src.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute))
+
+        write_activations(self.work, self.work.act_path("recon", name), producer, self.samples, src.shape[1],
+                          self.sk.config.hidden_size, self.cache_dtype, 8)
+
+    def ensure_chained_input(self, win: Window) -> None:
+        """Recreate a deleted chained input by replaying the finished windows that produce it, as stored."""
+        needed = win.chained_input()
+        if needed is None or self.work.is_recorded(self.work.act_path("recon", needed)):
+            return
+        producer = next(w for w in reversed(self.windows[: win.index]) if w.chained_output(self.sk.num_blocks) == needed)
+        self.ensure_chained_input(producer)
+        self.write_chained_output(producer, load_tensors(self.work.check_file(self.work.window_params_path(producer.index))))
+
+    # ---- assembly ----------------------------------------------------------------------------------
+    def assemble(self) -> None:
+        """Write every reconstructed block: the pruned shard with its windows' parameters."""
+        for i in range(self.sk.num_blocks):
+            path = self.work.block_path("reconstructed", i)
+            self.work.record_file(path, save_tensors_atomic(path, self.current_state(i)))
+
+
+def in_prefix(key: str, prefix: str) -> bool:
+    """Whether a qualified name lies under a trained module's prefix ("3/" holds everything of block 3)."""
+    return key.startswith(prefix) if prefix.endswith("/") else key == prefix or key.startswith(prefix + ".")

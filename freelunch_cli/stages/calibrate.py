@@ -1,0 +1,103 @@
+"""Stage 1: import the dense model as block shards, sample calibration sequences, cache dense activations."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from freelunch_cli.core.console import Reporter
+from freelunch_cli.core.device import dtype_name, parse_dtype, pick_device
+from freelunch_cli.core.kill_points import kill_point
+from freelunch_cli.core.units import format_bytes
+from freelunch_cli.model.activations import write_activations
+from freelunch_cli.model.arch import find_arch
+from freelunch_cli.model.skeleton import Skeleton, run_block
+from freelunch_cli.model.source import import_model, load_config, load_tokenizer, meta_model, resolve_model
+from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
+from freelunch_cli.stages.options import CalibrateConfig
+from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.workdir.files import TensorRows, check_free_space, load_tensors, save_tensors_atomic
+from freelunch_cli.workdir.stage import StageState, check_signature, open_stage
+
+
+def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
+    """Write the dense model's shards, the calibration token ids ``[samples, seqlen]`` and the dense activation cache
+    (``blocks + 1`` boundaries of ``[samples, seqlen, hidden]`` in ``--cache-dtype``) into ``work``; return the summary.
+
+    Everything that can be wrong with the input is checked before the work directory is touched.
+    """
+    rep = rep or Reporter(quiet=True)
+    cfg.validate()
+    compute = parse_dtype(cfg.dtype)
+    cache_dtype = parse_dtype(cfg.cache_dtype)
+    storage = None if cfg.storage_dtype == "auto" else parse_dtype(cfg.storage_dtype)
+    device = pick_device(cfg.device)
+    spec = resolve_model(cfg.model, cfg.gguf_file)
+    src = resolve_text(cfg.data, cfg.data_config, cfg.data_split, cfg.text_field)
+    text = read_text(src)
+    signature = cfg.signature(spec.signature(), src.signature(text_fingerprint(text)))
+    config = load_config(spec)
+    n_blocks, hidden = find_arch(meta_model(config), config).num_blocks, config.hidden_size
+    per_boundary = cfg.samples * cfg.seqlen * hidden * torch.tensor([], dtype=cache_dtype).element_size()
+    planned = per_boundary * (n_blocks + 1)
+    tokenizer, ids = None, None
+    previous = check_signature(work, "calibrate", signature, force)
+    if previous is None or force or not work.is_recorded(work.tokens_path):  # sampling checks that the text suffices
+        tokenizer = load_tokenizer(spec)
+        ids = sample_sequences(tokenize(tokenizer, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+    existing = 0 if force else sum(p.stat().st_size for p in (work.acts_dir / "dense").glob("boundary_*.safetensors"))
+    check_free_space(Path(cfg.cache_dir) if cfg.cache_dir else work.root, planned - existing, "activation cache")
+
+    with open_stage(work, "calibrate", signature, rep, resume=resume, force=force) as run:
+        if run.state is StageState.FRESH or (cfg.cache_dir and run.state is StageState.RESUMED):
+            work.set_cache_dir(cfg.cache_dir)
+        if run.done:
+            return run.summary
+        rep.info(f"calibrate: model {spec.spec} -> {work.root}")
+        rep.info(f"activation cache: {n_blocks + 1} boundaries x {cfg.samples} x {cfg.seqlen} x {hidden} "
+                 f"in {dtype_name(cache_dtype)} = {format_bytes(planned)}")
+        if not work.is_recorded(work.tokens_path):
+            if ids is None:
+                tokenizer = load_tokenizer(spec)
+                ids = sample_sequences(tokenize(tokenizer, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
+            info = save_tensors_atomic(work.tokens_path, {"input_ids": ids}, {"source": src.spec, "seed": cfg.seed, "seqlen": cfg.seqlen})
+            work.record_file(work.tokens_path, info)
+        ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
+
+        meta = import_model(spec, work, storage, tokenizer=tokenizer, log=rep.info)
+        t_import = run.seconds()
+        sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
+        missing = [b for b in range(n_blocks + 1) if not work.is_recorded(work.boundary_path("dense", b))]
+        t_pass = time.time()
+        with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
+            for b in missing:
+                write_activations(work, work.boundary_path("dense", b), _dense_boundary(work, sk, ids, b), cfg.samples,
+                                  cfg.seqlen, hidden, cache_dtype, cfg.batch_size)
+                kill_point("calibrate.boundary")
+                bar.advance()
+        summary = {
+            "work": str(work.root), "model": spec.spec, "model_type": meta["model_type"], "num_blocks": n_blocks,
+            "hidden_size": hidden, "samples": cfg.samples, "seqlen": cfg.seqlen, "tokens": cfg.samples * cfg.seqlen,
+            "cache_bytes": planned, "storage_dtype": meta["storage_dtype"], "seconds_import": round(t_import, 2),
+            "seconds_dense_pass": round(time.time() - t_pass, 2), "seconds": round(run.seconds(), 2), "config": asdict(cfg),
+        }
+        return run.finish(summary, f"calibrated {n_blocks} blocks on {cfg.samples} x {cfg.seqlen} tokens in "
+                                   f"{summary['seconds']:.1f}s (cache {format_bytes(planned)})")
+
+
+def _dense_boundary(work: WorkDir, sk: Skeleton, ids: torch.Tensor, b: int):
+    """Rows of dense boundary ``b``: the embeddings (b = 0), or dense block ``b - 1`` on the stored boundary before it,
+    so a resumed pass computes exactly what an uninterrupted one does."""
+    if b == 0:
+        return lambda rows: sk.embed(ids[rows])
+    block = sk.build_block(b - 1)
+    prev = TensorRows(work.check_file(work.boundary_path("dense", b - 1)))
+
+    def producer(rows):
+        x = prev.rows(rows.start, rows.stop).to(sk.device, sk.dtype)
+        return run_block(block, x, sk.block_call(b - 1, x.shape[0], x.shape[1]))
+
+    return producer

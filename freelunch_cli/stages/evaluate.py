@@ -1,0 +1,155 @@
+"""The eval stage: perplexity and zero-shot accuracy of a work directory's model (any stage) or any model path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from freelunch_cli.core.console import Reporter
+from freelunch_cli.core.device import parse_dtype, pick_device
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.evaluation.perplexity import chunk_size, perplexity, split_sequences
+from freelunch_cli.model.skeleton import Skeleton
+from freelunch_cli.model.source import load_config, load_tokenizer, resolve_model
+from freelunch_cli.model.text import read_text, resolve_text, text_fingerprint, tokenize
+from freelunch_cli.stages.models import require_model
+from freelunch_cli.stages.options import EvalConfig
+from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
+from freelunch_cli.workdir.files import read_json, write_json_atomic
+
+MAX_DEFAULT_SEQLEN = 4096
+
+
+def default_seqlen(config) -> int:
+    return min(int(getattr(config, "max_position_embeddings", 2048) or 2048), MAX_DEFAULT_SEQLEN)
+
+
+class _Target:
+    """What is evaluated: a work directory's stage or a model path; builds the streamed or whole model once."""
+
+    def __init__(self, work: WorkDir | None, cfg: EvalConfig, device, compute):
+        self.device, self.compute, self.work = device, compute, work
+        self._sk = None
+        self._whole = None
+        if cfg.model is not None:
+            self.spec = resolve_model(cfg.model, cfg.gguf_file)
+            self.tokenizer = load_tokenizer(self.spec)
+            self.config = load_config(self.spec)
+            self.label, self.run_id, self.stage = self.spec.spec, None, None
+            return
+        if work is None:
+            raise FreelunchError("pass --work DIR or --model PATH")
+        stage = require_model(work, cfg.stage)
+        st = work.stage(STAGE_OF[stage])
+        self.tokenizer = AutoTokenizer.from_pretrained(work.model_dir("dense"))
+        self.config = AutoConfig.from_pretrained(work.model_dir("dense"))
+        self.label, self.run_id, self.stage = stage, st.run_id, stage
+
+    def _load_whole(self):
+        return AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype=torch.float32, config=self.config, **self.spec.hf_kwargs())
+
+    def skeleton(self) -> Skeleton:
+        if self._sk is None:
+            if self.stage is None:
+                self._sk = Skeleton.from_model(self._load_whole(), self.device, self.compute)
+            else:
+                self._sk = Skeleton.from_work(self.work, self.stage, self.device, self.compute)
+        return self._sk
+
+    def whole(self):
+        if self._whole is None:
+            from freelunch_cli.model.assembly import materialize
+
+            if self.stage is None:
+                self._whole = self._load_whole().to(self.device, self.compute).eval()
+            else:
+                self._whole = materialize(self.work, self.stage, self.device, self.compute)
+        return self._whole
+
+    def result_path(self, name: str):
+        if self.work is None or self.stage is None:
+            return None
+        return self.work.eval_result_path(self.label, name)
+
+
+def _cached(path, key: dict):
+    if path is not None and path.exists():
+        try:
+            rec = read_json(path)
+        except FreelunchError:
+            return None
+        if rec.get("key") == key:
+            return rec
+    return None
+
+
+def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None) -> dict:
+    """Perplexity on each ``--ppl`` text and lm-eval accuracy on ``--tasks`` of a work directory's model (or of
+    ``--model``); results are kept in ``WORK/eval`` and an identical evaluation is read from there."""
+    rep = rep or Reporter(quiet=True)
+    cfg.validate()
+    compute = parse_dtype(cfg.dtype)
+    device = pick_device(cfg.device)
+    sources = [resolve_text(p, default_split="test") for p in cfg.ppl]
+    target = _Target(work, cfg, device, compute)
+    seqlen = cfg.seqlen or default_seqlen(target.config)
+    results = []
+    for src in sources:
+        text = read_text(src)
+        key = {**cfg.signature(target.label, target.run_id), "data": src.spec, "data_sha": text_fingerprint(text), "seqlen": seqlen,
+               "limit_windows": cfg.limit_sequences}  # the key's name predates --limit-sequences: cached results stay valid
+        path = target.result_path(f"{src.name}__L{seqlen}")
+        cached = _cached(path, key)
+        if cached is not None:
+            rep.info(f"{target.label} on {src.name}: cached")
+            results.append(cached)
+            continue
+        sequences = split_sequences(tokenize(target.tokenizer, text), seqlen, cfg.limit_sequences)
+        if len(sequences) == 0:
+            raise FreelunchError(f"{src.spec} has fewer than {seqlen} tokens: no window to evaluate (lower --seqlen)")
+        sk = target.skeleton()
+        t0 = time.time()
+        chunks = -(-len(sequences) // chunk_size(target.config.hidden_size, seqlen, cfg.batch_size))
+        with rep.progress(f"ppl {src.name}", total=sk.num_blocks * chunks) as bar:
+            res = perplexity(sk, sequences, cfg.batch_size, on_block=bar.advance)
+        res.update(key=key, model=target.label, data=src.name, seconds=round(time.time() - t0, 2))
+        if path is not None:
+            write_json_atomic(path, res)
+        results.append(res)
+    if results:
+        rep.table("perplexity", ["model", "data", "seqlen", "tokens", "ppl"],
+                  [[r["model"], r["data"], r["seqlen"], r["tokens"], f"{r['ppl']:.3f}"] for r in results])
+    summary: dict = {"results": results}
+    if cfg.tasks:
+        summary["zero_shot"] = _zero_shot(target, cfg, device, compute, rep)
+    line = " · ".join(f"{r['model']} {r['data']}: ppl {r['ppl']:.3f}" for r in results)
+    if cfg.tasks and summary["zero_shot"]["mean_acc"] is not None:
+        line += (" · " if line else "") + f"{target.label} mean zero-shot acc {summary['zero_shot']['mean_acc']:.4f}"
+    rep.summary(line, summary)
+    return summary
+
+
+def _zero_shot(target: _Target, cfg: EvalConfig, device, compute, rep: Reporter) -> dict:
+    from freelunch_cli.evaluation.zeroshot import zero_shot
+
+    tasks = sorted(set(cfg.tasks))
+    key = {**cfg.signature(target.label, target.run_id), "tasks": tasks, "tasks_dir": cfg.tasks_dir, "limit": cfg.limit}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    path = target.result_path(f"tasks-{digest}")
+    res = _cached(path, key)
+    if res is None:
+        t0 = time.time()
+        rep.info(f"zero-shot on {', '.join(tasks)} (lm-eval)")
+        res = zero_shot(target.whole(), target.tokenizer, tasks, cfg.tasks_dir, cfg.batch_size, cfg.limit, device)
+        res.update(key=key, model=target.label, seconds=round(time.time() - t0, 2))
+        if path is not None:
+            write_json_atomic(path, res)
+    rows = [[t, f"{m.get('acc', float('nan')):.4f}", f"{m['acc_norm']:.4f}" if "acc_norm" in m else "-"] for t, m in res["tasks"].items()]
+    if res["mean_acc"] is not None:
+        rows.append(["mean", f"{res['mean_acc']:.4f}", ""])
+    rep.table(f"zero-shot accuracy ({target.label})", ["task", "acc", "acc_norm"], rows)
+    return res

@@ -1,0 +1,180 @@
+"""Stage 5: a standard Hugging Face folder (sharded safetensors, zeros stored) and a model card."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from freelunch_cli import __version__
+from freelunch_cli.core.console import Reporter
+from freelunch_cli.core.device import dtype_name, parse_dtype
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.core.kill_points import kill_point
+from freelunch_cli.core.units import parse_size
+from freelunch_cli.model.arch import find_arch
+from freelunch_cli.model.source import meta_model
+from freelunch_cli.stages.models import require_model
+from freelunch_cli.stages.options import ExportConfig
+from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
+from freelunch_cli.workdir.files import load_tensors, read_json, save_tensors_atomic, sha256_file, write_bytes_atomic, write_json_atomic
+
+MARKER = ".freelunch-export.json"  # in the output folder: what was exported, and which shards are written
+
+
+def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
+    """Write the model of ``cfg.stage`` as a Hugging Face folder in ``cfg.out`` (safetensors shards holding the zeros,
+    config, tokenizer, model card); ``resume`` keeps the shards an interrupted export wrote. Returns the summary.
+
+    Raises FreelunchError for an unfinished model, a non-empty ``out`` without ``force``/``resume``, or an unwritable one.
+    """
+    rep = rep or Reporter(quiet=True)
+    cfg.validate()
+    out = Path(cfg.out)
+    stage = require_model(work, cfg.stage)
+    target = parse_dtype(cfg.dtype) if cfg.dtype else None
+    limit = parse_size(cfg.max_shard_size, "--max-shard-size")
+    signature = cfg.signature(str(work.root.resolve()), stage, work.stage(STAGE_OF[stage]).run_id)
+    marker = _read_marker(out)
+    resuming = resume and marker is not None and marker.get("signature") == signature
+    if resume and marker is not None and not resuming:
+        raise FreelunchError(f"{out} holds an export of another model or with other options; use --force to overwrite it")
+    if out.exists() and any(out.iterdir()) and not (force or resuming):
+        hint = "--resume to finish it or " if marker is not None else ""
+        raise FreelunchError(f"{out} exists and is not empty; pass {hint}--force to overwrite it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".freelunch-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FreelunchError(f"cannot write to {out}: {e.strerror or e}") from None
+    t0 = time.time()
+    dense = work.model_dir("dense")
+    config = AutoConfig.from_pretrained(dense)
+    arch = find_arch(meta_model(config), config)
+    parts = [("rest", work.check_file(work.rest_path(stage)))]
+    parts += [(i, work.stage_block_path(stage, i)) for i in range(arch.num_blocks)]
+    shards = plan_shards(parts, target, limit)
+    names = ["model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
+    done = marker["shards"] if resuming else {}
+    if not resuming:
+        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+            old.unlink()
+    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "running"})
+    with rep.progress("export", total=len(parts)) as bar:
+        for name, shard in zip(names, shards):
+            rec = done.get(name)
+            if rec is not None and (out / name).exists() and sha256_file(out / name).sha256 == rec["sha256"]:
+                bar.advance(len(shard))
+                continue
+            tensors, zeros, numel = {}, 0, 0
+            for part, path in shard:
+                prefix = "" if part == "rest" else arch.block_prefix(part)
+                for k, v in load_tensors(path).items():
+                    if target is not None and v.is_floating_point():
+                        v = v.to(target)
+                    tensors[prefix + k] = v
+                    if part != "rest" and v.dim() == 2:
+                        zeros += int((v == 0).sum())
+                        numel += v.numel()
+                bar.advance()
+            info = save_tensors_atomic(out / name, tensors, {"format": "pt"})
+            done[name] = {**info.as_dict(), "keys": sorted(tensors), "zeros": zeros, "numel": numel,
+                          "bytes": sum(v.numel() * v.element_size() for v in tensors.values())}
+            write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "running"})
+            kill_point("export.shard")
+    total = sum(done[n]["bytes"] for n in names)
+    if len(shards) > 1:
+        weight_map = {k: n for n in names for k in done[n]["keys"]}
+        write_json_atomic(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    sparsity = sum(done[n]["zeros"] for n in names) / max(sum(done[n]["numel"] for n in names), 1)
+    if target is not None:
+        config.dtype = dtype_name(target)
+    config.save_pretrained(out)
+    for f in dense.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy2(f, out / f.name)
+    write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity).encode())
+    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done"})
+    summary = {"out": str(out), "stage": stage, "shards": len(shards), "bytes": total, "block_sparsity": sparsity,
+               "seconds": round(time.time() - t0, 2)}
+    rep.summary(f"exported the {stage} model to {out} ({len(shards)} shard(s), block weight sparsity {sparsity:.4f})", summary)
+    return summary
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        return read_json(out / MARKER) if (out / MARKER).exists() else None
+    except FreelunchError:
+        return None
+
+
+def plan_shards(parts, target, limit: int) -> list[list]:
+    """Consecutive parts grouped up to ``limit`` bytes (sizes read from the safetensors headers)."""
+    from safetensors import safe_open
+
+    shards, cur, cur_size = [], [], 0
+    for part, path in parts:
+        size = 0
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                floating = sl.get_dtype() in ("F32", "F16", "BF16", "F64")
+                size += numel * (target.itemsize if target is not None and floating else _itemsize(sl.get_dtype()))
+        if cur and cur_size + size > limit:
+            shards.append(cur)
+            cur, cur_size = [], 0
+        cur.append((part, path))
+        cur_size += size
+    shards.append(cur)
+    return shards
+
+
+def _itemsize(st_dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(st_dtype, 4)
+
+
+def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
+    """A short README recording where the model came from and how it was made."""
+    calib = work.stage("calibrate")
+    steps = work.lineage(stage)
+    prune, recon, retrain = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain")
+    source = calib.signature.get("model")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [sparse, pruned, freelunch]",
+        "---",
+        "",
+        f"# Sparse model made with freelunch {__version__}",
+        "",
+        f"- Source model: `{source}`" + (f" (GGUF `{calib.signature['gguf_file']}`)" if calib.signature.get("gguf_file") else ""),
+        f"- Calibration: {calib.summary['samples']} x {calib.summary['seqlen']} tokens from `{calib.signature['data']}`, seed {calib.signature['seed']}",
+    ]
+    if prune is not None:
+        lines.append(f"- Pruning: {prune.summary['criterion']}, {prune.summary['pattern']}; achieved sparsity of block linear weights {sparsity:.4f}")
+    else:
+        lines.append("- Pruning: none (dense model)")
+    if recon is not None:
+        c = recon.summary["config"]
+        lines.append(f"- Local reconstruction: window {c['window']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}, loss {c['loss']}")
+    else:
+        lines.append("- Local reconstruction: none")
+    if retrain is not None:
+        c = retrain.summary["config"]
+        kind = "Fine-tuning of the dense model" if prune is None else "Global retraining"
+        lines.append(f"- {kind} ({c.get('peft') or 'full'}): {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
+    evals = work.eval_results("*")
+    runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
+    rows = [r for r in (read_json(p) for p in evals) if r.get("key", {}).get("run") == runs.get(r.get("model"))]
+    if rows:
+        lines += ["", "## Metrics", "", "| model | data | seqlen | tokens | perplexity |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['data']} | {r['seqlen']} | {r['tokens']} | {r['ppl']:.3f} |" for r in rows if "ppl" in r]
+    lines += ["", "Pruned weights are stored as zeros; the model loads with plain `transformers`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""Stage 3: local reconstruction, one window at a time, resumable per window, shared by any number of workers.
+
+Scheduling lives here (shards, claims, assembly, cache cleanup, ``--window auto``, ``--status``); what a
+window does is in ``reconstruction.runner`` and ``reconstruction.windows``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+from freelunch_cli.core.console import Reporter
+from freelunch_cli.core.device import parse_dtype, pick_device
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.core.kill_points import kill_point
+from freelunch_cli.model.arch import block_halves, block_linears
+from freelunch_cli.model.skeleton import Skeleton
+from freelunch_cli.reconstruction.claims import Claims, detect_shard
+from freelunch_cli.reconstruction.memory import block_numbers, choose_window, parse_memory
+from freelunch_cli.reconstruction.records import window_done
+from freelunch_cli.reconstruction.runner import WindowRunner
+from freelunch_cli.reconstruction.windows import Window, enumerate_windows
+from freelunch_cli.stages.options import ReconstructConfig
+from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.workdir.files import read_json
+from freelunch_cli.workdir.locks import Busy, locked_file
+from freelunch_cli.workdir.stage import StageRun, open_stage
+
+def plan_windows(work: WorkDir, window: str) -> list[Window]:
+    calib = work.require_done("calibrate", "reconstruct")
+    kind = window.strip().lower()
+    matrices = None
+    if kind in ("matrix", "submodule"):
+        template = Skeleton.from_work(work, "dense", "cpu", torch.float32).templates[0]
+        matrices = list(block_linears(template))
+        if kind == "submodule":
+            block_halves(template, calib.summary["model_type"])  # refuses blocks without attention/MLP halves
+    return enumerate_windows(calib.summary["num_blocks"], window, matrices)
+
+
+def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
+    """Run (this process's share of) the windows; the worker that sees every window done assembles the model.
+
+    Returns the stage summary, or, for a worker that finished its windows while another assembles, what it ran.
+    """
+    rep = rep or Reporter(quiet=True)
+    cfg.validate()
+    compute = parse_dtype(cfg.dtype)
+    device = pick_device(cfg.device)
+    shard = detect_shard(cfg.shard)
+    if shard is not None and cfg.inputs == "sparse":
+        raise FreelunchError("--inputs sparse chains windows in order and cannot be sharded; use --inputs dense with --shard")
+    if shard is not None and force:
+        raise FreelunchError("--force cannot be combined with sharded workers (each would start over); run "
+                             "`freelunch reconstruct --prepare --force ...` once, then start the workers")
+    pruned = work.require_done("prune", "reconstruct")
+    cfg = resolve_auto_window(work, cfg, device, rep)
+    windows = plan_windows(work, cfg.window)
+    with open_stage(work, "reconstruct", cfg.signature(pruned.run_id), rep, resume=resume or shard is not None, force=force,
+                    shared=shard is not None) as run:
+        if run.done:
+            return run.summary
+        work.set_progress("reconstruct", "windows_total", len(windows))
+        if cfg.prepare:
+            return run.report(f"reconstruct prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
+                              {"windows": len(windows), "prepared": True})
+        runner = WindowRunner(work, cfg, windows, device, compute)
+        claims = Claims(work.windows_dir, cfg.stale_after if shard is not None else 0.0)
+        mine = [w for w in windows if shard is None or shard.owns(w.index)]
+        order = mine + [w for w in windows if w not in mine]  # then help with the rest (dead or slow workers)
+        done_before = sum(window_done(work, w.index) for w in windows)
+        who = f"shard {shard.index}/{shard.count} ({shard.source}), " if shard else ""
+        rep.info(f"reconstruct: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, "
+                 f"{cfg.peft}; lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
+                 f"loss {cfg.loss}")
+        ran = []
+        with rep.progress("reconstruct", total=len(windows), completed=done_before) as bar:
+            while True:
+                progressed = False
+                for win in order:
+                    if window_done(work, win.index):
+                        continue
+                    attempt = claims.try_claim(win.index)
+                    if attempt is None:
+                        continue
+                    with claims.heartbeat(win.index, attempt):
+                        rec = runner.run(win, claims, attempt)
+                    progressed = True
+                    if rec is None:
+                        rep.info(f"  window {win.index:3d} was taken over by another worker; its result is theirs")
+                        continue
+                    ran.append(win.index)
+                    rep.info(f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
+                             f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else ""))
+                    kill_point("reconstruct.window")
+                    bar.advance()
+                    if not cfg.keep_cache:
+                        drop_unneeded_boundaries(work, windows)
+                if all(window_done(work, w.index) for w in windows):
+                    break
+                if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
+                    time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
+        return finish_reconstruct(run, runner, windows, cfg, ran)
+
+
+def finish_reconstruct(run: StageRun, runner: WindowRunner, windows: list[Window], cfg: ReconstructConfig, ran: list[int]) -> dict:
+    """Assemble the blocks and mark the stage done, once: the first worker to get here does it; the others report
+    the windows they ran."""
+    work = run.work
+    try:
+        with locked_file(work.lock_path("assemble"), blocking=False):
+            if work.stage("reconstruct").status == "done":
+                summary = work.stage("reconstruct").summary
+                return run.report(_summary_line(summary), summary)
+            runner.assemble()
+            records = [read_json(work.window_record_path(w.index)) for w in windows]
+            summary = {
+                "work": str(work.root), "window": cfg.window, "windows": len(windows),
+                "loss_before": sum(r["loss_before"] for r in records), "loss_after": sum(r["loss_after"] for r in records),
+                "trainable_params": sum(r["trainable_params"] for r in records), "seconds": round(run.seconds(), 2),
+                "window_seconds": round(sum(r["seconds"] for r in records), 2),
+                "workers": sorted({r.get("worker", "?") for r in records}), "ran_here": ran, "config": asdict(cfg),
+            }
+            if cfg.inputs == "sparse" and not cfg.keep_cache:
+                shutil.rmtree(work.acts_dir / "recon", ignore_errors=True)
+            run.finish(summary, _summary_line(summary))
+            if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight
+                work.forget([work.rel(work.window_params_path(w.index)) for w in windows])
+            return summary
+    except Busy:
+        return run.report(f"this worker ran windows {ran or 'none'}; another worker is assembling the model",
+                          {"ran": ran, "assembled": False})
+
+
+def _summary_line(summary: dict) -> str:
+    return (f"reconstructed {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
+            f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s")
+
+
+def drop_unneeded_boundaries(work: WorkDir, windows: list[Window]) -> None:
+    """Delete dense activation files no unfinished window needs. Their manifest records stay, so a later
+    `calibrate --resume` recomputes them if another reconstruction needs them."""
+    needed = set().union(*(w.dense_boundaries() for w in windows if not window_done(work, w.index)))
+    for b in range(max(w.last for w in windows) + 2):
+        if b not in needed:
+            work.boundary_path("dense", b).unlink(missing_ok=True)
+
+
+def resolve_auto_window(work: WorkDir, cfg: ReconstructConfig, device, rep: Reporter) -> ReconstructConfig:
+    """``--window auto``: the largest window whose estimated memory fits ``--max-memory``."""
+    if cfg.window != "auto":
+        return cfg
+    if not cfg.max_memory:
+        raise FreelunchError("--window auto needs --max-memory (e.g. 40GiB, or 0.8 of the device)")
+    calib = work.stage("calibrate")
+    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+    nums = block_numbers(sk.config, sk.templates[0])
+    budget = parse_memory(cfg.max_memory, torch.device(device))
+    act_bytes = torch.tensor([], dtype=parse_dtype(cfg.dtype)).element_size()
+    chosen, table = choose_window(calib.summary["num_blocks"], nums, cfg.batch_size, calib.summary["seqlen"], budget, act_bytes)
+    gib = 2**30
+    rep.table(f"memory estimate per window (batch {cfg.batch_size} x {calib.summary['seqlen']} tokens, budget {budget / gib:.2f} GiB)",
+              ["window", "trainable params", "weights+grads+AdamW", "activations", "batch in/out", "dense copy", "total", "fits"],
+              [[t["window"], f"{t['trainable_params'] / 1e6:.1f}M", f"{t['weights_grads_adam'] / gib:.2f} GiB", f"{t['activations'] / gib:.2f} GiB",
+                f"{t['batch_io'] / gib:.2f} GiB", f"{t['frozen_dense'] / gib:.2f} GiB", f"{t['total'] / gib:.2f} GiB", "yes" if t["fits"] else "no"]
+               for t in table])
+    rep.info(f"--window auto: {chosen}")
+    return replace(cfg, window=chosen)
+
+
+def reconstruct_status(work: WorkDir, stale_after: float = 300.0) -> dict:
+    """Done / running / stale / pending windows, for watching a cluster run."""
+    work.require_done("prune", "reconstruct --status")
+    st = work.stage("reconstruct")
+    if st is None:
+        return {"status": "not started", "done": [], "running": [], "stale": [], "pending": []}
+    total = work.progress("reconstruct").get("windows_total", 0)
+    claims = Claims(work.windows_dir, stale_after)
+    out = {"status": st.status, "window": st.signature.get("window"), "done": [], "running": [], "stale": [], "pending": []}
+    for i in range(total):
+        if window_done(work, i):
+            out["done"].append(i)
+            continue
+        cur = claims.current(i)
+        if cur is None:
+            out["pending"].append(i)
+        elif cur[2] < stale_after:
+            out["running"].append({"window": i, "worker": cur[1].get("worker"), "attempt": cur[0], "heartbeat_age": round(cur[2], 1)})
+        else:
+            out["stale"].append({"window": i, "worker": cur[1].get("worker"), "attempt": cur[0], "heartbeat_age": round(cur[2], 1)})
+    return out
+
+
+def show_status(work: WorkDir, stale_after: float, rep: Reporter) -> dict:
+    st = reconstruct_status(work, stale_after)
+    rows = [["done", len(st["done"]), _ranges(st["done"])], ["running", len(st["running"]), ", ".join(f"{r['window']} ({r['worker']})" for r in st["running"])],
+            ["stale", len(st["stale"]), ", ".join(f"{r['window']} ({r['worker']}, {r['heartbeat_age']:.0f}s)" for r in st["stale"])],
+            ["pending", len(st["pending"]), _ranges(st["pending"])]]
+    rep.table(f"reconstruct in {work.root}: {st['status']}", ["windows", "count", "which"], rows)
+    rep.summary(f"{len(st['done'])} done, {len(st['running'])} running, {len(st['stale'])} stale, {len(st['pending'])} pending", st)
+    return st
+
+
+def _ranges(indices: list[int]) -> str:
+    out, i = [], 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        out.append(str(indices[i]) if i == j else f"{indices[i]}-{indices[j]}")
+        i = j + 1
+    return ", ".join(out)

@@ -1,0 +1,127 @@
+"""What a window trains: all parameters, only biases and norms, or low-rank adapters kept sparse.
+
+``prepare(modules, masks, cfg)`` freezes everything, makes the chosen parameters trainable and returns a
+``Trainable`` whose ``finalize()`` leaves plain weights behind (LoRA merged, masks re-applied), so the model
+is exactly as sparse as the pruned one whichever variant ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.training.loop import MaskedParams
+
+PEFT_VARIANTS = ("full", "bias-norm", "lora", "masked-lora")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    variant: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.variant not in PEFT_VARIANTS:
+            raise FreelunchError(f"unknown --peft {self.variant!r}: choose one of {', '.join(PEFT_VARIANTS)}")
+        if self.lora_rank < 1:
+            raise FreelunchError("--lora-rank must be at least 1")
+
+
+class LoRA(nn.Module):
+    """W -> W + (alpha / r) · B A, optionally multiplied by the keep-mask (MaskLoRA)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, mask: torch.Tensor | None,
+                 generator: torch.Generator, device):
+        super().__init__()
+        a = torch.empty(rank, in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.A = nn.Parameter(a.to(device))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.scale = alpha / rank
+        self.register_buffer("mask", mask.to(device=device, dtype=torch.bool) if mask is not None else None)  # 1 byte a weight, not 4
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = (self.B @ self.A) * self.scale
+        if self.mask is not None:
+            delta = delta * self.mask
+        return weight + delta.to(weight.dtype)
+
+
+def qualify(prefix: str, name: str) -> str:
+    """Qualified names inside a window: "3/" + "mlp.up_proj" or "3/mlp" + "." + "up_proj"."""
+    return prefix + name if prefix.endswith("/") or not prefix else f"{prefix}.{name}"
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
+
+
+@dataclass
+class Trainable:
+    params: MaskedParams
+    linears: dict[str, nn.Linear]
+    masks: dict[str, torch.Tensor]
+    lora: bool
+
+    def finalize(self) -> None:
+        """Merge adapters and re-apply every mask; afterwards pruned weights are exactly zero."""
+        with torch.no_grad():
+            for name, lin in self.linears.items():
+                if self.lora and parametrize.is_parametrized(lin, "weight"):
+                    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+                keep = self.masks.get(name)
+                if keep is not None:
+                    lin.weight.mul_(keep.to(lin.weight.dtype))
+            for name, lin in self.linears.items():
+                keep = self.masks.get(name)
+                if keep is not None and bool((lin.weight[~keep] != 0).any()):
+                    raise RuntimeError(f"pruned weights of {name} are not zero after reconstruction")
+
+
+def prepare(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], cfg: PeftConfig) -> Trainable:
+    """``modules``: the window's trainable scope by qualified name; ``masks``: keep-masks by qualified linear name."""
+    cfg.validate()
+    for m in modules.values():
+        for p in m.parameters():
+            p.requires_grad_(False)
+    linears: dict[str, nn.Linear] = {}
+    for prefix, m in modules.items():
+        if isinstance(m, nn.Linear):
+            linears[prefix] = m
+        else:
+            linears.update({qualify(prefix, n): sub for n, sub in m.named_modules() if isinstance(sub, nn.Linear)})
+    params: list[nn.Parameter] = []
+    by_id: dict[int, torch.Tensor] = {}
+    if cfg.variant == "full":
+        for prefix, m in modules.items():
+            params += [p for p in m.parameters()]
+        for name, lin in linears.items():
+            if name in masks:
+                by_id[id(lin.weight)] = masks[name]
+    elif cfg.variant == "bias-norm":
+        seen = set()
+        for m in modules.values():
+            for sub in m.modules():
+                for pname, p in sub.named_parameters(recurse=False):
+                    if (pname == "bias" or _is_norm(sub)) and id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        for name, lin in linears.items():
+            keep = masks.get(name)
+            adapter = LoRA(lin.out_features, lin.in_features, cfg.lora_rank, cfg.lora_alpha,
+                           keep if cfg.variant == "masked-lora" else None, g, lin.weight.device)
+            parametrize.register_parametrization(lin, "weight", adapter)
+            lin.parametrizations.weight.original.requires_grad_(False)
+            params += [adapter.A, adapter.B]
+    for p in params:
+        p.requires_grad_(True)
+    return Trainable(MaskedParams(params, by_id), linears, masks, cfg.variant in ("lora", "masked-lora"))

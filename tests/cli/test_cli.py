@@ -1,0 +1,53 @@
+"""The CLI end to end on a tiny model: every subcommand's wiring, --json summaries, --quiet."""
+
+import json
+
+from typer.testing import CliRunner
+
+from helpers import SAMPLES, SEQLEN
+from freelunch_cli.cli import app
+from helpers import CALIB, HELDOUT
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [*args, "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # --quiet: nothing for people, the summary on stdout
+    return json.loads(result.stdout)
+
+
+def test_pipeline_through_the_cli(tiny_models, tmp_path):
+    w = str(tmp_path / "w")
+    cal = run("calibrate", "--model", str(tiny_models["mistral"]), "--data", str(CALIB), "--samples", str(SAMPLES), "--seqlen",
+              str(SEQLEN), "--work", w, "--device", "cpu")
+    assert cal["num_blocks"] == 2 and cal["tokens"] == SAMPLES * SEQLEN
+    ev = ["--work", w, "--ppl", str(HELDOUT), "--seqlen", str(SEQLEN), "--limit-windows", "4", "--device", "cpu"]
+    dense = run("eval", *ev, "--stage", "dense")["results"][0]
+    pr = run("prune", "--work", w, "--criterion", "ria", "--pattern", "2:4", "--device", "cpu")
+    assert pr["pattern"] == "2:4" and abs(pr["achieved_sparsity"] - 0.5) < 1e-9
+    rc = run("reconstruct", "--work", w, "--window", "submodule", "--lr", "1e-3", "--device", "cpu", "--keep-cache")
+    assert rc["windows"] == 4 and rc["loss_after"] < rc["loss_before"]
+    st = run("reconstruct", "--work", w, "--status")
+    assert st["done"] == [0, 1, 2, 3] and st["status"] == "done"
+    recon = run("eval", *ev)["results"][0]
+    assert recon["model"] == "reconstructed" and dense["model"] == "dense"
+    rt = run("retrain", "--work", w, "--steps", "2", "--lr", "1e-4", "--device", "cpu")
+    assert rt["steps"] == 2 and rt["from"] == "reconstructed"
+    assert (rt["config"]["peft"], rt["config"]["lr"], rt["config"]["grad_checkpoint"]) == ("masked-lora", 1e-4, True)
+    rt = run("retrain", "--work", w, "--steps", "2", "--no-grad-checkpoint", "--peft", "full", "--device", "cpu", "--force")
+    assert (rt["config"]["peft"], rt["config"]["lr"], rt["config"]["grad_checkpoint"]) == ("full", 1e-4, False)
+    out = tmp_path / "hf"
+    ex = run("export", "--work", w, "--out", str(out), "--stage", "reconstructed")
+    assert ex["stage"] == "reconstructed" and (out / "config.json").exists()
+    rep = run("eval", "--compare", w, "--out", str(tmp_path / "report"), "--plot")
+    assert [r["model"] for r in rep["rows"]] == ["dense", "reconstructed"]
+    assert (tmp_path / "report" / "compare.md").exists() and (tmp_path / "report" / "window_losses.png").exists()
+    again = run("prune", "--work", w, "--criterion", "ria", "--pattern", "2:4", "--device", "cpu")
+    assert again == pr  # a finished stage with the same options: its summary, nothing redone
+
+
+def test_version_and_help():
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("freelunch ")
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0 and all(c in r.stdout for c in ("calibrate", "prune", "reconstruct", "eval", "export", "retrain"))

@@ -1,0 +1,66 @@
+"""Shared test helpers: tiny random causal LMs (2 blocks, hidden 64) with a real tokenizer, saved as Hugging Face
+folders; the data files; the calibration size every fixture uses; streamed logits of a work directory's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+
+ARCHS = ["llama", "qwen2", "mistral", "opt"]
+SAMPLES, SEQLEN = 16, 48  # the calibration of every fixture's work directory
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CALIB = DATA / "wikitext-2-raw" / "calib.txt"
+HELDOUT = DATA / "wikitext-2-raw" / "heldout.txt"
+VOCAB = 384
+
+
+def tiny_config(arch: str, layers: int = 2, hidden: int = 64):
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256)
+    if arch == "llama":
+        return LlamaConfig(intermediate_size=2 * hidden, num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return Qwen2Config(intermediate_size=2 * hidden, num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return MistralConfig(intermediate_size=2 * hidden, num_key_value_heads=2, sliding_window=24, **common)
+    if arch == "opt":
+        return OPTConfig(ffn_dim=2 * hidden, word_embed_proj_dim=hidden, dropout=0.1, **common)
+    raise ValueError(arch)
+
+
+def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, text: str | None = None) -> Path:
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, layers)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # Larger weights than the default init so pruning visibly hurts and reconstruction visibly helps.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    train_tokenizer(text if text is not None else CALIB.read_text()[:200_000]).save_pretrained(folder)
+    return folder
+
+
+def streamed_logits(work, stage: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a work directory's model computed block by block from its shards (the streaming path)."""
+    from freelunch_cli.model.skeleton import Skeleton, run_block
+
+    sk = Skeleton.from_work(work, stage, "cpu", torch.float32)
+    with torch.no_grad():
+        h = sk.embed(ids)
+        for i in range(sk.num_blocks):
+            h = run_block(sk.build_block(i), h, sk.block_call(i, *h.shape[:2]))
+        return sk.logits(h)

@@ -1,0 +1,51 @@
+"""The streamed model (one block at a time from shards) computes exactly what transformers computes."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import ARCHS, SEQLEN
+from freelunch_cli.evaluation.perplexity import perplexity, split_sequences
+from freelunch_cli.model.skeleton import Skeleton
+from freelunch_cli.workdir.files import TensorRows, load_tensors
+from helpers import streamed_logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_boundaries_match_transformers_hidden_states(arch, tiny_models, calibrated):
+    work = calibrated[arch]
+    ids = load_tensors(work.tokens_path)["input_ids"][:4]
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+    n = ref.config.num_hidden_layers
+    for b in range(n):  # hidden_states[n] has the final norm applied by transformers; compare the rest
+        cached = TensorRows(work.boundary_path("dense", b)).rows(0, 4).float()
+        torch.testing.assert_close(cached, out.hidden_states[b], atol=2e-3, rtol=2e-3)
+    # the last boundary, through the model's own final norm and head, gives its logits
+    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+    last = TensorRows(work.boundary_path("dense", n)).rows(0, 4).float()
+    torch.testing.assert_close(sk.logits(last), out.logits, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_by_block_forward_is_exact(arch, tiny_models, calibrated):
+    work = calibrated[arch]
+    ids = load_tensors(work.tokens_path)["input_ids"][:3]
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, streamed_logits(work, "dense", ids), atol=1e-5, rtol=1e-5)
+
+
+def test_perplexity_matches_a_direct_computation(tiny_models, calibrated):
+    work = calibrated["llama"]
+    ids = load_tensors(work.tokens_path)["input_ids"].flatten()
+    windows = split_sequences(ids, SEQLEN, limit=6)
+    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+    res = perplexity(sk, windows, batch_size=4, memory_budget=1)  # tiny budget: several chunks
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [ref(w[None], labels=w[None]).loss for w in windows]  # mean NLL over L-1 tokens
+    expected = torch.exp(torch.stack(losses).mean())
+    assert res["tokens"] == 6 * (SEQLEN - 1)
+    assert res["ppl"] == pytest.approx(float(expected), rel=1e-5)

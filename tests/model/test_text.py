@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+
+from freelunch_cli.model.text import read_documents, read_text, resolve_text, sample_sequences
+from freelunch_cli.core.errors import FreelunchError
+
+
+def test_windows_are_exact_reproducible_and_distinct():
+    ids = torch.arange(10_000)
+    a = sample_sequences(ids, 20, 128, seed=3)
+    b = sample_sequences(ids, 20, 128, seed=3)
+    c = sample_sequences(ids, 20, 128, seed=4)
+    assert a.shape == (20, 128)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # each window is a contiguous slice of the stream, and no two windows share a token
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(20, 127, dtype=a.dtype))
+    assert len(set(a.flatten().tolist())) == 20 * 128
+
+
+def test_too_little_text_is_a_clear_error():
+    with pytest.raises(FreelunchError, match="too little calibration text"):
+        sample_sequences(torch.arange(1000), 10, 128, seed=0)
+    # overlapping windows are allowed on request
+    assert sample_sequences(torch.arange(1000), 10, 128, seed=0, overlap=True).shape == (10, 128)
+
+
+def test_jsonl_and_parquet_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    j = tmp_path / "d.jsonl"
+    j.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]) + "\n")
+    assert read_documents(resolve_text(str(j))) == ["one", "two"]
+    assert read_text(resolve_text(str(j))) == "one\n\ntwo"
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"]}), p)
+    assert read_documents(resolve_text(str(p))) == ["a", "b", "c"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(FreelunchError, match="no field 'text'"):
+        read_documents(resolve_text(str(bad)))
+
+
+def test_dataset_reference_parsing():
+    s = resolve_text("Salesforce/wikitext:wikitext-2-raw-v1:test")
+    assert (s.spec, s.config, s.split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+    assert resolve_text("wikitext", "cfg", None).split == "train"
+
+
+def test_bad_text_files(tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("  \n")
+    with pytest.raises(FreelunchError, match="holds no text"):
+        read_text(resolve_text(str(empty)))
+    latin = tmp_path / "l.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(FreelunchError, match="not UTF-8"):
+        read_text(resolve_text(str(latin)))
+    with pytest.raises(FreelunchError, match="not found"):
+        resolve_text(str(tmp_path / "missing.txt"))

@@ -1,0 +1,184 @@
+"""Sharded reconstruction: concurrent workers, takeover of a dead worker's window, status, memory choice."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.reconstruction.memory import block_numbers, choose_window, estimate
+from freelunch_cli.stages.prune import PruneConfig, prune
+from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct, reconstruct_status
+from freelunch_cli.reconstruction.claims import detect_shard
+from freelunch_cli.model.skeleton import Skeleton
+from freelunch_cli.workdir.files import load_tensors, read_json
+from freelunch_cli.workdir.directory import WorkDir
+from helpers import CALIB, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def pruned4(tmp_path_factory):
+    """A pruned 4-block model: 8 submodule windows to share."""
+    root = tmp_path_factory.mktemp("scale")
+    model = make_tiny_model(root / "model", "llama", layers=4)
+    work = WorkDir(root / "work")
+    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
+    prune(work, PruneConfig(criterion="wanda", device="cpu"))
+    return work
+
+
+def clone(work, dst):
+    subprocess.run(["cp", "-a", str(work.root), str(dst)], check=True)
+    return WorkDir(dst)
+
+
+ARGS = ["--window", "submodule", "--lr", "1e-3", "--epochs", "3", "--device", "cpu", "--keep-cache", "--quiet"]
+
+
+def worker(work, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "freelunch_cli", "reconstruct", "--work", str(work.root), *ARGS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def test_shard_detection():
+    s = detect_shard("1/3", {})
+    assert (s.index, s.count, s.source) == (1, 3, "--shard") and s.owns(4) and not s.owns(3)
+    t = detect_shard(None, {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    assert (t.index, t.count, t.source) == (2, 4, "torchrun")
+    a = detect_shard(None, {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10"})
+    assert (a.index, a.count, a.source) == (1, 4, "slurm")
+    assert detect_shard(None, {}) is None and detect_shard(None, {"WORLD_SIZE": "1", "RANK": "0"}) is None
+    for bad in ("3/3", "x", "1-2"):
+        with pytest.raises(FreelunchError, match="--shard must be I/N"):
+            detect_shard(bad, {})
+
+
+def test_two_concurrent_shards_equal_one_worker(pruned4, tmp_path):
+    single = clone(pruned4, tmp_path / "single")
+    shared = clone(pruned4, tmp_path / "shared")
+    one = worker(single)
+    assert one.wait() == 0, one.stderr.read()
+    procs = [worker(shared, "--shard", f"{i}/2") for i in range(2)]
+    hold_first_claimer_until_both_claim(shared, procs)
+    outs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert shared.stage("reconstruct").status == "done"
+    for w in range(8):
+        rec = read_json(shared.window_record_path(w))
+        assert rec["status"] == "done" and rec["attempt"] == 1
+        assert [p.name for p in (shared.root / "windows").glob(f"{w:03d}.claim.*")] == [f"{w:03d}.claim.1"]  # run exactly once
+    assert len({read_json(shared.window_record_path(w))["worker"] for w in range(8)}) == 2  # both workers took part
+    for i in range(4):
+        a, b = load_tensors(single.block_path("reconstructed", i)), load_tensors(shared.block_path("reconstructed", i))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def claimers(work) -> set[int]:
+    """Process ids of the workers that have claimed a window so far."""
+    pids = set()
+    for p in (work.root / "windows").glob("*.claim.*"):
+        try:
+            pids.add(int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1]))
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass  # being written: read again on the next poll
+    return pids
+
+
+def hold_first_claimer_until_both_claim(work, procs, timeout=120.0):
+    """Pause the first worker to claim a window until the other has claimed one too. Otherwise a worker whose
+    start (the torch import) is slow may find every window already done, and the test would not show sharing."""
+    deadline, stopped = time.time() + timeout, None
+    try:
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            pids = claimers(work)
+            if stopped is None and pids:
+                stopped = next(iter(pids))
+                os.kill(stopped, signal.SIGSTOP)
+            if len(pids) >= 2:
+                return
+            time.sleep(0.02)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+
+
+def test_a_dead_workers_window_is_taken_over(pruned4, tmp_path):
+    work = clone(pruned4, tmp_path / "w")
+    doomed = worker(work, "--shard", "0/2", "--stale-after", "2", env={"FREELUNCH_KILL_AT": "train.step:3"})
+    assert doomed.wait() == -9
+    st = reconstruct_status(work, stale_after=2)
+    assert st["done"] == [] and len(st["running"]) + len(st["stale"]) == 1  # its claim is left behind
+    time.sleep(2.5)
+    assert len(reconstruct_status(work, stale_after=2)["stale"]) == 1
+    rescuer = worker(work, "--shard", "1/2", "--stale-after", "2")
+    out, err = rescuer.communicate()
+    assert rescuer.returncode == 0, err
+    rec = read_json(work.window_record_path(0))
+    assert rec["status"] == "done" and rec["attempt"] == 2  # taken over, not lost
+    assert work.stage("reconstruct").status == "done"
+    assert reconstruct_status(work, 2)["done"] == list(range(8))
+
+
+def test_status_and_cache_deletion(pruned4, tmp_path):
+    work = clone(pruned4, tmp_path / "w")
+    assert reconstruct_status(work)["status"] == "not started"
+    reconstruct(work, ReconstructConfig(window="block", lr=1e-3, device="cpu"))
+    st = reconstruct_status(work)
+    assert st["done"] == [0, 1, 2, 3] and st["pending"] == st["running"] == st["stale"] == []
+    assert not any(work.boundary_path("dense", b).exists() for b in range(5))  # nothing needs them any more
+    cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
+    with pytest.raises(FreelunchError, match="missing or damaged"):
+        calibrate(work, cfg)
+    calibrate(work, cfg, resume=True)  # recomputes them for another reconstruction
+    assert all(work.check_file(work.boundary_path("dense", b)) for b in range(5))
+
+
+def test_sharding_refuses_sparse_inputs_and_force(pruned4):
+    with pytest.raises(FreelunchError, match="cannot be sharded"):
+        reconstruct(pruned4, ReconstructConfig(inputs="sparse", shard="0/2"))
+    with pytest.raises(FreelunchError, match="--prepare --force"):
+        reconstruct(pruned4, ReconstructConfig(shard="0/2"), force=True)
+
+
+def test_memory_estimate_and_auto_window(pruned4):
+    sk = Skeleton.from_work(pruned4, "dense", "cpu", torch.float32)
+    nums = block_numbers(sk.config, sk.templates[0])
+    assert nums["params"] == sum(p.numel() for p in sk.build_block(0).parameters())
+    block = estimate("block", 1, nums, 4, 32)
+    assert block["weights_grads_adam"] == 16 * nums["params"]
+    assert estimate("blocks", 2, nums, 4, 32)["total"] > block["total"] > estimate("matrix", 1, nums, 4, 32)["total"]
+    assert choose_window(4, nums, 4, 32, 1 << 40)[0] == "model"
+    assert choose_window(4, nums, 4, 32, block["total"])[0] == "block"
+    assert choose_window(4, nums, 4, 32, estimate("submodule", 1, nums, 4, 32)["total"])[0] == "submodule"
+    with pytest.raises(FreelunchError, match="no window fits"):
+        choose_window(4, nums, 4, 32, 1000)
+
+
+def test_auto_window_runs_the_chosen_kind(pruned4, tmp_path):
+    work = clone(pruned4, tmp_path / "w")
+    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+    budget = estimate("blocks", 2, block_numbers(sk.config, sk.templates[0]), 4, 32)["total"]
+    s = reconstruct(work, ReconstructConfig(window="auto", max_memory=str(budget), lr=1e-3, device="cpu"))
+    assert s["window"] == "blocks:2" and s["windows"] == 2
+
+
+def test_cache_dir_holds_the_activations(tmp_path):
+    model = make_tiny_model(tmp_path / "model", "llama")
+    work = WorkDir(tmp_path / "work")
+    scratch = tmp_path / "scratch"
+    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu", cache_dir=str(scratch)))
+    assert not (work.root / "acts").exists()
+    files = list(scratch.glob("freelunch-work-*/dense/boundary_*.safetensors"))
+    assert len(files) == 3 and all(f"acts/dense/{f.name}" in work.manifest()["files"] for f in files)
+    prune(work, PruneConfig(criterion="wanda", stats="sparse", device="cpu"))
+    reconstruct(work, ReconstructConfig(window="block", inputs="sparse", lr=1e-3, device="cpu"))
+    assert work.stage("reconstruct").status == "done"
+    assert WorkDir.owner_stage_of("acts/pruned/boundary_001.safetensors") == "prune"
+    assert WorkDir.owner_stage_of("acts/dense/boundary_001.safetensors") == "calibrate"
+    assert WorkDir.owner_stage_of("acts/recon/mid_001.safetensors") == "reconstruct"

@@ -1,0 +1,133 @@
+"""Kills, Ctrl-C, damaged files and concurrent runs never lose work or give a different model."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import SAMPLES, SEQLEN
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.stages.export import ExportConfig, export
+from freelunch_cli.stages.prune import PruneConfig, prune
+from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
+from freelunch_cli.workdir.files import load_tensors, read_json
+from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.workdir.locks import stage_lock
+from helpers import CALIB
+
+
+def cli(*args, kill_at=None):
+    env = {**os.environ, "FREELUNCH_KILL_AT": kill_at} if kill_at else dict(os.environ)
+    env.pop("FREELUNCH_KILL_AT", None) if not kill_at else None
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps that: restore the default
+    return subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--quiet"], capture_output=True, text=True, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def same_files(a, b):
+    for f in sorted(os.listdir(a)):
+        if f.endswith(".safetensors"):
+            ta, tb = load_tensors(os.path.join(a, f)), load_tensors(os.path.join(b, f))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+
+
+def test_sigkill_at_every_stage_then_resume_gives_the_same_model(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    cal = ["--model", model, "--data", str(CALIB), "--samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu"]
+    pr = ["--criterion", "sparsegpt", "--sparsity", "0.5", "--device", "cpu"]
+    rc = ["--window", "block", "--inputs", "sparse", "--lr", "1e-3", "--epochs", "2", "--device", "cpu"]
+    # the uninterrupted reference, in process
+    ref = WorkDir(tmp_path / "ref")
+    calibrate(ref, CalibrateConfig(model=model, data=str(CALIB), samples=SAMPLES, seqlen=SEQLEN, device="cpu"))
+    prune(ref, PruneConfig(criterion="sparsegpt", sparsity=0.5, device="cpu"))
+    reconstruct(ref, ReconstructConfig(window="block", inputs="sparse", lr=1e-3, epochs=2, device="cpu"))
+    export(ref, ExportConfig(out=str(tmp_path / "ref-hf"), max_shard_size="60KB"))
+    # the same pipeline, killed once inside every stage
+    w = str(tmp_path / "w")
+    steps = [
+        (["calibrate", *cal, "--work", w], "calibrate.boundary:2"),
+        (["prune", *pr, "--work", w], "prune.block:1"),
+        (["reconstruct", *rc, "--work", w], "reconstruct.window:1"),
+        (["export", "--work", w, "--out", str(tmp_path / "hf"), "--max-shard-size", "60KB"], "export.shard:2"),
+    ]
+    for args, point in steps:
+        killed = cli(*args, kill_at=point)
+        assert killed.returncode == -9, (point, killed.stderr)
+        resumed = cli(*args, "--resume")
+        assert resumed.returncode == 0, (point, resumed.stderr)
+    work = WorkDir(w)
+    same_files(ref.model_dir("dense"), work.model_dir("dense"))
+    same_files(ref.root / "acts" / "dense", work.root / "acts" / "dense")
+    same_files(ref.model_dir("pruned"), work.model_dir("pruned"))
+    same_files(ref.model_dir("reconstructed"), work.model_dir("reconstructed"))
+    same_files(tmp_path / "ref-hf", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(sig, code, fresh_work):
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", device="cpu"))
+    args = ["reconstruct", "--work", str(work.root), "--device", "cpu"]
+    stopped = cli(*args, kill_at=f"reconstruct.window:1:{sig}")
+    assert stopped.returncode == code, stopped.stderr
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert read_json(work.window_record_path(0))["status"] == "done" and not work.window_record_path(1).exists()
+    assert work.stage("reconstruct").status == "running"
+    assert cli(*args, "--resume").returncode == 0
+    assert work.stage("reconstruct").status == "done"
+
+
+def test_damaged_files_are_named_and_recomputed(fresh_work):
+    work = fresh_work("llama")
+    twin = fresh_work("llama")
+    prune(twin, PruneConfig(criterion="wanda", device="cpu"))
+    # a truncated dense activation cache
+    victim = work.boundary_path("dense", 0)
+    others = {p: p.stat().st_mtime_ns for p in (work.root / "acts" / "dense").iterdir() if p != victim}
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(FreelunchError, match="boundary_000.safetensors is damaged .*calibrate --work .* --resume"):
+        prune(work, PruneConfig(criterion="wanda", device="cpu"))
+    cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
+    with pytest.raises(FreelunchError, match="missing or damaged .*boundary_000.*--resume"):
+        calibrate(work, cfg)
+    calibrate(work, cfg, resume=True)
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())  # only the damaged file was recomputed
+    prune(work, PruneConfig(criterion="wanda", device="cpu"), resume=True)  # the failed prune is continued
+    same_files(twin.model_dir("pruned"), work.model_dir("pruned"))
+    # an altered (same size) pruned shard
+    shard = work.block_path("pruned", 0)
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FreelunchError, match="block_000.safetensors is damaged .*altered.*prune --work"):
+        reconstruct(work, ReconstructConfig(device="cpu"))
+    prune(work, PruneConfig(criterion="wanda", device="cpu"), resume=True)
+    same_files(twin.model_dir("pruned"), work.model_dir("pruned"))
+
+
+def test_a_different_configuration_is_refused_by_name(fresh_work):
+    work = fresh_work("llama")
+    cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
+    cfg.seed = 7
+    with pytest.raises(FreelunchError, match=r"another run \(seed: 0 then, 7 now\)"):
+        calibrate(work, cfg)
+    prune(work, PruneConfig(criterion="wanda", device="cpu"))
+    reconstruct(work, ReconstructConfig(device="cpu"))
+    with pytest.raises(FreelunchError, match="criterion: 'wanda' then, 'magnitude' now"):
+        prune(work, PruneConfig(criterion="magnitude", device="cpu"))
+    prune(work, PruneConfig(criterion="magnitude", device="cpu"), force=True)
+    assert work.stage("reconstruct") is None and not work.model_dir("reconstructed").exists()  # later stages discarded
+    assert work.stage("calibrate").status == "done"  # earlier stages kept
+
+
+def test_a_second_process_on_the_same_stage_is_refused(fresh_work):
+    work = fresh_work("llama")
+    with stage_lock(work, "prune"):
+        other = cli("prune", "--work", str(work.root), "--device", "cpu")
+    assert other.returncode == 2
+    assert "already running" in other.stderr and f"pid {os.getpid()}" in other.stderr
+    assert cli("prune", "--work", str(work.root), "--device", "cpu").returncode == 0
