@@ -9,6 +9,7 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.stages.export import ExportConfig, export
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
+from freelunch_cli.model.hooks import capture_linear_io
 from freelunch_cli.model.skeleton import Skeleton, run_block
 from freelunch_cli.workdir.files import TensorRows, load_tensors, read_json
 from freelunch_cli.reconstruction.windows import enumerate_windows
@@ -109,6 +110,37 @@ def test_sparse_inputs_chain_the_reconstructed_outputs(window, fresh_work):
     reconstruct(other, ReconstructConfig(window=window, inputs="dense", lr=3e-3, epochs=2, device="cpu"))
     a, b = load_tensors(work.block_path("reconstructed", 1)), load_tensors(other.block_path("reconstructed", 1))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("window", ["submodule", "matrix"])
+def test_sparse_inputs_in_the_first_block_read_what_its_reconstructed_windows_give(window, fresh_work):
+    """Block 0 reads the embeddings, which pruning leaves alone, but a later window of block 0 must still see what the
+    block's earlier, reconstructed windows give: the MLP half the reconstructed attention's output, o_proj the input
+    q/k/v reconstructed give it. Its loss before training is computed here from those inputs, independently."""
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
+    reconstruct(work, ReconstructConfig(window=window, inputs="sparse", lr=3e-3, epochs=2, keep_cache=True, loss_samples=0,
+                                        device="cpu"))
+    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+    x0 = TensorRows(work.boundary_path("dense", 0)).rows(0, 16).float()
+    call = sk.block_call(0, *x0.shape[:2])
+    pruned, recon = load_tensors(work.block_path("pruned", 0)), load_tensors(work.block_path("reconstructed", 0))
+    with torch.no_grad():
+        if window == "submodule":  # window 1: block 0's MLP half, on the stored output of its reconstructed attention
+            mid = TensorRows(work.root / "acts" / "recon" / "mid_000.safetensors").rows(0, 16).float()
+            y = block_halves(sk.build_block(0, pruned), "llama").feed_forward(sk.build_block(0, pruned), mid)
+            target = TensorRows(work.boundary_path("dense", 1)).rows(0, 16).float()
+            index = 1
+        else:  # window 3: o_proj, after q, k and v were reconstructed
+            current = {**recon, "self_attn.o_proj.weight": pruned["self_attn.o_proj.weight"]}
+            block = sk.build_block(0, current)
+            x, _ = capture_linear_io(block, "self_attn.o_proj", lambda: run_block(block, x0, call))
+            y = block.self_attn.o_proj(x)
+            dense = sk.build_block(0, load_tensors(work.block_path("dense", 0)))
+            _, target = capture_linear_io(dense, "self_attn.o_proj", lambda: run_block(dense, x0, call))
+            index = 3
+    rec = read_json(work.window_record_path(index))
+    assert rec["loss_before"] == pytest.approx(float(torch.mean((y - target) ** 2)), rel=1e-4)
 
 
 def test_steps_warmup_validation_and_keep_best(fresh_work):
