@@ -1,10 +1,10 @@
-# One command each on a fresh clone: `make test`, `make demo` (both set up the venv when it is missing).
+# One command each on a fresh clone: `make test`, `make lint`, `make demo` (each sets up the venv when it is missing).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.freelunch-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint format docs test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check freelunch_cli tests bench
+	$(VENV)/bin/ruff format --check freelunch_cli tests bench
+
+format: setup
+	$(VENV)/bin/ruff check --fix freelunch_cli tests bench
+	$(VENV)/bin/ruff format freelunch_cli tests bench
+
+docs: setup   # docs/cli.md from the command itself (tests/cli/test_docs.py checks it)
+	$(PY) -m typer freelunch_cli.cli utils docs --name freelunch --title "freelunch command reference" --output docs/cli.md
 
 test: setup
 	$(PY) -m pytest -q

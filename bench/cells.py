@@ -19,10 +19,9 @@ from pathlib import Path
 
 from common import CALIB, HELDOUT, SHAKESPEARE, clone_work, run_stage, smollm2_gguf
 
-
 # Options both bench/sweep.py and bench/paper.py build their cells from, spelled the same way so that equal cells
-# have equal inputs (and one script reuses the other's records): Wanda with dense-model statistics (53.38 vs 53.98
-# with the sequential default, in 60% of the prune time), reconstruction and retraining at their CLI default lrs.
+# have equal inputs (and one script reuses the other's records): Wanda with dense-model statistics (as good as the
+# sequential default and cheaper: docs/results.md), reconstruction and retraining at their CLI default lrs.
 WANDA50 = ("--criterion", "wanda", "--sparsity", "0.5", "--stats", "dense")
 RECON_LR = "1e-3"
 # Every recorded reconstruction cell that does not say otherwise trained one epoch per window, the CLI default
@@ -73,8 +72,17 @@ class Cell:
     def inputs(self) -> str:
         """What determines a cell's numbers (everything but its name, group and where it starts), as a key: equal
         inputs, equal record."""
-        return repr((list(self.prune), list(self.recon or []), list(self.retrain or []), self.samples, self.seqlen, self.seed,
-                     list(self.extra_calib)))
+        return repr(
+            (
+                list(self.prune),
+                list(self.recon or []),
+                list(self.retrain or []),
+                self.samples,
+                self.seqlen,
+                self.seed,
+                list(self.extra_calib),
+            )
+        )
 
     @property
     def calib_key(self) -> str:
@@ -90,13 +98,17 @@ def training_tokens(rec: dict) -> list[int]:
     """Tokens a recorded cell trained on, one entry per training stage (reconstruct epochs count, retrain reports its own)."""
     recon = list((rec.get("cell") or {}).get("recon") or [])
     epochs = int(recon[recon.index("--epochs") + 1]) if "--epochs" in recon else int(RECON_EPOCHS)
-    return ([rec["calib_tokens"] * epochs] if rec.get("recon_seconds") else []) + ([rec["retrain_tokens"]] if rec.get("retrain_tokens") else [])
+    return ([rec["calib_tokens"] * epochs] if rec.get("recon_seconds") else []) + (
+        [rec["retrain_tokens"]] if rec.get("retrain_tokens") else []
+    )
 
 
 def cost(rec: dict) -> tuple[float, float]:
     """A recorded cell's training cost: seconds of reconstruct and retrain together, and the larger of their peaks (0 if none)."""
-    return ((rec.get("recon_seconds") or 0) + (rec.get("retrain_seconds") or 0),
-            max(rec.get("recon_peak_mib") or 0, rec.get("retrain_peak_mib") or 0))
+    return (
+        (rec.get("recon_seconds") or 0) + (rec.get("retrain_seconds") or 0),
+        max(rec.get("recon_peak_mib") or 0, rec.get("retrain_peak_mib") or 0),
+    )
 
 
 def continued_from(cells) -> frozenset:
@@ -123,7 +135,7 @@ class Runner:
     def __post_init__(self):
         self.root.mkdir(parents=True, exist_ok=True)
         for path in (self.results, *self.shared):
-            for line in (path.read_text().splitlines() if path.exists() else []):
+            for line in path.read_text().splitlines() if path.exists() else []:
                 rec = json.loads(line)
                 if path == self.results:
                     self.done[rec["name"]] = rec
@@ -135,8 +147,23 @@ class Runner:
 
     def calibrated(self, cell: Cell) -> tuple[Path, dict]:
         work = self.root / cell.calib_key
-        s = run_stage("calibrate", "--model", str(smollm2_gguf()), "--data", str(CALIB), "--samples", str(cell.samples),
-                      "--seqlen", str(cell.seqlen), "--seed", str(cell.seed), *cell.extra_calib, "--work", str(work), "--resume")
+        s = run_stage(
+            "calibrate",
+            "--model",
+            str(smollm2_gguf()),
+            "--data",
+            str(CALIB),
+            "--samples",
+            str(cell.samples),
+            "--seqlen",
+            str(cell.seqlen),
+            "--seed",
+            str(cell.seed),
+            *cell.extra_calib,
+            "--work",
+            str(work),
+            "--resume",
+        )
         return work, s
 
     def pruned(self, cell: Cell) -> tuple[Path, dict]:
@@ -154,8 +181,19 @@ class Runner:
     def evaluate(self, work: Path, stage: str) -> dict:
         out = {}
         for name, path in (("wikitext", HELDOUT), ("shakespeare", SHAKESPEARE)):
-            r = run_stage("eval", "--work", str(work), "--stage", stage, "--ppl", str(path), "--seqlen", "512",
-                          "--limit-windows", str(self.eval_windows))["results"][0]
+            r = run_stage(
+                "eval",
+                "--work",
+                str(work),
+                "--stage",
+                stage,
+                "--ppl",
+                str(path),
+                "--seqlen",
+                "512",
+                "--limit-windows",
+                str(self.eval_windows),
+            )["results"][0]
             out[name] = r["ppl"]
             out["eval_tokens"] = r["tokens"]
         return out
@@ -165,12 +203,25 @@ class Runner:
             return self.done[cell.name]
         if cell.inputs in self.known:  # measured by another script: record it here under this cell's name
             path, prior = self.known[cell.inputs]
-            return self.record({**prior, "name": cell.name, "group": cell.group, "cell": asdict(cell),
-                                "measured_as": f"{path.name}:{prior.get('measured_as', prior['name'])}"})
+            return self.record(
+                {
+                    **prior,
+                    "name": cell.name,
+                    "group": cell.group,
+                    "cell": asdict(cell),
+                    "measured_as": f"{path.name}:{prior.get('measured_as', prior['name'])}",
+                }
+            )
         t0 = time.time()
         base, pre = self.pruned(cell)
-        rec = {"name": cell.name, "group": cell.group, "cell": asdict(cell), "calib_tokens": cell.samples * cell.seqlen,
-               "prune_seconds": pre["prune"].get("seconds"), "prune_peak_mib": pre["prune"].get("_peak_rss_mib")}
+        rec = {
+            "name": cell.name,
+            "group": cell.group,
+            "cell": asdict(cell),
+            "calib_tokens": cell.samples * cell.seqlen,
+            "prune_seconds": pre["prune"].get("seconds"),
+            "prune_peak_mib": pre["prune"].get("_peak_rss_mib"),
+        }
         if cell.recon is None and cell.retrain is None:
             rec.update(stage="pruned", **self.evaluate(base, "pruned"), dense=self.dense(base))
         else:
@@ -178,27 +229,61 @@ class Runner:
             stage = "pruned" if cell.recon is None else "reconstructed"
             if cell.after is not None:  # continue from that cell's reconstruction instead of repeating it
                 prior = self.done[cell.after]
-                assert (prior["cell"]["prune"], prior["cell"]["recon"], prior["cell"]["seed"]) == (list(cell.prune), list(cell.recon), cell.seed)
+                assert (prior["cell"]["prune"], prior["cell"]["recon"], prior["cell"]["seed"]) == (
+                    list(cell.prune),
+                    list(cell.recon),
+                    cell.seed,
+                )
                 source = self.work_dir(cell, cell.after)
                 if not source.is_dir():  # its record was taken over from another script, or its directory was deleted
-                    sys.exit(f"{cell.name}: the work directory of {cell.after} is not under {self.root}; it was recorded by "
-                             f"another script or deleted; remove {cell.after}'s line from {self.results} to rerun it")
+                    sys.exit(
+                        f"{cell.name}: the work directory of {cell.after} is not under {self.root}; it was recorded by "
+                        f"another script or deleted; remove {cell.after}'s line from {self.results} to rerun it"
+                    )
                 clone_work(source, work)
-                rec.update({k: prior.get(k) for k in ("recon_seconds", "recon_peak_mib", "window", "recon_loss_before",
-                                                      "recon_loss_after", "trainable_params")})
+                rec.update(
+                    {
+                        k: prior.get(k)
+                        for k in (
+                            "recon_seconds",
+                            "recon_peak_mib",
+                            "window",
+                            "recon_loss_before",
+                            "recon_loss_after",
+                            "trainable_params",
+                        )
+                    }
+                )
             else:
                 clone_work(base, work)
                 if cell.recon is not None:
-                    r = run_stage("reconstruct", "--work", str(work), "--keep-cache", *recon_as_run(cell.recon), "--seed", str(cell.seed),
-                                  "--resume")
-                    rec.update(recon_seconds=r.get("seconds"), recon_peak_mib=r["_peak_rss_mib"], window=r.get("window"),
-                               recon_loss_before=r.get("loss_before"), recon_loss_after=r.get("loss_after"),
-                               trainable_params=r.get("trainable_params"))
+                    r = run_stage(
+                        "reconstruct",
+                        "--work",
+                        str(work),
+                        "--keep-cache",
+                        *recon_as_run(cell.recon),
+                        "--seed",
+                        str(cell.seed),
+                        "--resume",
+                    )
+                    rec.update(
+                        recon_seconds=r.get("seconds"),
+                        recon_peak_mib=r["_peak_rss_mib"],
+                        window=r.get("window"),
+                        recon_loss_before=r.get("loss_before"),
+                        recon_loss_after=r.get("loss_after"),
+                        trainable_params=r.get("trainable_params"),
+                    )
             if cell.retrain is not None:
                 t = run_stage("retrain", "--work", str(work), *retrain_as_run(cell.retrain), "--seed", str(cell.seed), "--resume")
                 stage = "retrained"
-                rec.update(retrain_seconds=t.get("seconds"), retrain_peak_mib=t["_peak_rss_mib"], retrain_tokens=t.get("tokens"),
-                           retrain_trainable_params=t.get("trainable_params"))
+                rec.update(
+                    retrain_seconds=t.get("seconds"),
+                    retrain_peak_mib=t["_peak_rss_mib"],
+                    retrain_tokens=t.get("tokens"),
+                    retrain_trainable_params=t.get("trainable_params"),
+                )
             rec.update(stage=stage, **self.evaluate(work, stage))
         rec["wall_seconds"] = round(time.time() - t0, 1)
         rec["measured_on"] = time.strftime("%Y-%m-%d %H:%M")

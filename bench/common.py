@@ -29,7 +29,9 @@ def smollm2_gguf() -> Path:
 def run_stage(*args: str, check: bool = True) -> dict:
     """Run `freelunch ARGS --json`; return its summary with wall seconds and the process's peak RSS (MiB)."""
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "freelunch_cli", *args, "--json", "--quiet"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "freelunch_cli", *args, "--json", "--quiet"], stdout=subprocess.PIPE, text=True
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

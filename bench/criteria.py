@@ -16,9 +16,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CALIB, HELDOUT, ROOT, clone_work, machine, markdown_table, run_stage, smollm2_gguf, write_json  # noqa: E402
 
 CELLS = [
-    ("magnitude", None, "sparse"), ("random", None, "sparse"), ("wanda", None, "sparse"), ("wanda", None, "dense"),
-    ("ria", None, "sparse"), ("sparsegpt", None, "sparse"),
-    ("magnitude", "2:4", "sparse"), ("random", "2:4", "sparse"), ("wanda", "2:4", "sparse"), ("ria", "2:4", "sparse"),
+    ("magnitude", None, "sparse"),
+    ("random", None, "sparse"),
+    ("wanda", None, "sparse"),
+    ("wanda", None, "dense"),
+    ("ria", None, "sparse"),
+    ("sparsegpt", None, "sparse"),
+    ("magnitude", "2:4", "sparse"),
+    ("random", "2:4", "sparse"),
+    ("wanda", "2:4", "sparse"),
+    ("ria", "2:4", "sparse"),
     ("sparsegpt", "2:4", "sparse"),
 ]
 
@@ -31,8 +38,20 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.work)
     base = root / "calibrated"
-    run_stage("calibrate", "--model", str(smollm2_gguf()), "--data", str(CALIB), "--samples", "128", "--seqlen", "512",
-              "--work", str(base), "--resume")
+    run_stage(
+        "calibrate",
+        "--model",
+        str(smollm2_gguf()),
+        "--data",
+        str(CALIB),
+        "--samples",
+        "128",
+        "--seqlen",
+        "512",
+        "--work",
+        str(base),
+        "--resume",
+    )
     ev = ["--ppl", str(HELDOUT), "--seqlen", "512", "--limit-windows", str(a.eval_windows)]
     dense = run_stage("eval", "--work", str(base), *ev, "--stage", "dense")["results"][0]
     rows, records = [["dense", "-", "-", f"{dense['ppl']:.2f}", "-"]], [{"cell": "dense", "ppl": dense["ppl"]}]
@@ -48,8 +67,17 @@ def main() -> None:
         pr = run_stage(*args)
         res = run_stage("eval", "--work", str(work), *ev, "--stage", "pruned")["results"][0]
         rows.append([crit, pat or "50% unstructured", stats, f"{res['ppl']:.2f}", f"{pr.get('seconds', pr['_wall']):.0f}"])
-        records.append({"cell": name, "criterion": crit, "pattern": pat or "0.5", "stats": stats, "ppl": res["ppl"],
-                        "prune_seconds": pr.get("seconds"), "peak_rss_mib": pr["_peak_rss_mib"]})
+        records.append(
+            {
+                "cell": name,
+                "criterion": crit,
+                "pattern": pat or "0.5",
+                "stats": stats,
+                "ppl": res["ppl"],
+                "prune_seconds": pr.get("seconds"),
+                "peak_rss_mib": pr["_peak_rss_mib"],
+            }
+        )
         print(rows[-1], flush=True)
     table = markdown_table(["criterion", "pattern", "stats", "held-out ppl", "prune seconds"], rows)
     out = ROOT / "bench" / "out"

@@ -54,8 +54,22 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     ev = ["--work", work, "--ppl", heldout, "--seqlen", str(a.seqlen), "--limit-windows", str(a.eval_windows)]
     times, ppl = {}, {}
-    _, times["calibrate"] = freelunch("calibrate", "--model", str(smollm2_gguf()), "--data", calib, "--samples", str(a.samples),
-                                      "--seqlen", str(a.seqlen), "--seed", "0", "--work", work, "--resume")
+    _, times["calibrate"] = freelunch(
+        "calibrate",
+        "--model",
+        str(smollm2_gguf()),
+        "--data",
+        calib,
+        "--samples",
+        str(a.samples),
+        "--seqlen",
+        str(a.seqlen),
+        "--seed",
+        "0",
+        "--work",
+        work,
+        "--resume",
+    )
     res, times["eval dense"] = freelunch("eval", *ev, "--stage", "dense")
     ppl["dense"] = res["results"][0]
     _, times["prune (wanda 50%)"] = freelunch("prune", "--work", work, "--criterion", "wanda", "--sparsity", "0.5", "--resume")
@@ -66,7 +80,9 @@ def main() -> None:
     ppl["wanda 50% + block reconstruction"] = res["results"][0]
     out = str(Path(work) / "hf")
     _, times["export"] = freelunch("export", "--work", work, "--out", out, "--force")
-    check = subprocess.run([sys.executable, "-c", f"from transformers import AutoModelForCausalLM as A; A.from_pretrained({out!r})"])
+    check = subprocess.run(
+        [sys.executable, "-c", f"from transformers import AutoModelForCausalLM as A; A.from_pretrained({out!r})"]
+    )
     tokens = ppl["dense"]["tokens"]
     print(f"\nSmolLM2-135M, held-out WikiText perplexity ({tokens} tokens, windows of {a.seqlen}):")
     for name, r in ppl.items():

@@ -54,23 +54,50 @@ GROUPS = {
         # longer sequences at equal tokens: 64 x 1024 instead of 128 x 512
         Cell("s64x1024", W50, block("--lr", LR), samples=64, seqlen=1024, group="gap"),
         # the same, retraining with gradient checkpointing: the memory the combination needs
-        Cell("recon+retrain-gc", W50, block("--lr", LR), retrain=retrain("reconstructed") + ("--grad-checkpoint",),
-             after="lr1e-3", group="gap"),
+        Cell(
+            "recon+retrain-gc",
+            W50,
+            block("--lr", LR),
+            retrain=retrain("reconstructed") + ("--grad-checkpoint",),
+            after="lr1e-3",
+            group="gap",
+        ),
         # the combination with the 2-epoch default: retraining continues from lr1e-3-ep2's model
-        Cell("recon2+retrain", W50, block("--lr", LR, "--epochs", "2"), retrain=retrain("reconstructed"), after="lr1e-3-ep2", group="gap"),
+        Cell(
+            "recon2+retrain",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed"),
+            after="lr1e-3-ep2",
+            group="gap",
+        ),
         # the control: the same fine-tuning of the dense model (no masks) measures the fit to the calibration domain
         Cell("dense-retrain-1x", W50, retrain=retrain("dense"), group="gap"),
     ],
     # seeds 1 and 2 of the comparison (seed 0: wanda50, lr1e-3, retrain-1x, recon+retrain): calibration windows, masks and data order
-    "seeds": [c for seed in (1, 2) for c in (
-        Cell(f"wanda50-s{seed}", W50, seed=seed, group="seeds"),
-        Cell(f"lr1e-3-s{seed}", W50, block("--lr", LR), seed=seed, group="seeds"),
-        Cell(f"retrain-1x-s{seed}", W50, retrain=retrain("pruned"), seed=seed, group="seeds"),
-        Cell(f"recon+retrain-s{seed}", W50, block("--lr", LR), retrain=retrain("reconstructed"),
-             seed=seed, after=f"lr1e-3-s{seed}", group="seeds"),
-    )] + [
+    "seeds": [
+        c
+        for seed in (1, 2)
+        for c in (
+            Cell(f"wanda50-s{seed}", W50, seed=seed, group="seeds"),
+            Cell(f"lr1e-3-s{seed}", W50, block("--lr", LR), seed=seed, group="seeds"),
+            Cell(f"retrain-1x-s{seed}", W50, retrain=retrain("pruned"), seed=seed, group="seeds"),
+            Cell(
+                f"recon+retrain-s{seed}",
+                W50,
+                block("--lr", LR),
+                retrain=retrain("reconstructed"),
+                seed=seed,
+                after=f"lr1e-3-s{seed}",
+                group="seeds",
+            ),
+        )
+    ]
+    + [
         # the 2-epoch default then retraining, seed 1, in one cell (lr1e-3-ep2-s1's directory was not kept)
-        Cell("recon2+retrain-s1", W50, block("--lr", LR, "--epochs", "2"), retrain=retrain("reconstructed"), seed=1, group="seeds"),
+        Cell(
+            "recon2+retrain-s1", W50, block("--lr", LR, "--epochs", "2"), retrain=retrain("reconstructed"), seed=1, group="seeds"
+        ),
     ],
     "windows": [
         Cell("matrix", W50, ("--window", "matrix", "--lr", LR), group="windows"),
@@ -89,29 +116,81 @@ GROUPS = {
         Cell("retrain-masked-lora", W50, retrain=retrain("pruned", 1, "1e-4", "--peft", "masked-lora"), group="peft"),
         # adapters usually want a larger learning rate than full fine-tuning: reconstruction's own (1e-3)
         Cell("retrain-masked-lora-lr1e-3", W50, retrain=retrain("pruned", 1, "1e-3", "--peft", "masked-lora"), group="peft"),
-        Cell("recon2+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
-        Cell("recon2+retrain-masked-lora-gc", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "1e-4", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
+        Cell(
+            "recon2+retrain-bias-norm-gc",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"),
+            after="lr1e-3-ep2",
+            group="peft",
+        ),
+        Cell(
+            "recon2+retrain-masked-lora-gc",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "1e-4", "--peft", "masked-lora", "--grad-checkpoint"),
+            after="lr1e-3-ep2",
+            group="peft",
+        ),
         # bias-norm at reconstruction's bias-norm rate (1e-2), alone and after reconstruction; and the cheaper pipeline
         # (1-epoch reconstruction, then bias-norm retraining)
         Cell("retrain-bias-norm-lr1e-2", W50, retrain=retrain("pruned", 1, "1e-2", "--peft", "bias-norm"), group="peft"),
-        Cell("recon2+retrain-bias-norm-gc-lr1e-2", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "1e-2", "--peft", "bias-norm", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
-        Cell("recon2+retrain-masked-lora-gc-lr1e-3", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
-        Cell("recon2+retrain-masked-lora-gc-lr1e-3-s1", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), seed=1, group="peft"),
-        Cell("recon1+retrain-bias-norm-gc", W50, block("--lr", LR, "--epochs", "1"),
-             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"), group="peft"),
+        Cell(
+            "recon2+retrain-bias-norm-gc-lr1e-2",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "1e-2", "--peft", "bias-norm", "--grad-checkpoint"),
+            after="lr1e-3-ep2",
+            group="peft",
+        ),
+        Cell(
+            "recon2+retrain-masked-lora-gc-lr1e-3",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"),
+            after="lr1e-3-ep2",
+            group="peft",
+        ),
+        Cell(
+            "recon2+retrain-masked-lora-gc-lr1e-3-s1",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"),
+            seed=1,
+            group="peft",
+        ),
+        Cell(
+            "recon1+retrain-bias-norm-gc",
+            W50,
+            block("--lr", LR, "--epochs", "1"),
+            retrain=retrain("reconstructed", 1, "1e-3", "--peft", "bias-norm", "--grad-checkpoint"),
+            group="peft",
+        ),
         # issue 9 at equal tokens: the pipelines against retraining for as many epochs as they train in all
-        Cell("recon2+retrain-masked-lora-gc-lr1e-3-s2", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), seed=2, group="peft"),
+        Cell(
+            "recon2+retrain-masked-lora-gc-lr1e-3-s2",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"),
+            seed=2,
+            group="peft",
+        ),
         Cell("retrain-3x", W50, retrain=retrain("pruned", 3), group="peft"),  # = 2 reconstruction epochs + 1 retraining epoch
-        Cell("recon1+retrain-masked-lora-gc-lr1e-3", W50, block("--lr", LR),  # = retrain-2x's 131,072 tokens
-             retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"), group="peft"),
-        Cell("recon2+retrain-masked-lora-gc-lr3e-3", W50, block("--lr", LR, "--epochs", "2"),
-             retrain=retrain("reconstructed", 1, "3e-3", "--peft", "masked-lora", "--grad-checkpoint"), after="lr1e-3-ep2", group="peft"),
+        Cell(
+            "recon1+retrain-masked-lora-gc-lr1e-3",
+            W50,
+            block("--lr", LR),  # = retrain-2x's 131,072 tokens
+            retrain=retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"),
+            group="peft",
+        ),
+        Cell(
+            "recon2+retrain-masked-lora-gc-lr3e-3",
+            W50,
+            block("--lr", LR, "--epochs", "2"),
+            retrain=retrain("reconstructed", 1, "3e-3", "--peft", "masked-lora", "--grad-checkpoint"),
+            after="lr1e-3-ep2",
+            group="peft",
+        ),
     ],
 }
 
@@ -119,7 +198,7 @@ GROUPS = {
 def describe(cell: dict) -> str:
     """What a cell changes, in CLI options: pruning extras, reconstruct options, retrain options, calibration size."""
     parts = []
-    extra = list(cell["prune"][len(W50):])
+    extra = list(cell["prune"][len(W50) :])
     if extra:
         parts.append("prune " + " ".join(extra))
     if cell.get("recon"):
@@ -133,12 +212,19 @@ def describe(cell: dict) -> str:
     return "; ".join(parts) or "no adaptation"
 
 
-SEEDED = (("no adaptation", "wanda50"), ("block reconstruction, 1 epoch", "lr1e-3"),
-          ("block reconstruction, 2 epochs (the default)", "lr1e-3-ep2"), ("retraining, 1 epoch", "retrain-1x"),
-          ("reconstruction (1 epoch), then full retraining 1 epoch", "recon+retrain"),
-          ("reconstruction (2 epochs), then full retraining 1 epoch", "recon2+retrain"),
-          ("reconstruction (2 epochs), then masked-LoRA retraining 1 epoch (lr 1e-3, --grad-checkpoint): "
-           "the defaults of reconstruct, then retrain", "recon2+retrain-masked-lora-gc-lr1e-3"))
+SEEDED = (
+    ("no adaptation", "wanda50"),
+    ("block reconstruction, 1 epoch", "lr1e-3"),
+    ("block reconstruction, 2 epochs (the default)", "lr1e-3-ep2"),
+    ("retraining, 1 epoch", "retrain-1x"),
+    ("reconstruction (1 epoch), then full retraining 1 epoch", "recon+retrain"),
+    ("reconstruction (2 epochs), then full retraining 1 epoch", "recon2+retrain"),
+    (
+        "reconstruction (2 epochs), then masked-LoRA retraining 1 epoch (lr 1e-3, --grad-checkpoint): "
+        "the defaults of reconstruct, then retrain",
+        "recon2+retrain-masked-lora-gc-lr1e-3",
+    ),
+)
 
 
 def seed_summary(done: dict) -> list[str]:
@@ -152,29 +238,56 @@ def seed_summary(done: dict) -> list[str]:
         gaps = [(pruned[s]["wikitext"] - r["wikitext"]) / (pruned[s]["wikitext"] - dense) for s, r in runs if pruned[s] and dense]
         if runs:
             secs, peak = zip(*(cost(r) for _, r in runs))
-            rows.append([label, str(len(runs)), mean_std([r["wikitext"] for _, r in runs]),
-                         mean_std([100 * g for g in gaps], "{:.0f}") + "%" if gaps else "-", mean_std([r["shakespeare"] for _, r in runs]),
-                         f"{min(secs):.0f}" if any(secs) else "-", f"{max(peak):.0f}" if any(peak) else "-"])
+            rows.append(
+                [
+                    label,
+                    str(len(runs)),
+                    mean_std([r["wikitext"] for _, r in runs]),
+                    mean_std([100 * g for g in gaps], "{:.0f}") + "%" if gaps else "-",
+                    mean_std([r["shakespeare"] for _, r in runs]),
+                    f"{min(secs):.0f}" if any(secs) else "-",
+                    f"{max(peak):.0f}" if any(peak) else "-",
+                ]
+            )
     if len(rows) < 2:
         return []
     # the fastest seed's time: the others may have shared the cores with another job; memory does not depend on that
-    header = ["adaptation", "seeds", "WikiText ppl", "gap recovered", "Shakespeare ppl", "seconds (fastest seed)", "peak RSS MiB (max)"]
-    return ["### Seeds (mean ± std; the seed sets the calibration windows, the masks and the data order)", "",
-            markdown_table(header, rows), ""]
+    header = [
+        "adaptation",
+        "seeds",
+        "WikiText ppl",
+        "gap recovered",
+        "Shakespeare ppl",
+        "seconds (fastest seed)",
+        "peak RSS MiB (max)",
+    ]
+    return [
+        "### Seeds (mean ± std; the seed sets the calibration windows, the masks and the data order)",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
 
 
 def report(done: dict, command: str) -> str:
     """The sweep's section of bench/RESULTS.md: every cell, with the share of the perplexity gap it recovers."""
     base = done.get("wanda50")
     m = machine()
-    lines = ["## Reconstruction settings and the gap to retraining (Wanda 50%, dense statistics)", "",
-             f"Written by `{command}` on {m['date']} ({m['cpu_cores']} CPU cores; torch {m['torch']}, transformers {m['transformers']}); "
-             "per-cell records in `bench/out/sweep.jsonl`. SmolLM2-135M, calibration 128 x 512 tokens of `calib.txt` unless a cell says "
-             "otherwise; perplexity on 40 x 512 tokens of `heldout.txt` (WikiText) and of Tiny Shakespeare.", ""]
+    lines = [
+        "## Reconstruction settings and the gap to retraining (Wanda 50%, dense statistics)",
+        "",
+        f"Written by `{command}` on {m['date']} ({m['cpu_cores']} CPU cores; torch {m['torch']}, transformers {m['transformers']}); "
+        "per-cell records in `bench/out/sweep.jsonl`. SmolLM2-135M, calibration 128 x 512 tokens of `calib.txt` unless a cell says "
+        "otherwise; perplexity on 40 x 512 tokens of `heldout.txt` (WikiText) and of Tiny Shakespeare.",
+        "",
+    ]
     if base:
         d, p = base["dense"]["wikitext"], base["wikitext"]
-        lines += [f"Dense: WikiText {d:.2f}, Shakespeare {base['dense']['shakespeare']:.2f}. Wanda 50% without adaptation: "
-                  f"{p:.2f}, {base['shakespeare']:.2f}. *Gap recovered* = (pruned - ppl) / (pruned - dense) on WikiText.", ""]
+        lines += [
+            f"Dense: WikiText {d:.2f}, Shakespeare {base['dense']['shakespeare']:.2f}. Wanda 50% without adaptation: "
+            f"{p:.2f}, {base['shakespeare']:.2f}. *Gap recovered* = (pruned - ppl) / (pruned - dense) on WikiText.",
+            "",
+        ]
     lines += seed_summary(done)
     header = ["cell", "options", "training tokens", "WikiText ppl", "gap recovered", "Shakespeare ppl", "seconds", "peak RSS MiB"]
     for group in GROUPS:
@@ -183,8 +296,18 @@ def report(done: dict, command: str) -> str:
             tokens = [str(t) for t in training_tokens(rec)]
             secs, peak = cost(rec)
             gap = f"{(p - rec['wikitext']) / (p - d):.0%}" if base else "-"
-            rows.append([rec["name"], describe(rec["cell"]), " + ".join(tokens) or "0", f"{rec['wikitext']:.2f}", gap,
-                         f"{rec['shakespeare']:.2f}", f"{secs:.0f}" if secs else "-", f"{peak:.0f}" if peak else "-"])
+            rows.append(
+                [
+                    rec["name"],
+                    describe(rec["cell"]),
+                    " + ".join(tokens) or "0",
+                    f"{rec['wikitext']:.2f}",
+                    gap,
+                    f"{rec['shakespeare']:.2f}",
+                    f"{secs:.0f}" if secs else "-",
+                    f"{peak:.0f}" if peak else "-",
+                ]
+            )
         if rows:
             lines += [f"### {group}", "", markdown_table(header, rows), ""]
     return "\n".join(lines)
@@ -199,8 +322,13 @@ def main() -> None:
     a = ap.parse_args()
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(Path(a.root), out / "sweep.jsonl", shared=(out / "paper.jsonl",),
-                    keep=continued_from(c for cells in GROUPS.values() for c in cells), keep_work=a.keep_work)
+    runner = Runner(
+        Path(a.root),
+        out / "sweep.jsonl",
+        shared=(out / "paper.jsonl",),
+        keep=continued_from(c for cells in GROUPS.values() for c in cells),
+        keep_work=a.keep_work,
+    )
     only = set(a.only.split(",")) if a.only else None
     for g in a.group:
         for cell in GROUPS[g]:

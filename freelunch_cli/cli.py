@@ -52,11 +52,19 @@ def stage_command(config_cls, name: str | None = None):
             default, cli_type = _cli_default(f), f.metadata["cli_type"] or hints[f.name]
             if f.metadata["cli_type"] is not None and default is None:
                 cli_type = Optional[cli_type]
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_typer_type(cli_type),
-                                            default=typer.Option(default, *f.metadata["flags"], help=f.metadata["help"])))
+            params.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=_typer_type(cli_type),
+                    default=typer.Option(default, *f.metadata["flags"], help=f.metadata["help"]),
+                )
+            )
         own_hints = typing.get_type_hints(fn)
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints[p.name])
-               for p in list(inspect.signature(fn).parameters.values())[1:]]
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints[p.name])
+            for p in list(inspect.signature(fn).parameters.values())[1:]
+        ]
         leading = [p for p in own if p.name in ("runs", "work")]  # the work directory first, then the stage's options
         params = leading + params + [p for p in own if p not in leading]
         names = {f.name for f in fields}
@@ -121,7 +129,10 @@ def _run(fn, *args, **kwargs):
     except Exception as e:  # an internal error: one line, the traceback on demand
         if os.environ.get("FREELUNCH_DEBUG"):
             raise
-        typer.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set FREELUNCH_DEBUG=1 for the traceback)", err=True)
+        typer.echo(
+            f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set FREELUNCH_DEBUG=1 for the traceback)",
+            err=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -149,8 +160,14 @@ def main_callback(version: bool = typer.Option(False, "--version", callback=_ver
 
 
 @stage_command(CalibrateConfig)
-def calibrate(cfg: CalibrateConfig, work: Path = WorkOpt, resume: bool = ResumeOpt, force: bool = ForceOpt, quiet: bool = QuietOpt,
-              json_out: bool = JsonOpt):
+def calibrate(
+    cfg: CalibrateConfig,
+    work: Path = WorkOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
     """Import the dense model as block shards, sample calibration text, cache dense activations."""
     from freelunch_cli.stages.calibrate import calibrate as run
 
@@ -158,8 +175,14 @@ def calibrate(cfg: CalibrateConfig, work: Path = WorkOpt, resume: bool = ResumeO
 
 
 @stage_command(PruneConfig)
-def prune(cfg: PruneConfig, work: Path = WorkOpt, resume: bool = ResumeOpt, force: bool = ForceOpt, quiet: bool = QuietOpt,
-          json_out: bool = JsonOpt):
+def prune(
+    cfg: PruneConfig,
+    work: Path = WorkOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
     """Prune every linear layer of every decoder block."""
     from freelunch_cli.stages.prune import prune as run
 
@@ -167,11 +190,18 @@ def prune(cfg: PruneConfig, work: Path = WorkOpt, resume: bool = ResumeOpt, forc
 
 
 @stage_command(ReconstructConfig)
-def reconstruct(cfg: ReconstructConfig, work: Path = WorkOpt,
-                status: bool = typer.Option(False, "--status", help="Show done / running / stale / pending windows and exit."),
-                resume: bool = ResumeOpt, force: bool = ForceOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt):
+def reconstruct(
+    cfg: ReconstructConfig,
+    work: Path = WorkOpt,
+    status: bool = typer.Option(False, "--status", help="Show done / running / stale / pending windows and exit."),
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
     """Train each window of the pruned model to match the dense activations (pruned weights stay zero)."""
-    from freelunch_cli.stages.reconstruct import reconstruct as run, show_status
+    from freelunch_cli.stages.reconstruct import reconstruct as run
+    from freelunch_cli.stages.reconstruct import show_status
 
     if status:
         _run(show_status, _work(work), cfg.stale_after, _reporter(quiet, json_out))
@@ -180,8 +210,14 @@ def reconstruct(cfg: ReconstructConfig, work: Path = WorkOpt,
 
 
 @stage_command(RetrainConfig)
-def retrain(cfg: RetrainConfig, work: Path = WorkOpt, resume: bool = ResumeOpt, force: bool = ForceOpt, quiet: bool = QuietOpt,
-            json_out: bool = JsonOpt):
+def retrain(
+    cfg: RetrainConfig,
+    work: Path = WorkOpt,
+    resume: bool = ResumeOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
     """Next-token training of the whole model, masks kept: full retraining of the pruned model (the baseline), or
     sparse adapters on the reconstructed one (the default after `reconstruct`)."""
     from freelunch_cli.stages.retrain import retrain as run
@@ -190,15 +226,20 @@ def retrain(cfg: RetrainConfig, work: Path = WorkOpt, resume: bool = ResumeOpt, 
 
 
 @stage_command(EvalConfig, name="eval")
-def eval_cmd(cfg: EvalConfig,
-             runs: List[Path] = typer.Argument(None, help="Work directories to compare (with --compare)."),
-             work: Optional[Path] = typer.Option(None, "--work", "-w", envvar=WORK_ENV,
-                                                 help=f"Work directory whose model to evaluate (or ${WORK_ENV})."),
-             compare: bool = typer.Option(False, "--compare", help="Table of every metric across the given work directories."),
-             plot: bool = typer.Option(False, "--plot", help="Write PNGs: per-window losses and perplexity per run."),
-             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for --compare/--plot files (default: "
-                                                "WORK/eval/report or ./freelunch-report)."),
-             quiet: bool = QuietOpt, json_out: bool = JsonOpt):
+def eval_cmd(
+    cfg: EvalConfig,
+    runs: List[Path] = typer.Argument(None, help="Work directories to compare (with --compare)."),
+    work: Optional[Path] = typer.Option(
+        None, "--work", "-w", envvar=WORK_ENV, help=f"Work directory whose model to evaluate (or ${WORK_ENV})."
+    ),
+    compare: bool = typer.Option(False, "--compare", help="Table of every metric across the given work directories."),
+    plot: bool = typer.Option(False, "--plot", help="Write PNGs: per-window losses and perplexity per run."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Folder for --compare/--plot files (default: WORK/eval/report or ./freelunch-report)."
+    ),
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
     """Perplexity and zero-shot accuracy of a work directory's model (or any model path); comparisons and plots."""
     from freelunch_cli.evaluation.compare import report
     from freelunch_cli.stages.evaluate import evaluate
@@ -221,10 +262,14 @@ def _fail(message: str):
 
 
 @stage_command(ExportConfig)
-def export(cfg: ExportConfig, work: Path = WorkOpt,
-           force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
-           resume: bool = typer.Option(False, "--resume", help="Finish an interrupted export into the same --out."),
-           quiet: bool = QuietOpt, json_out: bool = JsonOpt):
+def export(
+    cfg: ExportConfig,
+    work: Path = WorkOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted export into the same --out."),
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
     """Write a standard Hugging Face folder (zeros stored) with a model card."""
     from freelunch_cli.stages.export import export as run
 

@@ -8,10 +8,10 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from helpers import ARCHS, CALIB, SAMPLES, SEQLEN, make_tiny_model  # noqa: E402
-
 from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate  # noqa: E402
 from freelunch_cli.workdir.directory import WorkDir  # noqa: E402
+
+from helpers import ARCHS, CALIB, SAMPLES, SEQLEN, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

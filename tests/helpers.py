@@ -18,7 +18,9 @@ VOCAB = 384
 
 
 def tiny_config(arch: str, layers: int = 2, hidden: int = 64):
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256
+    )
     if arch == "llama":
         return LlamaConfig(intermediate_size=2 * hidden, num_key_value_heads=2, tie_word_embeddings=False, **common)
     if arch == "qwen2":
@@ -34,7 +36,9 @@ def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
     tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 

@@ -7,6 +7,7 @@ import torch
 from freelunch_cli.core.dtypes import canonical_dtype
 from freelunch_cli.core.errors import FreelunchError
 
+
 def parse_dtype(name: str) -> torch.dtype:
     """The torch dtype of an option's value (``bf16``, ``float32``, ...); FreelunchError for an unknown one."""
     return getattr(torch, canonical_dtype(name))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
 REQUIRED: Any = dataclasses.MISSING  # the default of an option that must be given
 
 

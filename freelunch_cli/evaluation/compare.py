@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.workdir.files import read_json, write_bytes_atomic, write_json_atomic
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
-
+from freelunch_cli.workdir.files import read_json, write_bytes_atomic, write_json_atomic
 
 
 def stage_results(work: WorkDir, stage: str) -> dict[str, float]:
@@ -96,7 +95,9 @@ def compare(runs: list[Path]) -> dict:
         dense = stage_results(work, "dense") if cal is not None and cal.run_id not in seen_dense else {}
         if dense:
             seen_dense.add(cal.run_id)
-            rows.insert(len(seen_dense) - 1, {"run": str(root), "label": label, "model": "dense", "what": "dense", "metrics": dense})
+            rows.insert(
+                len(seen_dense) - 1, {"run": str(root), "label": label, "model": "dense", "what": "dense", "metrics": dense}
+            )
         for stage in ("pruned", "reconstructed", "retrained"):
             m = stage_results(work, stage)
             if not m:
@@ -132,8 +133,14 @@ def to_markdown(table: dict) -> str:
     cols = table["columns"]
     lines = ["| run | model | " + " | ".join(cols) + " |", "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     for r in table["rows"]:
-        cells = [f"{r['metrics'][c]:.3f}" if c.startswith("ppl") and c in r["metrics"] else
-                 f"{r['metrics'][c]:.4f}" if c in r["metrics"] else "-" for c in cols]
+        cells = [
+            f"{r['metrics'][c]:.3f}"
+            if c.startswith("ppl") and c in r["metrics"]
+            else f"{r['metrics'][c]:.4f}"
+            if c in r["metrics"]
+            else "-"
+            for c in cols
+        ]
         lines.append(f"| {r['label']} | {r['what']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -151,8 +158,11 @@ def report(runs: list[Path], out: Path, plot: bool, rep) -> dict:
     table = compare(runs)
     md, js = write_comparison(table, out)
     cols = table["columns"]
-    rep.table("comparison", ["run", "model", *cols],
-              [[r["label"], r["what"], *[f"{r['metrics'][c]:.4g}" if c in r["metrics"] else "-" for c in cols]] for r in table["rows"]])
+    rep.table(
+        "comparison",
+        ["run", "model", *cols],
+        [[r["label"], r["what"], *[f"{r['metrics'][c]:.4g}" if c in r["metrics"] else "-" for c in cols]] for r in table["rows"]],
+    )
     files = [str(md), str(js)]
     if plot:
         from freelunch_cli.evaluation.plots import perplexity_bars, window_losses

@@ -57,11 +57,21 @@ def perplexity_bars(table: dict, out: Path) -> Path | None:
     if not cols:
         return None
     colors = {"dense": "tab:blue", "pruned": "tab:red", "reconstructed": "tab:green", "retrained": "tab:purple"}
-    panels = [(col, [(f"{r['label']} · {r['model']}" if r["model"] != "dense" else "dense",
-                      r["metrics"][col], colors[r["model"]]) for r in table["rows"] if col in r["metrics"]]) for col in cols]
+    panels = [
+        (
+            col,
+            [
+                (f"{r['label']} · {r['model']}" if r["model"] != "dense" else "dense", r["metrics"][col], colors[r["model"]])
+                for r in table["rows"]
+                if col in r["metrics"]
+            ],
+        )
+        for col in cols
+    ]
     heights = [0.8 + 0.35 * len(vals) for _, vals in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights) + 0.4), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(9, sum(heights) + 0.4), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for ax, (col, vals) in zip(axes[:, 0], panels):
         y = list(range(len(vals)))[::-1]
         ax.barh(y, [v[1] for v in vals], color=[v[2] for v in vals], height=0.7)

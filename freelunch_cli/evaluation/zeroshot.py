@@ -29,8 +29,9 @@ def task_manager(tasks: list[str], tasks_dir: str | None):
     return TaskManager(include_path=tasks_dir)
 
 
-def zero_shot(model: nn.Module, tokenizer, tasks: list[str], tasks_dir: str | None, batch_size: int, limit: int | None,
-              device) -> dict:
+def zero_shot(
+    model: nn.Module, tokenizer, tasks: list[str], tasks_dir: str | None, batch_size: int, limit: int | None, device
+) -> dict:
     """Accuracy per task (``acc``, and ``acc_norm`` where the task defines it) and their mean."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
@@ -40,18 +41,25 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str], tasks_dir: str | No
     tm = task_manager(tasks, tasks_dir)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        hint = f" (looked in --tasks-dir {tasks_dir} and lm-eval's tasks)" if tasks_dir else " (pass --tasks-dir for local task YAMLs)"
+        hint = (
+            f" (looked in --tasks-dir {tasks_dir} and lm-eval's tasks)"
+            if tasks_dir
+            else " (pass --tasks-dir for local task YAMLs)"
+        )
         raise FreelunchError(f"unknown lm-eval task(s) {', '.join(unknown)}{hint}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=False,
-                                      bootstrap_iters=0)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=False, bootstrap_iters=0)
     except Exception as e:  # lm-eval failing to fetch a dataset offline is the common case
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FreelunchError(f"lm-eval failed on {', '.join(tasks)}: {first}") from None
     results = {}
     for task, metrics in out["results"].items():
-        row = {k.split(",")[0]: v for k, v in metrics.items() if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, (int, float))}
+        row = {
+            k.split(",")[0]: v
+            for k, v in metrics.items()
+            if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, (int, float))
+        }
         if row:
             results[task] = row
     accs = [r["acc"] for r in results.values() if "acc" in r]

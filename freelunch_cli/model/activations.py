@@ -12,8 +12,16 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.workdir.files import StreamingTensorWriter
 
 
-def write_activations(work, path: Path, producer: Callable[[slice], torch.Tensor], samples: int, seqlen: int, hidden: int,
-                      dtype: torch.dtype, batch_size: int) -> None:
+def write_activations(
+    work,
+    path: Path,
+    producer: Callable[[slice], torch.Tensor],
+    samples: int,
+    seqlen: int,
+    hidden: int,
+    dtype: torch.dtype,
+    batch_size: int,
+) -> None:
     """Compute an activation cache file batch by batch (``producer(rows)`` gives rows ``[b, seqlen, hidden]``) in
     ``dtype`` and record it in ``work``'s manifest.
 

@@ -87,7 +87,9 @@ def block_halves(block: nn.Module, model_type: str) -> Halves:
     names = {n for n, _ in block.named_children()}
     if {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"} <= names:
         return Halves("input_layernorm", "self_attn", "post_attention_layernorm", ("mlp",), "llama")
-    if {"self_attn_layer_norm", "self_attn", "final_layer_norm", "fc1", "fc2"} <= names and getattr(block, "do_layer_norm_before", False):
+    if {"self_attn_layer_norm", "self_attn", "final_layer_norm", "fc1", "fc2"} <= names and getattr(
+        block, "do_layer_norm_before", False
+    ):
         return Halves("self_attn_layer_norm", "self_attn", "final_layer_norm", ("fc1", "fc2"), "opt")
     raise FreelunchError(
         f"submodule windows need a pre-norm block with attention and MLP halves; {model_type!r} blocks have {sorted(names)}"

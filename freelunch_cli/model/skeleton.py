@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from freelunch_cli.model.arch import Arch, find_arch
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.arch import Arch, find_arch
 from freelunch_cli.model.source import init_non_persistent_buffers
 from freelunch_cli.workdir.files import load_tensors
 
@@ -64,8 +64,15 @@ def prepare_config(config):
 class Skeleton:
     """Embeddings, final norm and head on a device; decoder blocks built on demand."""
 
-    def __init__(self, lm: nn.Module, config, blocks: list[nn.Module], device: torch.device, dtype: torch.dtype,
-                 rest_device: torch.device | None = None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        config,
+        blocks: list[nn.Module],
+        device: torch.device,
+        dtype: torch.dtype,
+        rest_device: torch.device | None = None,
+    ):
         self.lm = lm
         self.config = config
         self.arch: Arch = find_arch(lm, config)
@@ -81,7 +88,7 @@ class Skeleton:
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_rest(cls, config, rest: dict[str, torch.Tensor], device, dtype, rest_device=None) -> "Skeleton":
+    def from_rest(cls, config, rest: dict[str, torch.Tensor], device, dtype, rest_device=None) -> Skeleton:
         """Build from a config and the non-block tensors (embeddings, norms, head).
 
         ``rest_device`` (default: ``device``) holds the embeddings and head; stages that never need logits
@@ -100,7 +107,9 @@ class Skeleton:
         tied = set(getattr(lm, "all_tied_weights_keys", {}) or {})
         missing = [k for k in missing if k not in tied and not _is_tied_head(lm, k)]
         if missing or unexpected:
-            raise FreelunchError(f"the model's non-block tensors do not match its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+            raise FreelunchError(
+                f"the model's non-block tensors do not match its config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
         if getattr(config, "tie_word_embeddings", False):
             lm.tie_weights()
         lm.to(dtype)
@@ -109,7 +118,7 @@ class Skeleton:
         return cls(lm, config, templates, device, dtype, rest_device)
 
     @classmethod
-    def from_work(cls, work, stage: str, device, dtype, rest_device=None) -> "Skeleton":
+    def from_work(cls, work, stage: str, device, dtype, rest_device=None) -> Skeleton:
         folder = work.model_dir("dense")
         config = AutoConfig.from_pretrained(folder)
         sk = cls.from_rest(config, load_tensors(work.check_file(work.rest_path(stage))), device, dtype, rest_device)
@@ -117,7 +126,7 @@ class Skeleton:
         return sk
 
     @classmethod
-    def from_model(cls, lm: nn.Module, device, dtype) -> "Skeleton":
+    def from_model(cls, lm: nn.Module, device, dtype) -> Skeleton:
         """Wrap an in-memory model (e.g. ``--model PATH`` for eval): its real blocks are reused."""
         config = prepare_config(lm.config)
         lm.config = config
@@ -153,7 +162,11 @@ class Skeleton:
             return self._templates[i]
         state = self.block_state(i) if state is None else state
         block = copy.deepcopy(self._templates[i])
-        block.load_state_dict({k: v.to(self.device, dtype or self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in state.items()}, assign=True, strict=True)
+        block.load_state_dict(
+            {k: v.to(self.device, dtype or self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in state.items()},
+            assign=True,
+            strict=True,
+        )
         return block.eval()
 
     # ---- running ----------------------------------------------------------------------------------
@@ -180,10 +193,10 @@ class Skeleton:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head (frozen), differentiable in ``hidden``: for a loss on the logits."""
-        b, l = hidden.shape[:2]
+        batch, seqlen = hidden.shape[:2]
         self._shared["inject"] = hidden.to(self.rest_device, self.dtype)
         try:
-            out = self.lm(input_ids=torch.zeros(b, l, dtype=torch.long, device=self.rest_device), use_cache=False)
+            out = self.lm(input_ids=torch.zeros(batch, seqlen, dtype=torch.long, device=self.rest_device), use_cache=False)
         finally:
             self._shared["inject"] = None
         return out.logits
@@ -205,4 +218,3 @@ def _to_device(obj, device):
 
 def _is_tied_head(lm, key: str) -> bool:
     return key.endswith("lm_head.weight") and getattr(lm.config, "tie_word_embeddings", False)
-

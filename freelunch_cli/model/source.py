@@ -19,8 +19,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from freelunch_cli.model.arch import find_arch
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.arch import find_arch
 from freelunch_cli.workdir.files import save_tensors_atomic
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -53,7 +53,9 @@ def resolve_model(model: str, gguf_file: str | None = None) -> ModelSpec:
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise FreelunchError(f"{p} is a file but not a .gguf file; pass a Hugging Face model folder, a Hub id or a .gguf file")
+            raise FreelunchError(
+                f"{p} is a file but not a .gguf file; pass a Hugging Face model folder, a Hub id or a .gguf file"
+            )
         _check_gguf(p)
         return ModelSpec(model, p.parent, p.name)
     if p.is_dir():
@@ -148,7 +150,7 @@ def _safetensors_index(folder: Path) -> dict[str, Path] | None:
 def _key_mapping(expected: set[str], found: set[str], base_prefix: str) -> dict[str, str] | None:
     """Map model keys to checkpoint keys when they differ at most by the base-model prefix."""
     p = base_prefix + "."
-    for f in (lambda k: k, lambda k: k[len(p):] if k.startswith(p) else None, lambda k: p + k):
+    for f in (lambda k: k, lambda k: k[len(p) :] if k.startswith(p) else None, lambda k: p + k):
         mapping = {k: f(k) for k in expected}
         if all(v in found for v in mapping.values() if v is not None) and None not in mapping.values():
             return mapping
@@ -176,10 +178,13 @@ def iter_model_parts(spec: ModelSpec, config, log=print):
         raise FreelunchError(f"cannot load the model {spec.spec}: {str(e).splitlines()[0]}") from None
     sd = full.state_dict()
     del full
-    yield "rest", {k: v for k, v in sd.items() if not k.startswith(arch.layers_path + ".") and not (tied and k.endswith("lm_head.weight"))}
+    yield (
+        "rest",
+        {k: v for k, v in sd.items() if not k.startswith(arch.layers_path + ".") and not (tied and k.endswith("lm_head.weight"))},
+    )
     for i in range(arch.num_blocks):
         pre = arch.block_prefix(i)
-        yield i, {k[len(pre):]: sd.pop(k) for k in [k for k in sd if k.startswith(pre)]}
+        yield i, {k[len(pre) :]: sd.pop(k) for k in [k for k in sd if k.startswith(pre)]}
 
 
 def _stream_parts(arch, mapping: dict[str, str], index: dict[str, Path]):
@@ -191,7 +196,7 @@ def _stream_parts(arch, mapping: dict[str, str], index: dict[str, Path]):
         for f, ks in by_file.items():
             with safe_open(str(f), framework="pt") as h:
                 for k in ks:
-                    out[k[len(strip):]] = h.get_tensor(mapping[k])
+                    out[k[len(strip) :]] = h.get_tensor(mapping[k])
         return out
 
     layer_pre = arch.layers_path + "."
@@ -216,8 +221,11 @@ def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=Non
     if (folder / "config.json").exists():
         config = AutoConfig.from_pretrained(folder)
         if all(written(p) for p in ["rest", *range(config.num_hidden_layers)]):
-            return {"num_blocks": config.num_hidden_layers, "storage_dtype": str(config.dtype).removeprefix("torch."),
-                    "model_type": config.model_type}
+            return {
+                "num_blocks": config.num_hidden_layers,
+                "storage_dtype": str(config.dtype).removeprefix("torch."),
+                "model_type": config.model_type,
+            }
     config = load_config(spec)
     folder.mkdir(parents=True, exist_ok=True)
     (tokenizer or load_tokenizer(spec)).save_pretrained(folder)

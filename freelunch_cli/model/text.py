@@ -29,8 +29,12 @@ class TextSource:
     def signature(self, fingerprint: str) -> dict:
         """What a stage records of its text: the source (a resolved file path or a dataset reference) and the text's
         fingerprint (``text_fingerprint``)."""
-        return {"data": self.spec if self.path is None else str(self.path.resolve()), "data_config": self.config,
-                "data_split": self.split if self.path is None else None, "data_sha": fingerprint}
+        return {
+            "data": self.spec if self.path is None else str(self.path.resolve()),
+            "data_config": self.config,
+            "data_split": self.split if self.path is None else None,
+            "data_sha": fingerprint,
+        }
 
     @property
     def name(self) -> str:
@@ -54,7 +58,9 @@ ALIASES = {
 }
 
 
-def resolve_text(spec: str, config: str | None = None, split: str | None = None, field: str = "text", default_split: str = "train") -> TextSource:
+def resolve_text(
+    spec: str, config: str | None = None, split: str | None = None, field: str = "text", default_split: str = "train"
+) -> TextSource:
     """A local file, an alias (``wikitext2``), or a `datasets` name ``NAME[:CONFIG[:SPLIT]]`` (options override the parts)."""
     label = spec if spec in ALIASES else None
     spec = ALIASES.get(spec, spec)

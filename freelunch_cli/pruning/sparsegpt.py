@@ -30,7 +30,9 @@ class SparseGPT:
         self.H.addmm_(x.t(), x)
 
     @torch.no_grad()
-    def prune(self, weight: torch.Tensor, pattern: Pattern, block_size: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(
+        self, weight: torch.Tensor, pattern: Pattern, block_size: int = 128, damp: float = 0.01
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (updated weight with exact zeros, keep-mask). ``weight`` is not modified."""
         return sparsegpt_prune(weight, self.H, pattern, block_size, damp)
 

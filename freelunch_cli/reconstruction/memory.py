@@ -14,9 +14,9 @@ import os
 import torch
 from torch import nn
 
-from freelunch_cli.model.arch import block_linears
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.units import is_plain_number, parse_size
+from freelunch_cli.model.arch import block_linears
 
 
 def parse_memory(text: str, device: torch.device) -> int:
@@ -39,10 +39,18 @@ def block_numbers(config, template: nn.Module) -> dict:
     heads = config.num_attention_heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or hidden // heads)
     params = sum(p.numel() for p in template.parameters())
-    largest_linear = max(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in block_linears(template).values())
+    largest_linear = max(
+        lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in block_linears(template).values()
+    )
     attn_params = sum(p.numel() for n, p in template.named_parameters() if "attn" in n)
-    return {"hidden": hidden, "inter": inter, "kv": kv, "params": params, "largest_linear": largest_linear,
-            "largest_half": max(attn_params, params - attn_params)}
+    return {
+        "hidden": hidden,
+        "inter": inter,
+        "kv": kv,
+        "params": params,
+        "largest_linear": largest_linear,
+        "largest_half": max(attn_params, params - attn_params),
+    }
 
 
 def estimate(kind: str, blocks: int, nums: dict, batch: int, seqlen: int, act_bytes: int = 4) -> dict:
@@ -77,7 +85,9 @@ def candidates(num_blocks: int) -> list[tuple[str, int]]:
     return out + [("block", 1), ("submodule", 1), ("matrix", 1)]
 
 
-def choose_window(num_blocks: int, nums: dict, batch: int, seqlen: int, budget: int, act_bytes: int = 4) -> tuple[str, list[dict]]:
+def choose_window(
+    num_blocks: int, nums: dict, batch: int, seqlen: int, budget: int, act_bytes: int = 4
+) -> tuple[str, list[dict]]:
     """The largest window kind whose estimate fits ``budget``; and the table of every estimate."""
     table = []
     chosen = None
@@ -91,6 +101,8 @@ def choose_window(num_blocks: int, nums: dict, batch: int, seqlen: int, budget: 
             chosen = name
     if chosen is None:
         smallest = table[-1]["total"]
-        raise FreelunchError(f"no window fits --max-memory {budget / 2**30:.2f} GiB (a single matrix needs about "
-                             f"{smallest / 2**30:.2f} GiB); lower --batch-size or raise --max-memory")
+        raise FreelunchError(
+            f"no window fits --max-memory {budget / 2**30:.2f} GiB (a single matrix needs about "
+            f"{smallest / 2**30:.2f} GiB); lower --batch-size or raise --max-memory"
+        )
     return chosen, table

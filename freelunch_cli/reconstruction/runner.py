@@ -48,13 +48,17 @@ class WindowRunner:
         calib = work.stage("calibrate")
         self.cache_dtype = parse_dtype(calib.signature["cache_dtype"])
         self.samples = calib.summary["samples"]
-        self.storage_dtype = next(v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point())
+        self.storage_dtype = next(
+            v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point()
+        )
         self.sparse_inputs = cfg.inputs == "sparse"
         self._dense: tuple[int, nn.Module] | None = None
         perm = torch.randperm(self.samples, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_val = int(round(self.samples * cfg.val_fraction))
         if cfg.val_fraction and (n_val < 1 or n_val >= self.samples):
-            raise FreelunchError(f"--val-fraction {cfg.val_fraction} of {self.samples} samples leaves no validation or no training samples")
+            raise FreelunchError(
+                f"--val-fraction {cfg.val_fraction} of {self.samples} samples leaves no validation or no training samples"
+            )
         self.val_idx, self.train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
 
     @cached_property
@@ -131,11 +135,24 @@ class WindowRunner:
             for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=self.device).items():
                 masks[f"{i}/{name}"] = keep
         scope = win.trained_modules(blocks, self)
-        trainable = prepare(scope, {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}, cfg.peft_config(win.index))
+        trainable = prepare(
+            scope, {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}, cfg.peft_config(win.index)
+        )
         total, free = trainable.params.count()
-        extra = self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
-        result = train_window(win.forward(blocks, self), trainable.params, _Batches(win.batches(blocks, self)), self.train_idx,
-                              self.val_idx, cfg.train_config(win.index), self.device, self.compute, extra_loss=extra)
+        extra = (
+            self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
+        )
+        result = train_window(
+            win.forward(blocks, self),
+            trainable.params,
+            _Batches(win.batches(blocks, self)),
+            self.train_idx,
+            self.val_idx,
+            cfg.train_config(win.index),
+            self.device,
+            self.compute,
+            extra_loss=extra,
+        )
         if extra is not None:
             result["kl_weight"] = cfg.kl_weight
         trainable.finalize()
@@ -176,8 +193,16 @@ class WindowRunner:
             with torch.no_grad():
                 return fn(src.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute))
 
-        write_activations(self.work, self.work.act_path("recon", name), producer, self.samples, src.shape[1],
-                          self.sk.config.hidden_size, self.cache_dtype, 8)
+        write_activations(
+            self.work,
+            self.work.act_path("recon", name),
+            producer,
+            self.samples,
+            src.shape[1],
+            self.sk.config.hidden_size,
+            self.cache_dtype,
+            8,
+        )
 
     def ensure_chained_input(self, win: Window) -> None:
         """Recreate a deleted chained input by replaying the finished windows that produce it, as stored."""

@@ -275,8 +275,13 @@ def enumerate_windows(num_blocks: int, window: str, matrices: list[str] | None =
     if kind == "matrix":
         if not matrices:
             raise FreelunchError("matrix windows need the block's linear layers")
-        return [Matrix(b * len(matrices) + j, "matrix", b, b, name, j == len(matrices) - 1)
-                for b in range(num_blocks) for j, name in enumerate(matrices)]
+        return [
+            Matrix(b * len(matrices) + j, "matrix", b, b, name, j == len(matrices) - 1)
+            for b in range(num_blocks)
+            for j, name in enumerate(matrices)
+        ]
     if kind == "submodule":
-        return [w for b in range(num_blocks) for w in (AttentionHalf(2 * b, "submodule", b, b), MlpHalf(2 * b + 1, "submodule", b, b))]
+        return [
+            w for b in range(num_blocks) for w in (AttentionHalf(2 * b, "submodule", b, b), MlpHalf(2 * b + 1, "submodule", b, b))
+        ]
     return [BlockRange(idx, kind, first, min(first + k, num_blocks) - 1) for idx, first in enumerate(range(0, num_blocks, k))]

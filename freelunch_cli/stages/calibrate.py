@@ -23,7 +23,9 @@ from freelunch_cli.workdir.files import TensorRows, check_free_space, load_tenso
 from freelunch_cli.workdir.stage import StageState, check_signature, open_stage
 
 
-def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
+def calibrate(
+    work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False
+) -> dict:
     """Write the dense model's shards, the calibration token ids ``[samples, seqlen]`` and the dense activation cache
     (``blocks + 1`` boundaries of ``[samples, seqlen, hidden]`` in ``--cache-dtype``) into ``work``; return the summary.
 
@@ -57,13 +59,17 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
         if run.done:
             return run.summary
         rep.info(f"calibrate: model {spec.spec} -> {work.root}")
-        rep.info(f"activation cache: {n_blocks + 1} boundaries x {cfg.samples} x {cfg.seqlen} x {hidden} "
-                 f"in {dtype_name(cache_dtype)} = {format_bytes(planned)}")
+        rep.info(
+            f"activation cache: {n_blocks + 1} boundaries x {cfg.samples} x {cfg.seqlen} x {hidden} "
+            f"in {dtype_name(cache_dtype)} = {format_bytes(planned)}"
+        )
         if not work.is_recorded(work.tokens_path):
             if ids is None:
                 tokenizer = load_tokenizer(spec)
                 ids = sample_sequences(tokenize(tokenizer, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
-            info = save_tensors_atomic(work.tokens_path, {"input_ids": ids}, {"source": src.spec, "seed": cfg.seed, "seqlen": cfg.seqlen})
+            info = save_tensors_atomic(
+                work.tokens_path, {"input_ids": ids}, {"source": src.spec, "seed": cfg.seed, "seqlen": cfg.seqlen}
+            )
             work.record_file(work.tokens_path, info)
         ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
 
@@ -74,18 +80,39 @@ def calibrate(work: WorkDir, cfg: CalibrateConfig, rep: Reporter | None = None, 
         t_pass = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
             for b in missing:
-                write_activations(work, work.boundary_path("dense", b), _dense_boundary(work, sk, ids, b), cfg.samples,
-                                  cfg.seqlen, hidden, cache_dtype, cfg.batch_size)
+                write_activations(
+                    work,
+                    work.boundary_path("dense", b),
+                    _dense_boundary(work, sk, ids, b),
+                    cfg.samples,
+                    cfg.seqlen,
+                    hidden,
+                    cache_dtype,
+                    cfg.batch_size,
+                )
                 kill_point("calibrate.boundary")
                 bar.advance()
         summary = {
-            "work": str(work.root), "model": spec.spec, "model_type": meta["model_type"], "num_blocks": n_blocks,
-            "hidden_size": hidden, "samples": cfg.samples, "seqlen": cfg.seqlen, "tokens": cfg.samples * cfg.seqlen,
-            "cache_bytes": planned, "storage_dtype": meta["storage_dtype"], "seconds_import": round(t_import, 2),
-            "seconds_dense_pass": round(time.time() - t_pass, 2), "seconds": round(run.seconds(), 2), "config": asdict(cfg),
+            "work": str(work.root),
+            "model": spec.spec,
+            "model_type": meta["model_type"],
+            "num_blocks": n_blocks,
+            "hidden_size": hidden,
+            "samples": cfg.samples,
+            "seqlen": cfg.seqlen,
+            "tokens": cfg.samples * cfg.seqlen,
+            "cache_bytes": planned,
+            "storage_dtype": meta["storage_dtype"],
+            "seconds_import": round(t_import, 2),
+            "seconds_dense_pass": round(time.time() - t_pass, 2),
+            "seconds": round(run.seconds(), 2),
+            "config": asdict(cfg),
         }
-        return run.finish(summary, f"calibrated {n_blocks} blocks on {cfg.samples} x {cfg.seqlen} tokens in "
-                                   f"{summary['seconds']:.1f}s (cache {format_bytes(planned)})")
+        return run.finish(
+            summary,
+            f"calibrated {n_blocks} blocks on {cfg.samples} x {cfg.seqlen} tokens in "
+            f"{summary['seconds']:.1f}s (cache {format_bytes(planned)})",
+        )
 
 
 def _dense_boundary(work: WorkDir, sk: Skeleton, ids: torch.Tensor, b: int):

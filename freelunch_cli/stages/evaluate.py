@@ -50,7 +50,9 @@ class _Target:
         self.label, self.run_id, self.stage = stage, st.run_id, stage
 
     def _load_whole(self):
-        return AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype=torch.float32, config=self.config, **self.spec.hf_kwargs())
+        return AutoModelForCausalLM.from_pretrained(
+            self.spec.folder, dtype=torch.float32, config=self.config, **self.spec.hf_kwargs()
+        )
 
     def skeleton(self) -> Skeleton:
         if self._sk is None:
@@ -100,8 +102,13 @@ def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None)
     results = []
     for src in sources:
         text = read_text(src)
-        key = {**cfg.signature(target.label, target.run_id), "data": src.spec, "data_sha": text_fingerprint(text), "seqlen": seqlen,
-               "limit_windows": cfg.limit_sequences}  # the key's name predates --limit-sequences: cached results stay valid
+        key = {
+            **cfg.signature(target.label, target.run_id),
+            "data": src.spec,
+            "data_sha": text_fingerprint(text),
+            "seqlen": seqlen,
+            "limit_windows": cfg.limit_sequences,
+        }  # the key's name predates --limit-sequences: cached results stay valid
         path = target.result_path(f"{src.name}__L{seqlen}")
         cached = _cached(path, key)
         if cached is not None:
@@ -121,8 +128,11 @@ def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None)
             write_json_atomic(path, res)
         results.append(res)
     if results:
-        rep.table("perplexity", ["model", "data", "seqlen", "tokens", "ppl"],
-                  [[r["model"], r["data"], r["seqlen"], r["tokens"], f"{r['ppl']:.3f}"] for r in results])
+        rep.table(
+            "perplexity",
+            ["model", "data", "seqlen", "tokens", "ppl"],
+            [[r["model"], r["data"], r["seqlen"], r["tokens"], f"{r['ppl']:.3f}"] for r in results],
+        )
     summary: dict = {"results": results}
     if cfg.tasks:
         summary["zero_shot"] = _zero_shot(target, cfg, device, compute, rep)
@@ -148,7 +158,10 @@ def _zero_shot(target: _Target, cfg: EvalConfig, device, compute, rep: Reporter)
         res.update(key=key, model=target.label, seconds=round(time.time() - t0, 2))
         if path is not None:
             write_json_atomic(path, res)
-    rows = [[t, f"{m.get('acc', float('nan')):.4f}", f"{m['acc_norm']:.4f}" if "acc_norm" in m else "-"] for t, m in res["tasks"].items()]
+    rows = [
+        [t, f"{m.get('acc', float('nan')):.4f}", f"{m['acc_norm']:.4f}" if "acc_norm" in m else "-"]
+        for t, m in res["tasks"].items()
+    ]
     if res["mean_acc"] is not None:
         rows.append(["mean", f"{res['mean_acc']:.4f}", ""])
     rep.table(f"zero-shot accuracy ({target.label})", ["task", "acc", "acc_norm"], rows)

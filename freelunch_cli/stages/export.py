@@ -19,7 +19,14 @@ from freelunch_cli.model.source import meta_model
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import ExportConfig
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
-from freelunch_cli.workdir.files import load_tensors, read_json, save_tensors_atomic, sha256_file, write_bytes_atomic, write_json_atomic
+from freelunch_cli.workdir.files import (
+    load_tensors,
+    read_json,
+    save_tensors_atomic,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 MARKER = ".freelunch-export.json"  # in the output folder: what was exported, and which shards are written
 
@@ -58,7 +65,10 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     parts = [("rest", work.check_file(work.rest_path(stage)))]
     parts += [(i, work.stage_block_path(stage, i)) for i in range(arch.num_blocks)]
     shards = plan_shards(parts, target, limit)
-    names = ["model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
+    names = [
+        "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        for s in range(len(shards))
+    ]
     done = marker["shards"] if resuming else {}
     if not resuming:
         for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
@@ -82,8 +92,13 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
                         numel += v.numel()
                 bar.advance()
             info = save_tensors_atomic(out / name, tensors, {"format": "pt"})
-            done[name] = {**info.as_dict(), "keys": sorted(tensors), "zeros": zeros, "numel": numel,
-                          "bytes": sum(v.numel() * v.element_size() for v in tensors.values())}
+            done[name] = {
+                **info.as_dict(),
+                "keys": sorted(tensors),
+                "zeros": zeros,
+                "numel": numel,
+                "bytes": sum(v.numel() * v.element_size() for v in tensors.values()),
+            }
             write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "running"})
             kill_point("export.shard")
     total = sum(done[n]["bytes"] for n in names)
@@ -99,8 +114,14 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
             shutil.copy2(f, out / f.name)
     write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity).encode())
     write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done"})
-    summary = {"out": str(out), "stage": stage, "shards": len(shards), "bytes": total, "block_sparsity": sparsity,
-               "seconds": round(time.time() - t0, 2)}
+    summary = {
+        "out": str(out),
+        "stage": stage,
+        "shards": len(shards),
+        "bytes": total,
+        "block_sparsity": sparsity,
+        "seconds": round(time.time() - t0, 2),
+    }
     rep.summary(f"exported the {stage} model to {out} ({len(shards)} shard(s), block weight sparsity {sparsity:.4f})", summary)
     return summary
 
@@ -158,18 +179,24 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
         f"- Calibration: {calib.summary['samples']} x {calib.summary['seqlen']} tokens from `{calib.signature['data']}`, seed {calib.signature['seed']}",
     ]
     if prune is not None:
-        lines.append(f"- Pruning: {prune.summary['criterion']}, {prune.summary['pattern']}; achieved sparsity of block linear weights {sparsity:.4f}")
+        lines.append(
+            f"- Pruning: {prune.summary['criterion']}, {prune.summary['pattern']}; achieved sparsity of block linear weights {sparsity:.4f}"
+        )
     else:
         lines.append("- Pruning: none (dense model)")
     if recon is not None:
         c = recon.summary["config"]
-        lines.append(f"- Local reconstruction: window {c['window']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}, loss {c['loss']}")
+        lines.append(
+            f"- Local reconstruction: window {c['window']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}, loss {c['loss']}"
+        )
     else:
         lines.append("- Local reconstruction: none")
     if retrain is not None:
         c = retrain.summary["config"]
         kind = "Fine-tuning of the dense model" if prune is None else "Global retraining"
-        lines.append(f"- {kind} ({c.get('peft') or 'full'}): {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}")
+        lines.append(
+            f"- {kind} ({c.get('peft') or 'full'}): {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}"
+        )
     evals = work.eval_results("*")
     runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
     rows = [r for r in (read_json(p) for p in evals) if r.get("key", {}).get("run") == runs.get(r.get("model"))]

@@ -8,8 +8,10 @@ from freelunch_cli.workdir.directory import MODEL_STAGES, STAGE_OF, WorkDir
 
 
 def _unfinished_reconstruction(work: WorkDir) -> FreelunchError:
-    return FreelunchError(f"reconstruct did not finish in {work.root} (missing windows: {missing_windows(work)}); "
-                          f"rerun `freelunch reconstruct --work {work.root} --resume`, or pass --stage pruned")
+    return FreelunchError(
+        f"reconstruct did not finish in {work.root} (missing windows: {missing_windows(work)}); "
+        f"rerun `freelunch reconstruct --work {work.root} --resume`, or pass --stage pruned"
+    )
 
 
 def latest_model(work: WorkDir) -> str:
@@ -21,8 +23,9 @@ def latest_model(work: WorkDir) -> str:
     ret = work.stage("retrain")
     if ret is not None:
         if ret.status != "done":
-            raise FreelunchError(f"retrain did not finish in {work.root}; rerun `freelunch retrain --work {work.root} --resume`, "
-                                 f"or pass --stage")
+            raise FreelunchError(
+                f"retrain did not finish in {work.root}; rerun `freelunch retrain --work {work.root} --resume`, or pass --stage"
+            )
         return "retrained"
     rec, pr = work.stage("reconstruct"), work.stage("prune")
     if rec is not None:

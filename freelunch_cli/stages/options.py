@@ -61,9 +61,17 @@ class CalibrateConfig:
 
     def signature(self, model: dict, data: dict) -> dict:
         """``model``: the resolved model's signature; ``data``: the resolved text source and its fingerprint."""
-        return {**model, **data, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed,
-                "allow_overlap": self.allow_overlap, "dtype": canonical_dtype(self.dtype),
-                "cache_dtype": canonical_dtype(self.cache_dtype), "storage_dtype": self.storage_dtype}
+        return {
+            **model,
+            **data,
+            "samples": self.samples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "allow_overlap": self.allow_overlap,
+            "dtype": canonical_dtype(self.dtype),
+            "cache_dtype": canonical_dtype(self.cache_dtype),
+            "storage_dtype": self.storage_dtype,
+        }
 
 
 @dataclass
@@ -141,8 +149,9 @@ class ReconstructConfig:
     keep_best: bool = option(False, "Keep the parameters with the lowest validation loss.", "--keep-best")
     loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
     seed: int = option(0, "Seed of the data order, validation split and adapters.")
-    keep_cache: bool = option(False, "Keep activation files no unfinished window needs, and each window's parameters "
-                                     "after assembly.", "--keep-cache")
+    keep_cache: bool = option(
+        False, "Keep activation files no unfinished window needs, and each window's parameters after assembly.", "--keep-cache"
+    )
     shard: str | None = option(None, "Take share I of N windows (I/N); default from torchrun or a Slurm array.")
     stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed window is taken over.")
     max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
@@ -155,8 +164,19 @@ class ReconstructConfig:
         resumed run matches."""
         from freelunch_cli.training.loop import TrainConfig
 
-        return TrainConfig(self.lr, self.epochs, self.batch_size, self.seed * 100_003 + window_index, self.weight_decay,
-                           self.loss, self.steps, self.warmup, self.grad_clip, self.keep_best, self.loss_samples or None)
+        return TrainConfig(
+            self.lr,
+            self.epochs,
+            self.batch_size,
+            self.seed * 100_003 + window_index,
+            self.weight_decay,
+            self.loss,
+            self.steps,
+            self.warmup,
+            self.grad_clip,
+            self.keep_best,
+            self.loss_samples or None,
+        )
 
     def peft_config(self, window_index: int):
         from freelunch_cli.training.peft import PeftConfig
@@ -190,8 +210,9 @@ class ReconstructConfig:
 
 @dataclass
 class RetrainConfig:
-    start: str = option("latest", "Model to retrain: pruned, reconstructed, latest, or dense (a fine-tuning control, "
-                                  "no masks).", "--from")
+    start: str = option(
+        "latest", "Model to retrain: pruned, reconstructed, latest, or dense (a fine-tuning control, no masks).", "--from"
+    )
     lr: float | None = option(None, "Peak AdamW learning rate, linear decay to 0 (default: 1e-4 for full, 1e-3 for PEFT).")
     epochs: int = option(1, "Passes over the training sequences.")
     steps: int | None = option(None, "Optimizer steps (overrides --epochs).")
@@ -204,11 +225,14 @@ class RetrainConfig:
     samples: int | None = option(None, "Sequences of --data (of the calibration length).")
     allow_overlap: bool = option(False, "Let --data sequences overlap.", "--allow-overlap")
     save_every: int = option(50, "Steps between resumable checkpoints.")
-    grad_checkpoint: bool | None = option(None, "Recompute block activations in backward: far less memory, ~1/3 more "
-                                                "compute (default: on for PEFT, off for full).",
-                                          "--grad-checkpoint/--no-grad-checkpoint")
-    peft: str | None = option(None, "What trains: full, bias-norm, lora or masked-lora (default: masked-lora from a "
-                                    "reconstructed model, else full).")
+    grad_checkpoint: bool | None = option(
+        None,
+        "Recompute block activations in backward: far less memory, ~1/3 more compute (default: on for PEFT, off for full).",
+        "--grad-checkpoint/--no-grad-checkpoint",
+    )
+    peft: str | None = option(
+        None, "What trains: full, bias-norm, lora or masked-lora (default: masked-lora from a reconstructed model, else full)."
+    )
     lora_rank: int = option(16, "LoRA rank (lora, masked-lora).")
     lora_alpha: float = option(32.0, "LoRA alpha: the update is alpha / rank x B A.")
     device: str = option("auto", DEVICE_HELP)
@@ -232,8 +256,12 @@ class RetrainConfig:
     def resolved(self, start: str) -> RetrainConfig:
         """The options as run from ``start`` (pruned, reconstructed or dense): unset ones take the defaults above."""
         peft = self.peft or (PEFT_AFTER_RECONSTRUCTION if start == "reconstructed" else "full")
-        return replace(self, peft=peft, lr=LR_BY_PEFT[peft] if self.lr is None else self.lr,
-                       grad_checkpoint=peft != "full" if self.grad_checkpoint is None else self.grad_checkpoint)
+        return replace(
+            self,
+            peft=peft,
+            lr=LR_BY_PEFT[peft] if self.lr is None else self.lr,
+            grad_checkpoint=peft != "full" if self.grad_checkpoint is None else self.grad_checkpoint,
+        )
 
     def peft_config(self):
         from freelunch_cli.training.peft import PeftConfig
@@ -256,18 +284,21 @@ class RetrainConfig:
 
 @dataclass
 class EvalConfig:
-    ppl: list[str] = option(REQUIRED, "Perplexity text: a file, wikitext2, or datasets NAME:CONFIG:SPLIT (repeatable).",
-                            factory=list)
-    tasks: list[str] = option(REQUIRED, "lm-eval tasks, comma-separated (e.g. boolq,rte,hellaswag,winogrande,arc_easy).",
-                              factory=list, cli_type=str)
+    ppl: list[str] = option(
+        REQUIRED, "Perplexity text: a file, wikitext2, or datasets NAME:CONFIG:SPLIT (repeatable).", factory=list
+    )
+    tasks: list[str] = option(
+        REQUIRED, "lm-eval tasks, comma-separated (e.g. boolq,rte,hellaswag,winogrande,arc_easy).", factory=list, cli_type=str
+    )
     tasks_dir: str | None = option(None, "Folder of local lm-eval task YAMLs (offline tasks).")
     limit: int | None = option(None, "lm-eval: at most this many documents per task.")
     model: str | None = option(None, "Evaluate this model path instead of a work directory.", "--model", "-m")
     gguf_file: str | None = option(None, "GGUF file name inside the --model folder.")
     stage: str = option("latest", MODEL_CHOICES)
     seqlen: int | None = option(None, "Sequence length (default: model context, at most 4096).")
-    limit_sequences: int | None = option(None, "Evaluate only the first N perplexity sequences.",
-                                         "--limit-sequences", "--limit-windows")
+    limit_sequences: int | None = option(
+        None, "Evaluate only the first N perplexity sequences.", "--limit-sequences", "--limit-windows"
+    )
     batch_size: int = option(4, "Sequences (or lm-eval requests) per forward batch.")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("float32", DTYPE_HELP)
@@ -302,5 +333,10 @@ class ExportConfig:
     def signature(self, work: str, stage: str, run: str) -> dict:
         from freelunch_cli.core.units import parse_size
 
-        return {"work": work, "stage": stage, "run": run, "dtype": self.dtype,
-                "max_shard_size": parse_size(self.max_shard_size, "--max-shard-size")}
+        return {
+            "work": work,
+            "stage": stage,
+            "run": run,
+            "dtype": self.dtype,
+            "max_shard_size": parse_size(self.max_shard_size, "--max-shard-size"),
+        }

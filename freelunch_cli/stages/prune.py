@@ -45,10 +45,19 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
     with open_stage(work, "prune", signature, rep, resume=resume, force=force) as run:
         if run.done:
             return run.summary
-        todo = [i for i in range(n) if not (work.is_recorded(work.block_path("pruned", i)) and work.is_recorded(work.mask_path(i))
-                                            and work.prune_block_record_path(i).exists())]
-        rep.info(f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
-                 f"{n} blocks ({n - len(todo)} already done)")
+        todo = [
+            i
+            for i in range(n)
+            if not (
+                work.is_recorded(work.block_path("pruned", i))
+                and work.is_recorded(work.mask_path(i))
+                and work.prune_block_record_path(i).exists()
+            )
+        ]
+        rep.info(
+            f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
+            f"{n} blocks ({n - len(todo)} already done)"
+        )
         pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute)
         if cfg.owl:
             pruner.block_sparsity = pruner.owl_plan(rep)
@@ -62,12 +71,21 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
                 bar.advance()
         report = build_report(work, n, crit.name, pattern, cfg)
         summary = {
-            "work": str(work.root), "criterion": crit.name, "pattern": pattern.describe(), "stats": cfg.stats if crit.needs else None,
-            "target_sparsity": pattern.sparsity, "achieved_sparsity": report["sparsity_linear"],
-            "model_sparsity": report["sparsity_model"], "seconds": round(run.seconds(), 2), "config": asdict(cfg),
+            "work": str(work.root),
+            "criterion": crit.name,
+            "pattern": pattern.describe(),
+            "stats": cfg.stats if crit.needs else None,
+            "target_sparsity": pattern.sparsity,
+            "achieved_sparsity": report["sparsity_linear"],
+            "model_sparsity": report["sparsity_model"],
+            "seconds": round(run.seconds(), 2),
+            "config": asdict(cfg),
         }
-        return run.finish(summary, f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {report['sparsity_linear']:.4f} "
-                                   f"of block weights are zero, {summary['seconds']:.1f}s")
+        return run.finish(
+            summary,
+            f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {report['sparsity_linear']:.4f} "
+            f"of block weights are zero, {summary['seconds']:.1f}s",
+        )
 
 
 class BlockPruner:
@@ -102,8 +120,16 @@ class BlockPruner:
             x = inputs.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute)
             return run_block(block, x, self.sk.block_call(i, x.shape[0], x.shape[1]))
 
-        write_activations(self.work, self.work.boundary_path("pruned", i + 1), producer, self.samples, inputs.shape[1],
-                          self.sk.config.hidden_size, cache_dtype_of(inputs), self.cfg.batch_size)
+        write_activations(
+            self.work,
+            self.work.boundary_path("pruned", i + 1),
+            producer,
+            self.samples,
+            inputs.shape[1],
+            self.sk.config.hidden_size,
+            cache_dtype_of(inputs),
+            self.cfg.batch_size,
+        )
 
     def _run_all(self, block, i, inputs: TensorRows, limit: int | None = None):
         bs, n = self.cfg.batch_size, min(self.samples, limit or self.samples)
@@ -145,7 +171,9 @@ class BlockPruner:
     def prune_block(self, i: int, sparse_stream: bool) -> list[dict]:
         """Prune block ``i`` and write its shard, masks and record; returns one row per matrix."""
         work, cfg = self.work, self.cfg
-        pattern = self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
+        pattern = (
+            self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
+        )
         state = load_tensors(work.stage_block_path("dense", i))
         block = self.sk.build_block(i, state)
         linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, cfg.skip)}

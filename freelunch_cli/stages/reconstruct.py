@@ -29,6 +29,7 @@ from freelunch_cli.workdir.files import read_json
 from freelunch_cli.workdir.locks import Busy, locked_file
 from freelunch_cli.workdir.stage import StageRun, open_stage
 
+
 def plan_windows(work: WorkDir, window: str) -> list[Window]:
     calib = work.require_done("calibrate", "reconstruct")
     kind = window.strip().lower()
@@ -41,7 +42,9 @@ def plan_windows(work: WorkDir, window: str) -> list[Window]:
     return enumerate_windows(calib.summary["num_blocks"], window, matrices)
 
 
-def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
+def reconstruct(
+    work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False
+) -> dict:
     """Run (this process's share of) the windows; the worker that sees every window done assembles the model.
 
     Returns the stage summary, or, for a worker that finished its windows while another assembles, what it ran.
@@ -54,28 +57,41 @@ def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = No
     if shard is not None and cfg.inputs == "sparse":
         raise FreelunchError("--inputs sparse chains windows in order and cannot be sharded; use --inputs dense with --shard")
     if shard is not None and force:
-        raise FreelunchError("--force cannot be combined with sharded workers (each would start over); run "
-                             "`freelunch reconstruct --prepare --force ...` once, then start the workers")
+        raise FreelunchError(
+            "--force cannot be combined with sharded workers (each would start over); run "
+            "`freelunch reconstruct --prepare --force ...` once, then start the workers"
+        )
     pruned = work.require_done("prune", "reconstruct")
     cfg = resolve_auto_window(work, cfg, device, rep)
     windows = plan_windows(work, cfg.window)
-    with open_stage(work, "reconstruct", cfg.signature(pruned.run_id), rep, resume=resume or shard is not None, force=force,
-                    shared=shard is not None) as run:
+    with open_stage(
+        work,
+        "reconstruct",
+        cfg.signature(pruned.run_id),
+        rep,
+        resume=resume or shard is not None,
+        force=force,
+        shared=shard is not None,
+    ) as run:
         if run.done:
             return run.summary
         work.set_progress("reconstruct", "windows_total", len(windows))
         if cfg.prepare:
-            return run.report(f"reconstruct prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
-                              {"windows": len(windows), "prepared": True})
+            return run.report(
+                f"reconstruct prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
+                {"windows": len(windows), "prepared": True},
+            )
         runner = WindowRunner(work, cfg, windows, device, compute)
         claims = Claims(work.windows_dir, cfg.stale_after if shard is not None else 0.0)
         mine = [w for w in windows if shard is None or shard.owns(w.index)]
         order = mine + [w for w in windows if w not in mine]  # then help with the rest (dead or slow workers)
         done_before = sum(window_done(work, w.index) for w in windows)
         who = f"shard {shard.index}/{shard.count} ({shard.source}), " if shard else ""
-        rep.info(f"reconstruct: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, "
-                 f"{cfg.peft}; lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
-                 f"loss {cfg.loss}")
+        rep.info(
+            f"reconstruct: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, "
+            f"{cfg.peft}; lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
+            f"loss {cfg.loss}"
+        )
         ran = []
         with rep.progress("reconstruct", total=len(windows), completed=done_before) as bar:
             while True:
@@ -93,8 +109,10 @@ def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = No
                         rep.info(f"  window {win.index:3d} was taken over by another worker; its result is theirs")
                         continue
                     ran.append(win.index)
-                    rep.info(f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
-                             f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else ""))
+                    rep.info(
+                        f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
+                        f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "")
+                    )
                     kill_point("reconstruct.window")
                     bar.advance()
                     if not cfg.keep_cache:
@@ -106,7 +124,9 @@ def reconstruct(work: WorkDir, cfg: ReconstructConfig, rep: Reporter | None = No
         return finish_reconstruct(run, runner, windows, cfg, ran)
 
 
-def finish_reconstruct(run: StageRun, runner: WindowRunner, windows: list[Window], cfg: ReconstructConfig, ran: list[int]) -> dict:
+def finish_reconstruct(
+    run: StageRun, runner: WindowRunner, windows: list[Window], cfg: ReconstructConfig, ran: list[int]
+) -> dict:
     """Assemble the blocks and mark the stage done, once: the first worker to get here does it; the others report
     the windows they ran."""
     work = run.work
@@ -118,11 +138,17 @@ def finish_reconstruct(run: StageRun, runner: WindowRunner, windows: list[Window
             runner.assemble()
             records = [read_json(work.window_record_path(w.index)) for w in windows]
             summary = {
-                "work": str(work.root), "window": cfg.window, "windows": len(windows),
-                "loss_before": sum(r["loss_before"] for r in records), "loss_after": sum(r["loss_after"] for r in records),
-                "trainable_params": sum(r["trainable_params"] for r in records), "seconds": round(run.seconds(), 2),
+                "work": str(work.root),
+                "window": cfg.window,
+                "windows": len(windows),
+                "loss_before": sum(r["loss_before"] for r in records),
+                "loss_after": sum(r["loss_after"] for r in records),
+                "trainable_params": sum(r["trainable_params"] for r in records),
+                "seconds": round(run.seconds(), 2),
                 "window_seconds": round(sum(r["seconds"] for r in records), 2),
-                "workers": sorted({r.get("worker", "?") for r in records}), "ran_here": ran, "config": asdict(cfg),
+                "workers": sorted({r.get("worker", "?") for r in records}),
+                "ran_here": ran,
+                "config": asdict(cfg),
             }
             if cfg.inputs == "sparse" and not cfg.keep_cache:
                 shutil.rmtree(work.acts_dir / "recon", ignore_errors=True)
@@ -131,13 +157,16 @@ def finish_reconstruct(run: StageRun, runner: WindowRunner, windows: list[Window
                 work.forget([work.rel(work.window_params_path(w.index)) for w in windows])
             return summary
     except Busy:
-        return run.report(f"this worker ran windows {ran or 'none'}; another worker is assembling the model",
-                          {"ran": ran, "assembled": False})
+        return run.report(
+            f"this worker ran windows {ran or 'none'}; another worker is assembling the model", {"ran": ran, "assembled": False}
+        )
 
 
 def _summary_line(summary: dict) -> str:
-    return (f"reconstructed {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
-            f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s")
+    return (
+        f"reconstructed {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
+        f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s"
+    )
 
 
 def drop_unneeded_boundaries(work: WorkDir, windows: list[Window]) -> None:
@@ -162,11 +191,23 @@ def resolve_auto_window(work: WorkDir, cfg: ReconstructConfig, device, rep: Repo
     act_bytes = torch.tensor([], dtype=parse_dtype(cfg.dtype)).element_size()
     chosen, table = choose_window(calib.summary["num_blocks"], nums, cfg.batch_size, calib.summary["seqlen"], budget, act_bytes)
     gib = 2**30
-    rep.table(f"memory estimate per window (batch {cfg.batch_size} x {calib.summary['seqlen']} tokens, budget {budget / gib:.2f} GiB)",
-              ["window", "trainable params", "weights+grads+AdamW", "activations", "batch in/out", "dense copy", "total", "fits"],
-              [[t["window"], f"{t['trainable_params'] / 1e6:.1f}M", f"{t['weights_grads_adam'] / gib:.2f} GiB", f"{t['activations'] / gib:.2f} GiB",
-                f"{t['batch_io'] / gib:.2f} GiB", f"{t['frozen_dense'] / gib:.2f} GiB", f"{t['total'] / gib:.2f} GiB", "yes" if t["fits"] else "no"]
-               for t in table])
+    rep.table(
+        f"memory estimate per window (batch {cfg.batch_size} x {calib.summary['seqlen']} tokens, budget {budget / gib:.2f} GiB)",
+        ["window", "trainable params", "weights+grads+AdamW", "activations", "batch in/out", "dense copy", "total", "fits"],
+        [
+            [
+                t["window"],
+                f"{t['trainable_params'] / 1e6:.1f}M",
+                f"{t['weights_grads_adam'] / gib:.2f} GiB",
+                f"{t['activations'] / gib:.2f} GiB",
+                f"{t['batch_io'] / gib:.2f} GiB",
+                f"{t['frozen_dense'] / gib:.2f} GiB",
+                f"{t['total'] / gib:.2f} GiB",
+                "yes" if t["fits"] else "no",
+            ]
+            for t in table
+        ],
+    )
     rep.info(f"--window auto: {chosen}")
     return replace(cfg, window=chosen)
 
@@ -188,19 +229,28 @@ def reconstruct_status(work: WorkDir, stale_after: float = 300.0) -> dict:
         if cur is None:
             out["pending"].append(i)
         elif cur[2] < stale_after:
-            out["running"].append({"window": i, "worker": cur[1].get("worker"), "attempt": cur[0], "heartbeat_age": round(cur[2], 1)})
+            out["running"].append(
+                {"window": i, "worker": cur[1].get("worker"), "attempt": cur[0], "heartbeat_age": round(cur[2], 1)}
+            )
         else:
-            out["stale"].append({"window": i, "worker": cur[1].get("worker"), "attempt": cur[0], "heartbeat_age": round(cur[2], 1)})
+            out["stale"].append(
+                {"window": i, "worker": cur[1].get("worker"), "attempt": cur[0], "heartbeat_age": round(cur[2], 1)}
+            )
     return out
 
 
 def show_status(work: WorkDir, stale_after: float, rep: Reporter) -> dict:
     st = reconstruct_status(work, stale_after)
-    rows = [["done", len(st["done"]), _ranges(st["done"])], ["running", len(st["running"]), ", ".join(f"{r['window']} ({r['worker']})" for r in st["running"])],
-            ["stale", len(st["stale"]), ", ".join(f"{r['window']} ({r['worker']}, {r['heartbeat_age']:.0f}s)" for r in st["stale"])],
-            ["pending", len(st["pending"]), _ranges(st["pending"])]]
+    rows = [
+        ["done", len(st["done"]), _ranges(st["done"])],
+        ["running", len(st["running"]), ", ".join(f"{r['window']} ({r['worker']})" for r in st["running"])],
+        ["stale", len(st["stale"]), ", ".join(f"{r['window']} ({r['worker']}, {r['heartbeat_age']:.0f}s)" for r in st["stale"])],
+        ["pending", len(st["pending"]), _ranges(st["pending"])],
+    ]
     rep.table(f"reconstruct in {work.root}: {st['status']}", ["windows", "count", "which"], rows)
-    rep.summary(f"{len(st['done'])} done, {len(st['running'])} running, {len(st['stale'])} stale, {len(st['pending'])} pending", st)
+    rep.summary(
+        f"{len(st['done'])} done, {len(st['running'])} running, {len(st['stale'])} stale, {len(st['pending'])} pending", st
+    )
     return st
 
 

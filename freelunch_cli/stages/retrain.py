@@ -73,7 +73,9 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         layers = model.get_submodule(arch.layers_path)
         masks = {}  # by qualified name "i/mlp.up_proj"; none for the dense control: every weight trains
         for i in range(len(layers) if start != "dense" else 0):
-            masks.update({f"{i}/{name}": keep for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items()})
+            masks.update(
+                {f"{i}/{name}": keep for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items()}
+            )
         if cfg.grad_checkpoint:
             next_token.recompute_in_backward(layers)
         trainable = next_token.choose_trainable(model, layers, masks, cfg.peft_config())
@@ -93,9 +95,11 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             sched.load_state_dict(ck["scheduler"])
             step, losses, before = ck["step"], ck["losses"], ck.get("seconds", 0.0)
             rep.info(f"retrain: resuming at step {step} of {total}")
-        rep.info(f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters), {total} steps of "
-                 f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}"
-                 + (" (the default after a reconstruction; --peft full trains every weight)" if chosen else ""))
+        rep.info(
+            f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters), {total} steps of "
+            f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}"
+            + (" (the default after a reconstruction; --peft full trains every weight)" if chosen else "")
+        )
         autocast = autocast_factory(device, compute)
         head_chunk = next_token.HEAD_CHUNK if cfg.grad_checkpoint else None
         model.train(False)  # no dropout: the same deterministic forward as every other stage
@@ -113,17 +117,35 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 kill_point("retrain.step")
                 if step % cfg.save_every == 0 and step < total:
                     with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
-                        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "step": step, "losses": losses, "seconds": before + run.seconds()}, f)
+                        torch.save(
+                            {
+                                "model": model.state_dict(),
+                                "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(),
+                                "step": step,
+                                "losses": losses,
+                                "seconds": before + run.seconds(),
+                            },
+                            f,
+                        )
         trainable.finalize()  # LoRA merged, masks re-applied: plain weights as sparse as the pruned model's
         _save(work, model, arch, layers, start, {id(trainable.linears[q].weight): keep for q, keep in masks.items()})
         ckpt_path.unlink(missing_ok=True)
         summary = {
-            "work": str(work.root), "from": start, "steps": total, "tokens": total * cfg.batch_size * ids.shape[1],
-            "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-            "trainable_params": n_train, "seconds": round(before + run.seconds(), 2), "dtype": dtype_name(compute), "config": asdict(cfg),
+            "work": str(work.root),
+            "from": start,
+            "steps": total,
+            "tokens": total * cfg.batch_size * ids.shape[1],
+            "first_loss": losses[0] if losses else None,
+            "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+            "trainable_params": n_train,
+            "seconds": round(before + run.seconds(), 2),
+            "dtype": dtype_name(compute),
+            "config": asdict(cfg),
         }
-        return run.finish(summary, f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s")
+        return run.finish(
+            summary, f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s"
+        )
 
 
 def _save(work: WorkDir, model, arch, layers, start: str, masks: dict) -> None:
@@ -142,7 +164,10 @@ def _save(work: WorkDir, model, arch, layers, start: str, masks: dict) -> None:
         work.record_file(path, save_tensors_atomic(path, state))
     prefix = arch.layers_path + "."
     tied = getattr(model.config, "tie_word_embeddings", False)
-    rest = {k: v.detach().to(storage) for k, v in model.state_dict().items()
-            if not k.startswith(prefix) and not (tied and k.endswith("lm_head.weight"))}
+    rest = {
+        k: v.detach().to(storage)
+        for k, v in model.state_dict().items()
+        if not k.startswith(prefix) and not (tied and k.endswith("lm_head.weight"))
+    }
     path = work.own_rest_path("retrained")
     work.record_file(path, save_tensors_atomic(path, rest))

@@ -13,8 +13,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         chunk: int) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Mean of cross_entropy(hidden @ weight.T + bias, targets) over the N rows of ``hidden`` (N x H)."""
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, torch.is_grad_enabled())
 

@@ -88,7 +88,11 @@ class MaskedParams:
 
 
 def _batches(indices: list[int], batch_size: int, generator: torch.Generator | None):
-    order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()] if generator is not None else list(indices)
+    order = (
+        [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        if generator is not None
+        else list(indices)
+    )
     for s in range(0, len(order), batch_size):
         yield sorted(order[s : s + batch_size])
 
@@ -140,8 +144,18 @@ def mean_loss(forward, data, indices: list[int], loss, batch_size: int, autocast
     return total / max(count, 1)
 
 
-def train_window(forward, params: MaskedParams, data, train_idx: list[int], val_idx: list[int], cfg: TrainConfig, device,
-                 compute_dtype, on_step=None, extra_loss=None) -> dict:
+def train_window(
+    forward,
+    params: MaskedParams,
+    data,
+    train_idx: list[int],
+    val_idx: list[int],
+    cfg: TrainConfig,
+    device,
+    compute_dtype,
+    on_step=None,
+    extra_loss=None,
+) -> dict:
     """AdamW with linear warm-up and decay on ``loss(forward(x), target)`` (plus ``extra_loss(y, target)``
     when given); returns the losses before and after."""
     base = loss_fn(cfg.loss)

@@ -37,15 +37,25 @@ class PeftConfig:
 class LoRA(nn.Module):
     """W -> W + (alpha / r) · B A, optionally multiplied by the keep-mask (MaskLoRA)."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, mask: torch.Tensor | None,
-                 generator: torch.Generator, device):
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        alpha: float,
+        mask: torch.Tensor | None,
+        generator: torch.Generator,
+        device,
+    ):
         super().__init__()
         a = torch.empty(rank, in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         self.A = nn.Parameter(a.to(device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         self.scale = alpha / rank
-        self.register_buffer("mask", mask.to(device=device, dtype=torch.bool) if mask is not None else None)  # 1 byte a weight, not 4
+        self.register_buffer(
+            "mask", mask.to(device=device, dtype=torch.bool) if mask is not None else None
+        )  # 1 byte a weight, not 4
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = (self.B @ self.A) * self.scale
@@ -100,8 +110,8 @@ def prepare(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], cfg: 
     params: list[nn.Parameter] = []
     by_id: dict[int, torch.Tensor] = {}
     if cfg.variant == "full":
-        for prefix, m in modules.items():
-            params += [p for p in m.parameters()]
+        for m in modules.values():
+            params += list(m.parameters())
         for name, lin in linears.items():
             if name in masks:
                 by_id[id(lin.weight)] = masks[name]
@@ -117,8 +127,15 @@ def prepare(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], cfg: 
         g = torch.Generator().manual_seed(cfg.seed)
         for name, lin in linears.items():
             keep = masks.get(name)
-            adapter = LoRA(lin.out_features, lin.in_features, cfg.lora_rank, cfg.lora_alpha,
-                           keep if cfg.variant == "masked-lora" else None, g, lin.weight.device)
+            adapter = LoRA(
+                lin.out_features,
+                lin.in_features,
+                cfg.lora_rank,
+                cfg.lora_alpha,
+                keep if cfg.variant == "masked-lora" else None,
+                g,
+                lin.weight.device,
+            )
             parametrize.register_parametrization(lin, "weight", adapter)
             lin.parametrizations.weight.original.requires_grad_(False)
             params += [adapter.A, adapter.B]

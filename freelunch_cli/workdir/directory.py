@@ -30,7 +30,12 @@ STAGE_OUTPUTS = {
     "retrain": ["retrain"],
 }
 MODEL_STAGES = ("dense", "pruned", "reconstructed", "retrained")
-STAGE_OF = {"dense": "calibrate", "pruned": "prune", "reconstructed": "reconstruct", "retrained": "retrain"}  # who makes each model
+STAGE_OF = {
+    "dense": "calibrate",
+    "pruned": "prune",
+    "reconstructed": "reconstruct",
+    "retrained": "retrain",
+}  # who makes each model
 _MODEL_FOLDERS = {"dense": "dense", "pruned": "pruned", "reconstructed": "recon", "retrained": "retrain"}
 
 

@@ -92,7 +92,9 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise FreelunchError(f"not enough disk for the {what}: it needs {format_bytes(needed)} but {folder} has {format_bytes(free)} free")
+        raise FreelunchError(
+            f"not enough disk for the {what}: it needs {format_bytes(needed)} but {folder} has {format_bytes(free)} free"
+        )
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> FileInfo:

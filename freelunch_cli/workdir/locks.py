@@ -68,5 +68,7 @@ def stage_lock(work, name: str, shared: bool = False):
     except Busy as busy:
         owner = str(busy) or ("sharded workers" if not shared else "another process")
         if shared:
-            raise FreelunchError(f"{name} is running on {work.root} without --shard ({owner}); wait for it or stop it first") from None
+            raise FreelunchError(
+                f"{name} is running on {work.root} without --shard ({owner}); wait for it or stop it first"
+            ) from None
         raise FreelunchError(f"{name} is already running on {work.root} ({owner}); wait for it or stop it first") from None

@@ -120,8 +120,10 @@ def begin(work: WorkDir, name: str, signature: dict, resume: bool, force: bool) 
             if bad:
                 names = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
                 if not resume:
-                    raise FreelunchError(f"{len(bad)} file(s) of {name} in {work.root} are missing or damaged ({names}); "
-                                         f"rerun with --resume to recompute them")
+                    raise FreelunchError(
+                        f"{len(bad)} file(s) of {name} in {work.root} are missing or damaged ({names}); "
+                        f"rerun with --resume to recompute them"
+                    )
                 work.forget(bad)
                 with work.update() as m:
                     m["stages"][name]["status"] = "running"
@@ -129,12 +131,19 @@ def begin(work: WorkDir, name: str, signature: dict, resume: bool, force: bool) 
             if old.status == "done":
                 return StageState.DONE, []
             if not resume:
-                raise FreelunchError(f"{name} was interrupted in {work.root}; rerun with --resume to continue, or --force to start it over")
+                raise FreelunchError(
+                    f"{name} was interrupted in {work.root}; rerun with --resume to continue, or --force to start it over"
+                )
             return StageState.RESUMED, []
-        clear(work, STAGES[STAGES.index(name):] if name in STAGES else (name,))
+        clear(work, STAGES[STAGES.index(name) :] if name in STAGES else (name,))
         with work.update() as m:
-            m["stages"][name] = {"status": "running", "signature": signature, "run_id": uuid.uuid4().hex[:12],
-                                 "started": time.time(), "summary": {}}
+            m["stages"][name] = {
+                "status": "running",
+                "signature": signature,
+                "run_id": uuid.uuid4().hex[:12],
+                "started": time.time(),
+                "summary": {},
+            }
         return StageState.FRESH, []
 
 

@@ -36,7 +36,10 @@ def test_equal_inputs_reuse_the_other_scripts_record(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "paper.jsonl").read_text().splitlines()]
     assert [x["name"] for x in lines] == ["wanda50-block-s0"]
     # a reopened runner finds it in its own file
-    assert Runner(tmp_path / "runs", tmp_path / "paper.jsonl").run(Cell("wanda50-block-s0", WANDA50, window("block")))["wikitext"] == 39.0
+    assert (
+        Runner(tmp_path / "runs", tmp_path / "paper.jsonl").run(Cell("wanda50-block-s0", WANDA50, window("block")))["wikitext"]
+        == 39.0
+    )
     # any other input (here the seed, or retraining on top) is a different cell: it would run stages
     for other in (Cell("s1", WANDA50, window("block"), seed=1), Cell("rr", WANDA50, window("block"), retrain("reconstructed"))):
         with pytest.raises(AssertionError, match="a stage ran"):
@@ -52,11 +55,23 @@ def test_mean_std_is_the_sample_statistics():
 def test_paper_tables_average_seeds_and_compare_criteria_to_the_best():
     import paper
 
-    recs = {f"wanda50-block-s{s}": {"wikitext": w, "shakespeare": 60.0 + s, "calib_tokens": 65536, "recon_seconds": t,
-                                    "recon_peak_mib": m}
-            for s, (w, t, m) in enumerate([(39.0, 530.0, 1100.0), (40.0, 520.0, 1150.0), (41.0, 600.0, 1120.0)])}
-    recs["wanda50-retrain-1x"] = {"wikitext": 31.5, "shakespeare": 68.0, "retrain_tokens": 65536, "retrain_seconds": 600.0,
-                                  "retrain_peak_mib": 8000.0}
+    recs = {
+        f"wanda50-block-s{s}": {
+            "wikitext": w,
+            "shakespeare": 60.0 + s,
+            "calib_tokens": 65536,
+            "recon_seconds": t,
+            "recon_peak_mib": m,
+        }
+        for s, (w, t, m) in enumerate([(39.0, 530.0, 1100.0), (40.0, 520.0, 1150.0), (41.0, 600.0, 1120.0)])
+    }
+    recs["wanda50-retrain-1x"] = {
+        "wikitext": 31.5,
+        "shakespeare": 68.0,
+        "retrain_tokens": 65536,
+        "retrain_seconds": 600.0,
+        "retrain_peak_mib": 8000.0,
+    }
     row = next(line for line in paper.headline(recs).splitlines() if line.startswith("| Wanda 50% + block"))
     # three seeds: mean ± sample std, the fastest seed's time, the largest peak
     assert row == "| Wanda 50% + block reconstruction | 3 | 40.00 ± 1.00 | 61.00 ± 1.00 | 65,536 | 520 | 1150 |"
@@ -107,15 +122,23 @@ def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, fa
 
 
 def test_recorded_retraining_cells_keep_what_they_measured_when_the_cli_defaults_change(tmp_path, fake_stages):
-    import cells
     import sweep
+
+    import cells
 
     calls = fake_stages
     runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl")
-    plan = [Cell("recon+retrain", WANDA50, window("block"), retrain("reconstructed")),
-            Cell("recon+lora", WANDA50, window("block"), retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint")),
-            Cell("retrain-lora", WANDA50, retrain=retrain("pruned", 1, "1e-4", "--peft", "lora")),
-            Cell("retrain-1x", WANDA50, retrain=retrain("pruned"))]
+    plan = [
+        Cell("recon+retrain", WANDA50, window("block"), retrain("reconstructed")),
+        Cell(
+            "recon+lora",
+            WANDA50,
+            window("block"),
+            retrain("reconstructed", 1, "1e-3", "--peft", "masked-lora", "--grad-checkpoint"),
+        ),
+        Cell("retrain-lora", WANDA50, retrain=retrain("pruned", 1, "1e-4", "--peft", "lora")),
+        Cell("retrain-1x", WANDA50, retrain=retrain("pruned")),
+    ]
     for cell in plan:
         runner.run(cell)
     ran = [args for name, args in calls if name == "retrain"]
@@ -128,15 +151,19 @@ def test_recorded_retraining_cells_keep_what_they_measured_when_the_cli_defaults
     for cell, args in zip(plan, ran):
         assert args == ("--work", str(runner.work_dir(cell)), *cells.retrain_as_run(cell.retrain), "--seed", "0", "--resume")
     # and the results table shows the options as they ran, so that a copied command repeats the cell
-    assert sweep.describe(asdict(plan[0])) == ("reconstruct --window block --lr 1e-3 --epochs 1; "
-                                              "retrain --from reconstructed --lr 1e-4 --epochs 1 --peft full")
+    assert sweep.describe(asdict(plan[0])) == (
+        "reconstruct --window block --lr 1e-3 --epochs 1; retrain --from reconstructed --lr 1e-4 --epochs 1 --peft full"
+    )
 
 
 def test_a_recorded_cells_work_directory_is_deleted_unless_a_cell_continues_from_it(tmp_path, fake_stages):
     import cells
 
-    plan = [Cell("recon", WANDA50, window("block")), Cell("recon-then-retrain", WANDA50, window("block"), retrain("reconstructed"),
-                                                          after="recon"), Cell("other", WANDA50, window("submodule"))]
+    plan = [
+        Cell("recon", WANDA50, window("block")),
+        Cell("recon-then-retrain", WANDA50, window("block"), retrain("reconstructed"), after="recon"),
+        Cell("other", WANDA50, window("submodule")),
+    ]
     assert cells.continued_from(plan) == {"recon"}
     runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl", keep=cells.continued_from(plan))
     for cell in plan:

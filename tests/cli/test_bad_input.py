@@ -5,9 +5,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from helpers import SAMPLES, SEQLEN
 from freelunch_cli.cli import app
-from helpers import CALIB, train_tokenizer
+
+from helpers import CALIB, SAMPLES, SEQLEN, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,31 +28,76 @@ def inputs(tmp_path_factory, tiny_models, calibrated):
 
 
 def cal(model, data, work, *extra):
-    return ["calibrate", "--model", model, "--data", data, "--work", work, "--samples", str(SAMPLES), "--seqlen", str(SEQLEN), *extra]
+    return [
+        "calibrate",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--work",
+        work,
+        "--samples",
+        str(SAMPLES),
+        "--seqlen",
+        str(SEQLEN),
+        *extra,
+    ]
 
 
 # (id, argv builder, fragment the message must contain). The README's bad-input table lists the same rows.
 CASES = [
     ("missing model", lambda i, w: cal("/no/such/model", str(CALIB), w + "-new"), "model not found: /no/such/model"),
-    ("folder that is not a model", lambda i, w: cal(str(i["dir"] / "empty_dir"), str(CALIB), w + "-new"), "is not a Hugging Face model folder (no config.json)"),
-    ("architecture without decoder blocks", lambda i, w: cal(i["gpt2"], str(CALIB), w + "-new"), "unsupported architecture 'gpt2'"),
+    (
+        "folder that is not a model",
+        lambda i, w: cal(str(i["dir"] / "empty_dir"), str(CALIB), w + "-new"),
+        "is not a Hugging Face model folder (no config.json)",
+    ),
+    (
+        "architecture without decoder blocks",
+        lambda i, w: cal(i["gpt2"], str(CALIB), w + "-new"),
+        "unsupported architecture 'gpt2'",
+    ),
     ("GGUF that is not GGUF", lambda i, w: cal(str(i["dir"] / "junk.gguf"), str(CALIB), w + "-new"), "is not a GGUF file"),
     ("sparsity 0", lambda i, w: ["prune", "--work", w, "--sparsity", "0"], "--sparsity must be in (0, 1), got 0"),
     ("sparsity 1", lambda i, w: ["prune", "--work", w, "--sparsity", "1"], "--sparsity must be in (0, 1), got 1"),
     ("sparsity -0.1", lambda i, w: ["prune", "--work", w, "--sparsity", "-0.1"], "--sparsity must be in (0, 1), got -0.1"),
-    ("sparsity abc", lambda i, w: ["prune", "--work", w, "--sparsity", "abc"], "--sparsity must be a number in (0, 1), got 'abc'"),
+    (
+        "sparsity abc",
+        lambda i, w: ["prune", "--work", w, "--sparsity", "abc"],
+        "--sparsity must be a number in (0, 1), got 'abc'",
+    ),
     ("pattern 4:2", lambda i, w: ["prune", "--work", w, "--pattern", "4:2"], "N:M needs 0 < N < M"),
     ("pattern 0:4", lambda i, w: ["prune", "--work", w, "--pattern", "0:4"], "N:M needs 0 < N < M"),
-    ("pattern 2:3 on 64 inputs", lambda i, w: ["prune", "--work", w, "--pattern", "2:3"], "pattern 2:3 does not fit block 0 self_attn.q_proj: its 64 inputs are not divisible by 3"),
+    (
+        "pattern 2:3 on 64 inputs",
+        lambda i, w: ["prune", "--work", w, "--pattern", "2:3"],
+        "pattern 2:3 does not fit block 0 self_attn.q_proj: its 64 inputs are not divisible by 3",
+    ),
     ("unknown criterion", lambda i, w: ["prune", "--work", w, "--criterion", "taylor"], "unknown criterion 'taylor'"),
     ("unknown window", lambda i, w: ["reconstruct", "--work", w, "--window", "layer"], "unknown window 'layer'"),
-    ("samples x seqlen larger than the text", lambda i, w: cal(i["model"], str(i["dir"] / "short.txt"), w + "-new"), "too little calibration text"),
+    (
+        "samples x seqlen larger than the text",
+        lambda i, w: cal(i["model"], str(i["dir"] / "short.txt"), w + "-new"),
+        "too little calibration text",
+    ),
     ("empty text file", lambda i, w: cal(i["model"], str(i["dir"] / "empty.txt"), w + "-new"), "holds no text"),
     ("non-UTF-8 text file", lambda i, w: cal(i["model"], str(i["dir"] / "latin1.txt"), w + "-new"), "is not UTF-8 text"),
-    ("missing text file", lambda i, w: cal(i["model"], "/no/such/calib.txt", w + "-new"), "text file not found: /no/such/calib.txt"),
-    ("work directory of another run", lambda i, w: cal(i["model"], str(CALIB), w, "--seed", "5"), "holds another run (seed: 0 then, 5 now)"),
+    (
+        "missing text file",
+        lambda i, w: cal(i["model"], "/no/such/calib.txt", w + "-new"),
+        "text file not found: /no/such/calib.txt",
+    ),
+    (
+        "work directory of another run",
+        lambda i, w: cal(i["model"], str(CALIB), w, "--seed", "5"),
+        "holds another run (seed: 0 then, 5 now)",
+    ),
     ("no finished previous stage", lambda i, w: ["reconstruct", "--work", w], "reconstruct needs a finished `prune` stage"),
-    ("unwritable output folder", lambda i, w: ["export", "--work", w, "--out", str(i["dir"] / "a_file" / "out"), "--stage", "dense"], "cannot write to"),
+    (
+        "unwritable output folder",
+        lambda i, w: ["export", "--work", w, "--out", str(i["dir"] / "a_file" / "out"), "--stage", "dense"],
+        "cannot write to",
+    ),
 ]
 
 
@@ -86,7 +131,10 @@ def test_work_directory_is_untouched_by_refused_input(inputs, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(inputs["work"], work)
     before = (work / "manifest.json").read_bytes()
-    for argv in (["prune", "--work", str(work), "--pattern", "2:3"], cal(inputs["model"], str(inputs["dir"] / "short.txt"), str(work), "--force"),
-                 cal(inputs["model"], str(CALIB), str(work), "--seed", "3")):
+    for argv in (
+        ["prune", "--work", str(work), "--pattern", "2:3"],
+        cal(inputs["model"], str(inputs["dir"] / "short.txt"), str(work), "--force"),
+        cal(inputs["model"], str(CALIB), str(work), "--seed", "3"),
+    ):
         assert CliRunner().invoke(app, argv).exit_code == 2
     assert (work / "manifest.json").read_bytes() == before

@@ -1,12 +1,15 @@
 """The CLI end to end on a tiny model: every subcommand's wiring, --json summaries, --quiet."""
 
+import dataclasses
 import json
 
 from typer.testing import CliRunner
 
-from helpers import SAMPLES, SEQLEN
 from freelunch_cli.cli import app
-from helpers import CALIB, HELDOUT
+from freelunch_cli.core.options import cli_fields
+from freelunch_cli.stages.options import CalibrateConfig, EvalConfig, ExportConfig, PruneConfig, ReconstructConfig, RetrainConfig
+
+from helpers import CALIB, HELDOUT, SAMPLES, SEQLEN
 
 
 def run(*args):
@@ -18,8 +21,21 @@ def run(*args):
 
 def test_pipeline_through_the_cli(tiny_models, tmp_path):
     w = str(tmp_path / "w")
-    cal = run("calibrate", "--model", str(tiny_models["mistral"]), "--data", str(CALIB), "--samples", str(SAMPLES), "--seqlen",
-              str(SEQLEN), "--work", w, "--device", "cpu")
+    cal = run(
+        "calibrate",
+        "--model",
+        str(tiny_models["mistral"]),
+        "--data",
+        str(CALIB),
+        "--samples",
+        str(SAMPLES),
+        "--seqlen",
+        str(SEQLEN),
+        "--work",
+        w,
+        "--device",
+        "cpu",
+    )
     assert cal["num_blocks"] == 2 and cal["tokens"] == SAMPLES * SEQLEN
     ev = ["--work", w, "--ppl", str(HELDOUT), "--seqlen", str(SEQLEN), "--limit-windows", "4", "--device", "cpu"]
     dense = run("eval", *ev, "--stage", "dense")["results"][0]
@@ -51,3 +67,48 @@ def test_version_and_help():
     assert r.exit_code == 0 and r.stdout.startswith("freelunch ")
     r = CliRunner().invoke(app, ["--help"])
     assert r.exit_code == 0 and all(c in r.stdout for c in ("calibrate", "prune", "reconstruct", "eval", "export", "retrain"))
+
+
+STAGE_CONFIGS = {
+    "calibrate": CalibrateConfig,
+    "prune": PruneConfig,
+    "reconstruct": ReconstructConfig,
+    "retrain": RetrainConfig,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+}
+
+
+def test_every_option_is_its_config_field():
+    """Each stage's options come from its config's fields: the same names, defaults and help texts."""
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    for name, config_cls in STAGE_CONFIGS.items():
+        params = {p.name: p for p in commands[name].params}
+        for f in cli_fields(config_cls):
+            assert f.name in params, (name, f.name)
+            option = params[f.name]
+            assert option.help == f.metadata["help"], (name, f.name)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                assert option.required, (name, f.name)
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            parse_as = f.metadata["cli_type"]
+            expected = (parse_as(default) if default not in (None, []) else None) if parse_as else default
+            assert option.default == expected, (name, f.name, option.default, default)
+
+
+def test_the_work_directory_can_come_from_the_environment(calibrated, tmp_path):
+    """The mission's own example runs as typed once FREELUNCH_WORK is set (a batch job sets it once)."""
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(calibrated["llama"].root, work)
+    result = CliRunner().invoke(
+        app, ["prune", "--criterion", "magnitude", "--sparsity", "0.5", "--json", "--quiet"], env={"FREELUNCH_WORK": str(work)}
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["work"] == str(work)
+    missing = CliRunner().invoke(app, ["prune", "--criterion", "magnitude"], env={"FREELUNCH_WORK": ""})
+    assert missing.exit_code == 2 and "--work" in missing.output

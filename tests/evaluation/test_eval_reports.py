@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SEQLEN
-from freelunch_cli.evaluation.compare import compare, report, short_labels
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.model.text import read_text, resolve_text
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.evaluation.compare import compare, report, short_labels
+from freelunch_cli.model.assembly import materialize
+from freelunch_cli.model.text import read_text, resolve_text
 from freelunch_cli.stages.evaluate import EvalConfig, evaluate
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.files import load_tensors
-from freelunch_cli.model.assembly import materialize
-from helpers import CALIB, HELDOUT, streamed_logits
+
+from helpers import CALIB, HELDOUT, SEQLEN, streamed_logits
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
 
@@ -27,7 +27,12 @@ def test_wikitext_raw_protocol(tmp_path):
     raw.write_text(" \n = Title = \n \n Some text here . \n")
     assert read_text(resolve_text(str(raw))) == "\n\n".join(["", " = Title = \n", "", " Some text here . \n"])
     alias = resolve_text("wikitext2")
-    assert (alias.spec, alias.config, alias.split, alias.name) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "wikitext2")
+    assert (alias.spec, alias.config, alias.split, alias.name) == (
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "test",
+        "wikitext2",
+    )
 
 
 def test_wikitext2_offline_is_a_clear_error(monkeypatch):
@@ -46,7 +51,9 @@ def test_several_sources_in_one_call(fresh_work):
 def _task_dir(tmp_path):
     d = tmp_path / "tasks"
     d.mkdir()
-    (d / "tiny_mc.yaml").write_text((TASKS / "tiny_mc.yaml.template").read_text().replace("DATA_FILE", str(TASKS / "tiny_mc.jsonl")))
+    (d / "tiny_mc.yaml").write_text(
+        (TASKS / "tiny_mc.yaml.template").read_text().replace("DATA_FILE", str(TASKS / "tiny_mc.jsonl"))
+    )
     return d
 
 
@@ -58,7 +65,7 @@ def _direct_accuracy(model, tok):
         for choice in d["choices"]:
             whole = tok(d["question"] + " " + choice, add_special_tokens=False)["input_ids"]
             ctx = tok(d["question"], add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx):]
+            cont = whole[len(ctx) :]
             ids = torch.tensor([ctx + cont])
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
@@ -89,7 +96,12 @@ def test_materialized_model_equals_the_streamed_one(fresh_work):
     prune(work, PruneConfig(criterion="wanda", device="cpu"))
     ids = load_tensors(work.tokens_path)["input_ids"][:2]
     with torch.no_grad():
-        torch.testing.assert_close(materialize(work, "pruned", "cpu", torch.float32)(ids).logits, streamed_logits(work, "pruned", ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            materialize(work, "pruned", "cpu", torch.float32)(ids).logits,
+            streamed_logits(work, "pruned", ids),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_short_labels_drop_what_all_runs_share():

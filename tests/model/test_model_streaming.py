@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import ARCHS, SEQLEN
 from freelunch_cli.evaluation.perplexity import perplexity, split_sequences
 from freelunch_cli.model.skeleton import Skeleton
 from freelunch_cli.workdir.files import TensorRows, load_tensors
-from helpers import streamed_logits
+
+from helpers import ARCHS, SEQLEN, streamed_logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from freelunch_cli.model.text import read_documents, read_text, resolve_text, sample_sequences
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.text import read_documents, read_text, resolve_text, sample_sequences
 
 
 def test_windows_are_exact_reproducible_and_distinct():

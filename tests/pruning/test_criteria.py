@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from freelunch_cli.pruning.criteria import ScoreOptions, ria_score, random_score
-from freelunch_cli.pruning.masks import keep_mask, parse_pattern
-from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.model.skeleton import Skeleton, run_block
+from freelunch_cli.pruning.criteria import ScoreOptions, random_score, ria_score
+from freelunch_cli.pruning.masks import keep_mask, parse_pattern
 from freelunch_cli.pruning.sparsegpt import SparseGPT
 from freelunch_cli.pruning.stats import LinearStats
+from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.workdir.files import TensorRows, load_tensors
 
 
@@ -111,7 +111,14 @@ def test_random_scores_are_seeded_per_matrix():
 
 @pytest.mark.parametrize(
     "criterion,pattern,scope",
-    [("sparsegpt", None, "row"), ("sparsegpt", "2:4", None), ("ria", None, None), ("random", "1:4", None), ("random", None, "matrix"), ("wanda", "4:8", None)],
+    [
+        ("sparsegpt", None, "row"),
+        ("sparsegpt", "2:4", None),
+        ("ria", None, None),
+        ("random", "1:4", None),
+        ("random", None, "matrix"),
+        ("wanda", "4:8", None),
+    ],
 )
 def test_exact_counts_and_bit_identical_reruns(criterion, pattern, scope, fresh_work):
     work, twin = fresh_work("llama"), None

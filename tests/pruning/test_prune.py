@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from freelunch_cli.pruning.criteria import magnitude_score, wanda_score
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.pruning.masks import keep_mask, parse_pattern
-from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.model.skeleton import Skeleton, run_block
+from freelunch_cli.pruning.criteria import magnitude_score, wanda_score
+from freelunch_cli.pruning.masks import keep_mask, parse_pattern
 from freelunch_cli.pruning.stats import LinearStats
+from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.workdir.files import TensorRows, load_tensors, read_json
 
 

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from helpers import ARCHS
+from freelunch_cli.reconstruction.windows import enumerate_windows
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.files import load_tensors, read_json
-from freelunch_cli.reconstruction.windows import enumerate_windows
+
+from helpers import ARCHS
 
 
 def test_window_enumeration():

@@ -10,15 +10,16 @@ import time
 import pytest
 import torch
 
-from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.skeleton import Skeleton
+from freelunch_cli.reconstruction.claims import detect_shard
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, estimate
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct, reconstruct_status
-from freelunch_cli.reconstruction.claims import detect_shard
-from freelunch_cli.model.skeleton import Skeleton
-from freelunch_cli.workdir.files import load_tensors, read_json
 from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.workdir.files import load_tensors, read_json
+
 from helpers import CALIB, make_tiny_model
 
 
@@ -42,8 +43,13 @@ ARGS = ["--window", "submodule", "--lr", "1e-3", "--epochs", "3", "--device", "c
 
 
 def worker(work, *extra, env=None):
-    return subprocess.Popen([sys.executable, "-m", "freelunch_cli", "reconstruct", "--work", str(work.root), *ARGS, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "freelunch_cli", "reconstruct", "--work", str(work.root), *ARGS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_shard_detection():
@@ -172,7 +178,9 @@ def test_cache_dir_holds_the_activations(tmp_path):
     model = make_tiny_model(tmp_path / "model", "llama")
     work = WorkDir(tmp_path / "work")
     scratch = tmp_path / "scratch"
-    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu", cache_dir=str(scratch)))
+    calibrate(
+        work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu", cache_dir=str(scratch))
+    )
     assert not (work.root / "acts").exists()
     files = list(scratch.glob("freelunch-work-*/dense/boundary_*.safetensors"))
     assert len(files) == 3 and all(f"acts/dense/{f.name}" in work.manifest()["files"] for f in files)

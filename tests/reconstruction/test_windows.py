@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from helpers import ARCHS
-from freelunch_cli.model.arch import block_halves
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.arch import block_halves
+from freelunch_cli.model.hooks import capture_linear_io
+from freelunch_cli.model.skeleton import Skeleton, run_block
+from freelunch_cli.reconstruction.windows import enumerate_windows
 from freelunch_cli.stages.export import ExportConfig, export
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
-from freelunch_cli.model.hooks import capture_linear_io
-from freelunch_cli.model.skeleton import Skeleton, run_block
 from freelunch_cli.workdir.files import TensorRows, load_tensors, read_json
-from freelunch_cli.reconstruction.windows import enumerate_windows
+
+from helpers import ARCHS
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -102,8 +103,9 @@ def test_sparse_inputs_chain_the_reconstructed_outputs(window, fresh_work):
         if window == "submodule":  # block 1's MLP read block 1's reconstructed attention output
             h1 = stored
             mid = block_halves(sk.build_block(1), "llama").attention(sk.build_block(1), h1, sk.block_call(1, *h1.shape[:2]))
-            torch.testing.assert_close(TensorRows(work.root / "acts" / "recon" / "mid_001.safetensors").rows(0, 16).float(), mid,
-                                       atol=3e-3, rtol=3e-3)
+            torch.testing.assert_close(
+                TensorRows(work.root / "acts" / "recon" / "mid_001.safetensors").rows(0, 16).float(), mid, atol=3e-3, rtol=3e-3
+            )
     # dense inputs give a different model (the inputs differ from window 2 on)
     other = fresh_work("llama")
     prune(other, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
@@ -119,8 +121,9 @@ def test_sparse_inputs_in_the_first_block_read_what_its_reconstructed_windows_gi
     q/k/v reconstructed give it. Its loss before training is computed here from those inputs, independently."""
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
-    reconstruct(work, ReconstructConfig(window=window, inputs="sparse", lr=3e-3, epochs=2, keep_cache=True, loss_samples=0,
-                                        device="cpu"))
+    reconstruct(
+        work, ReconstructConfig(window=window, inputs="sparse", lr=3e-3, epochs=2, keep_cache=True, loss_samples=0, device="cpu")
+    )
     sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
     x0 = TensorRows(work.boundary_path("dense", 0)).rows(0, 16).float()
     call = sk.block_call(0, *x0.shape[:2])
@@ -146,8 +149,12 @@ def test_sparse_inputs_in_the_first_block_read_what_its_reconstructed_windows_gi
 def test_steps_warmup_validation_and_keep_best(fresh_work):
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
-    reconstruct(work, ReconstructConfig(window="block", steps=7, warmup=0.3, lr=3e-2, grad_clip=1.0, val_fraction=0.25,
-                                        keep_best=True, device="cpu"))
+    reconstruct(
+        work,
+        ReconstructConfig(
+            window="block", steps=7, warmup=0.3, lr=3e-2, grad_clip=1.0, val_fraction=0.25, keep_best=True, device="cpu"
+        ),
+    )
     for w in range(2):
         rec = read_json(work.window_record_path(w))
         assert rec["steps"] == 7

@@ -4,14 +4,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import SEQLEN
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.stages.evaluate import EvalConfig, evaluate
 from freelunch_cli.stages.export import ExportConfig, export
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.files import load_tensors
-from helpers import HELDOUT, streamed_logits
+
+from helpers import HELDOUT, SEQLEN, streamed_logits
 
 
 @pytest.mark.parametrize("arch,shard", [("llama", "2GB"), ("qwen2", "40KB"), ("opt", "60KB")])
@@ -40,7 +40,13 @@ def test_export_refuses_unfinished_reconstruction_and_nonempty_out(fresh_work, t
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", device="cpu"))
     with work.update() as m:  # a reconstruction that stopped after its first window
-        m["stages"]["reconstruct"] = {"status": "running", "signature": {}, "run_id": "x", "summary": {}, "progress": {"windows_total": 2}}
+        m["stages"]["reconstruct"] = {
+            "status": "running",
+            "signature": {},
+            "run_id": "x",
+            "summary": {},
+            "progress": {"windows_total": 2},
+        }
     with pytest.raises(FreelunchError, match="missing windows: 0, 1"):
         export(work, ExportConfig(out=str(tmp_path / "o")))
     (tmp_path / "full").mkdir()

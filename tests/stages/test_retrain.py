@@ -6,18 +6,17 @@ import sys
 
 import pytest
 import torch
-
-from helpers import SEQLEN
 from transformers import AutoModelForCausalLM
 
+import freelunch_cli.training.next_token as next_token_module
 from freelunch_cli.stages.evaluate import EvalConfig, evaluate
 from freelunch_cli.stages.export import ExportConfig, export
-from freelunch_cli.training.head_loss import linear_cross_entropy
 from freelunch_cli.stages.prune import PruneConfig, prune
-import freelunch_cli.training.next_token as next_token_module
 from freelunch_cli.stages.retrain import RetrainConfig, retrain
+from freelunch_cli.training.head_loss import linear_cross_entropy
 from freelunch_cli.workdir.files import load_tensors
-from helpers import HELDOUT, tiny_config
+
+from helpers import HELDOUT, SEQLEN, tiny_config
 
 
 def test_retrain_keeps_masks_lowers_loss_and_is_a_model_stage(fresh_work, tmp_path):
@@ -47,13 +46,17 @@ def test_retrain_resumes_by_step_to_the_same_model(fresh_work, tmp_path):
         prune(w, PruneConfig(criterion="magnitude", device="cpu"))
     args = ["retrain", "--lr", "1e-3", "--steps", "6", "--save-every", "2", "--device", "cpu", "--quiet"]
     env = {**os.environ, "FREELUNCH_KILL_AT": "retrain.step:5"}
-    killed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)], env=env, capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)], env=env, capture_output=True, text=True
+    )
     assert killed.returncode == -9 and (a.model_dir("retrained") / "checkpoint.pt").exists()
     ckpt = a.model_dir("retrained") / "checkpoint.pt"
     ck = torch.load(ckpt, weights_only=False)
     assert ck["step"] == 4 and ck["seconds"] > 0  # time spent up to the checkpoint travels with it
     torch.save({**ck, "seconds": 1000.0}, ckpt)  # as if the killed run had taken long: the summary must carry it
-    resumed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert 1000 < a.stage("retrain").summary["seconds"] < 1000 + 300  # the total over both runs, not the resumed part alone
     retrain(b, RetrainConfig(lr=1e-3, steps=6, save_every=2, device="cpu"))
@@ -94,6 +97,7 @@ def test_descriptions_follow_what_retraining_started_from(fresh_work):
 
 def test_defaults_follow_the_start_and_what_trains():
     """Unset options resolve by the start model, then by what trains; a given option overrides only itself."""
+
     def got(cfg, start):
         r = cfg.resolved(start)
         return r.peft, r.lr, r.grad_checkpoint
@@ -108,11 +112,11 @@ def test_defaults_follow_the_start_and_what_trains():
 
 
 def test_retraining_a_reconstruction_trains_sparse_adapters_by_default(fresh_work, monkeypatch):
-    from freelunch_cli.model.arch import block_linears
-    from freelunch_cli.evaluation.compare import describe
     from freelunch_cli.core.errors import FreelunchError
-    from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
+    from freelunch_cli.evaluation.compare import describe
+    from freelunch_cli.model.arch import block_linears
     from freelunch_cli.model.assembly import materialize
+    from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", sparsity=0.6, device="cpu"))
@@ -121,9 +125,18 @@ def test_retraining_a_reconstruction_trains_sparse_adapters_by_default(fresh_wor
     monkeypatch.setattr(next_token_module, "linear_cross_entropy", lambda *a: heads.append(a[-1]) or linear_cross_entropy(*a))
     s = retrain(work, RetrainConfig(steps=3, device="cpu"))  # --from latest: the reconstruction
     c = s["config"]
-    assert s["from"] == "reconstructed" and (c["peft"], c["lr"], c["grad_checkpoint"], c["lora_rank"]) == ("masked-lora", 1e-3, True, 16)
+    assert s["from"] == "reconstructed" and (c["peft"], c["lr"], c["grad_checkpoint"], c["lora_rank"]) == (
+        "masked-lora",
+        1e-3,
+        True,
+        16,
+    )
     assert len(heads) == 3  # recomputed, so the loss went through the chunked head
-    lins = [m for block in materialize(work, "reconstructed", "cpu", torch.float32).model.layers for m in block_linears(block).values()]
+    lins = [
+        m
+        for block in materialize(work, "reconstructed", "cpu", torch.float32).model.layers
+        for m in block_linears(block).values()
+    ]
     assert s["trainable_params"] == sum(16 * (m.in_features + m.out_features) for m in lins)  # adapters, not the model
     for i in range(2):
         w, r = load_tensors(work.block_path("retrained", i)), load_tensors(work.block_path("reconstructed", i))
@@ -136,8 +149,11 @@ def test_retraining_a_reconstruction_trains_sparse_adapters_by_default(fresh_wor
     with pytest.raises(FreelunchError, match="another retrain configuration"):
         retrain(work, RetrainConfig(steps=3, device="cpu", peft="full"))
     full = retrain(work, RetrainConfig(steps=3, device="cpu", peft="full"), force=True)
-    assert (full["config"]["peft"], full["config"]["lr"], full["trainable_params"]) == ("full", 1e-4, sum(
-        p.numel() for p in materialize(work, "reconstructed", "cpu", torch.float32).parameters()))
+    assert (full["config"]["peft"], full["config"]["lr"], full["trainable_params"]) == (
+        "full",
+        1e-4,
+        sum(p.numel() for p in materialize(work, "reconstructed", "cpu", torch.float32).parameters()),
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])  # rotary embeddings passed in as a tuple; OPT's learned positions
@@ -187,7 +203,7 @@ def test_chunked_next_token_loss_equals_the_whole_logits_loss_and_gradients(arch
     whole = batch.shape[0] * (batch.shape[1] - 1) * cfg.vocab_size
     for chunk in (None, 7, 10_000):  # whole, uneven chunks, one chunk larger than the batch
         largest = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: largest.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: largest.append(t.numel()) or t, lambda t: t):  # noqa: B023
             loss = next_token_module.next_token_loss(model, batch, chunk)
         got = torch.autograd.grad(loss, list(model.parameters()))
         assert torch.allclose(loss, expected, atol=1e-6)
@@ -197,8 +213,12 @@ def test_chunked_next_token_loss_equals_the_whole_logits_loss_and_gradients(arch
 
 def _head_problem(n=64, hidden=8, vocab=500):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(n, hidden, generator=g, requires_grad=True), torch.randn(vocab, hidden, generator=g),
-            torch.randn(vocab, generator=g, requires_grad=True), torch.randint(0, vocab, (n,), generator=g))
+    return (
+        torch.randn(n, hidden, generator=g, requires_grad=True),
+        torch.randn(vocab, hidden, generator=g),
+        torch.randn(vocab, generator=g, requires_grad=True),
+        torch.randint(0, vocab, (n,), generator=g),
+    )
 
 
 def test_linear_cross_entropy_against_autograd_with_a_bias_and_a_frozen_weight():
@@ -209,7 +229,7 @@ def test_linear_cross_entropy_against_autograd_with_a_bias_and_a_frozen_weight()
         expected = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets)
         want = torch.autograd.grad(expected * 3, inputs)  # an upstream gradient other than 1
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):  # noqa: B023
             loss = linear_cross_entropy(hidden, weight, bias, targets, chunk=5)
         got = torch.autograd.grad(loss * 3, inputs)
         assert torch.allclose(loss, expected, atol=1e-6)
@@ -239,7 +259,9 @@ def test_bias_norm_retraining_trains_only_biases_and_norms(fresh_work):
 
     cfg = AutoConfig.from_pretrained(work.model_dir("dense"))
     h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
-    assert s["trainable_params"] == cfg.num_hidden_layers * (2 * h + h + 2 * kv) + h  # 2 norms + q,k,v biases per block; final norm
+    assert (
+        s["trainable_params"] == cfg.num_hidden_layers * (2 * h + h + 2 * kv) + h
+    )  # 2 norms + q,k,v biases per block; final norm
     assert s["last_loss"] < s["first_loss"]
     for i in range(2):
         w, p = load_tensors(work.block_path("retrained", i)), load_tensors(work.block_path("pruned", i))
@@ -277,13 +299,34 @@ def test_masked_lora_retraining_resumes_and_refuses_another_variant(fresh_work):
     a, b = fresh_work("llama"), fresh_work("llama")
     for w in (a, b):
         prune(w, PruneConfig(criterion="magnitude", device="cpu"))
-    args = ["retrain", "--lr", "1e-2", "--steps", "6", "--save-every", "2", "--peft", "masked-lora", "--lora-rank", "4", "--device", "cpu", "--quiet"]
-    killed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)],
-                            env={**os.environ, "FREELUNCH_KILL_AT": "retrain.step:5"}, capture_output=True, text=True)
+    args = [
+        "retrain",
+        "--lr",
+        "1e-2",
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--peft",
+        "masked-lora",
+        "--lora-rank",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    killed = subprocess.run(
+        [sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root)],
+        env={**os.environ, "FREELUNCH_KILL_AT": "retrain.step:5"},
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9 and (a.model_dir("retrained") / "checkpoint.pt").exists()
     with pytest.raises(FreelunchError, match="another retrain configuration .*peft"):
         retrain(a, RetrainConfig(lr=1e-2, steps=6, device="cpu", peft="bias-norm"), resume=True)  # not what was started
-    resumed = subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "freelunch_cli", *args, "--work", str(a.root), "--resume"], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     retrain(b, RetrainConfig(lr=1e-2, steps=6, save_every=2, device="cpu", peft="masked-lora", lora_rank=4))
     for i in range(2):

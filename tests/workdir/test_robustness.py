@@ -8,24 +8,29 @@ import sys
 import pytest
 import torch
 
-from helpers import SAMPLES, SEQLEN
-from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.stages.export import ExportConfig, export
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
-from freelunch_cli.workdir.files import load_tensors, read_json
 from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.workdir.files import load_tensors, read_json
 from freelunch_cli.workdir.locks import stage_lock
-from helpers import CALIB
+
+from helpers import CALIB, SAMPLES, SEQLEN
 
 
 def cli(*args, kill_at=None):
     env = {**os.environ, "FREELUNCH_KILL_AT": kill_at} if kill_at else dict(os.environ)
     env.pop("FREELUNCH_KILL_AT", None) if not kill_at else None
     # a shell without job control starts background jobs with SIGINT ignored, and Python keeps that: restore the default
-    return subprocess.run([sys.executable, "-m", "freelunch_cli", *args, "--quiet"], capture_output=True, text=True, env=env,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.run(
+        [sys.executable, "-m", "freelunch_cli", *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def same_files(a, b):
