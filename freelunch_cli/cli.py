@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib
 import inspect
 import os
 import signal
@@ -159,34 +160,26 @@ def main_callback(version: bool = typer.Option(False, "--version", callback=_ver
     pass
 
 
-@stage_command(CalibrateConfig)
-def calibrate(
-    cfg: CalibrateConfig,
-    work: Path = WorkOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    quiet: bool = QuietOpt,
-    json_out: bool = JsonOpt,
-):
-    """Import the dense model as block shards, sample calibration text, cache dense activations."""
-    from freelunch_cli.stages.calibrate import calibrate as run
+def _stage(config_cls, name: str, doc: str) -> None:
+    """Register the command that runs ``stages.<name>.<name>`` on the work directory with the config's options."""
 
-    _run(run, _work(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+    def command(
+        cfg,
+        work: Path = WorkOpt,
+        resume: bool = ResumeOpt,
+        force: bool = ForceOpt,
+        quiet: bool = QuietOpt,
+        json_out: bool = JsonOpt,
+    ):
+        run = getattr(importlib.import_module(f"freelunch_cli.stages.{name}"), name)
+        _run(run, _work(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+
+    command.__name__, command.__doc__ = name, doc
+    stage_command(config_cls)(command)
 
 
-@stage_command(PruneConfig)
-def prune(
-    cfg: PruneConfig,
-    work: Path = WorkOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    quiet: bool = QuietOpt,
-    json_out: bool = JsonOpt,
-):
-    """Prune every linear layer of every decoder block."""
-    from freelunch_cli.stages.prune import prune as run
-
-    _run(run, _work(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+_stage(CalibrateConfig, "calibrate", "Import the dense model as block shards, sample calibration text, cache dense activations.")
+_stage(PruneConfig, "prune", "Prune every linear layer of every decoder block.")
 
 
 @stage_command(ReconstructConfig)
@@ -209,20 +202,12 @@ def reconstruct(
     _run(run, _work(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 
-@stage_command(RetrainConfig)
-def retrain(
-    cfg: RetrainConfig,
-    work: Path = WorkOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    quiet: bool = QuietOpt,
-    json_out: bool = JsonOpt,
-):
-    """Next-token training of the whole model, masks kept: full retraining of the pruned model (the baseline), or
-    sparse adapters on the reconstructed one (the default after `reconstruct`)."""
-    from freelunch_cli.stages.retrain import retrain as run
-
-    _run(run, _work(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
+_stage(
+    RetrainConfig,
+    "retrain",
+    "Next-token training of the whole model, masks kept: full retraining of the pruned model (the baseline), or "
+    "sparse adapters on the reconstructed one (the default after `reconstruct`).",
+)
 
 
 @stage_command(EvalConfig, name="eval")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -105,13 +104,12 @@ def calibrate(
             "storage_dtype": meta["storage_dtype"],
             "seconds_import": round(t_import, 2),
             "seconds_dense_pass": round(time.time() - t_pass, 2),
-            "seconds": round(run.seconds(), 2),
-            "config": asdict(cfg),
         }
         return run.finish(
             summary,
             f"calibrated {n_blocks} blocks on {cfg.samples} x {cfg.seqlen} tokens in "
-            f"{summary['seconds']:.1f}s (cache {format_bytes(planned)})",
+            f"{run.seconds():.1f}s (cache {format_bytes(planned)})",
+            config=cfg,
         )
 
 

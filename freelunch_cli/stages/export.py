@@ -178,19 +178,19 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
         f"- Source model: `{source}`" + (f" (GGUF `{calib.signature['gguf_file']}`)" if calib.signature.get("gguf_file") else ""),
         f"- Calibration: {calib.summary['samples']} x {calib.summary['seqlen']} tokens from `{calib.signature['data']}`, seed {calib.signature['seed']}",
     ]
-    if prune is not None:
-        lines.append(
-            f"- Pruning: {prune.summary['criterion']}, {prune.summary['pattern']}; achieved sparsity of block linear weights {sparsity:.4f}"
-        )
-    else:
-        lines.append("- Pruning: none (dense model)")
-    if recon is not None:
-        c = recon.summary["config"]
-        lines.append(
-            f"- Local reconstruction: window {c['window']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}, loss {c['loss']}"
-        )
-    else:
-        lines.append("- Local reconstruction: none")
+    pruning = (
+        f"{prune.summary['criterion']}, {prune.summary['pattern']}; achieved sparsity of block linear weights {sparsity:.4f}"
+        if prune is not None
+        else "none (dense model)"
+    )
+    lines.append(f"- Pruning: {pruning}")
+    c = recon.summary["config"] if recon is not None else {}
+    reconstruction = (
+        f"window {c['window']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}, loss {c['loss']}"
+        if recon is not None
+        else "none"
+    )
+    lines.append(f"- Local reconstruction: {reconstruction}")
     if retrain is not None:
         c = retrain.summary["config"]
         kind = "Fine-tuning of the dense model" if prune is None else "Global retraining"

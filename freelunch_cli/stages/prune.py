@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
@@ -78,13 +78,12 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
             "target_sparsity": pattern.sparsity,
             "achieved_sparsity": report["sparsity_linear"],
             "model_sparsity": report["sparsity_model"],
-            "seconds": round(run.seconds(), 2),
-            "config": asdict(cfg),
         }
         return run.finish(
             summary,
             f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {report['sparsity_linear']:.4f} "
-            f"of block weights are zero, {summary['seconds']:.1f}s",
+            f"of block weights are zero, {run.seconds():.1f}s",
+            config=cfg,
         )
 
 

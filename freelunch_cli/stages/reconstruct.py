@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
@@ -148,11 +148,10 @@ def finish_reconstruct(
                 "window_seconds": round(sum(r["seconds"] for r in records), 2),
                 "workers": sorted({r.get("worker", "?") for r in records}),
                 "ran_here": ran,
-                "config": asdict(cfg),
             }
             if cfg.inputs == "sparse" and not cfg.keep_cache:
                 shutil.rmtree(work.acts_dir / "recon", ignore_errors=True)
-            run.finish(summary, _summary_line(summary))
+            summary = run.finish(summary, _summary_line(summary), config=cfg)
             if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight
                 work.forget([work.rel(work.window_params_path(w.index)) for w in windows])
             return summary

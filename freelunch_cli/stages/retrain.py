@@ -12,7 +12,6 @@ with gradients and AdamW moments plus the activations of a batch through every b
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 
@@ -141,11 +140,9 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             "trainable_params": n_train,
             "seconds": round(before + run.seconds(), 2),
             "dtype": dtype_name(compute),
-            "config": asdict(cfg),
         }
-        return run.finish(
-            summary, f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s"
-        )
+        line = f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s"
+        return run.finish(summary, line, config=cfg)
 
 
 def _save(work: WorkDir, model, arch, layers, start: str, masks: dict) -> None:

@@ -13,6 +13,7 @@ and a different one is refused unless ``--force`` starts the stage (and every la
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 import uuid
@@ -53,8 +54,15 @@ class StageRun:
         """Wall seconds since the stage began in this process."""
         return time.time() - self.started
 
-    def finish(self, summary: dict, line: str) -> dict:
-        """Mark the stage done with its summary (the manifest's record), to be printed as ``line``."""
+    def finish(self, summary: dict, line: str, config=None) -> dict:
+        """Mark the stage done with its summary (the manifest's record), to be printed as ``line``.
+
+        The summary gains the stage's wall ``seconds`` (unless it reports its own) and, given ``config``, the options
+        it ran with (the config dataclass as a dict).
+        """
+        summary = {**summary, "seconds": summary.get("seconds", round(self.seconds(), 2))}
+        if config is not None:
+            summary["config"] = dataclasses.asdict(config)
         _mark_done(self.work, self.name, summary)
         self.summary, self.line = summary, line
         return summary
