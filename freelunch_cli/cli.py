@@ -108,6 +108,11 @@ def _typer_type(hint):
     return hint
 
 
+def debugging() -> bool:
+    """``FREELUNCH_DEBUG`` set to anything but empty, 0, false, no or off: show tracebacks of unexpected errors."""
+    return os.environ.get("FREELUNCH_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _run(fn, *args, **kwargs):
     """Call a stage; turn user-facing failures into one line on stderr and an exit code."""
     try:
@@ -120,7 +125,7 @@ def _run(fn, *args, **kwargs):
         typer.echo(f"{why}: finished windows/blocks are saved; rerun the same command with --resume to continue", err=True)
         raise typer.Exit(code) from None
     except OSError as e:
-        if os.environ.get("FREELUNCH_DEBUG"):
+        if debugging():
             raise
         if e.errno == errno.ENOSPC:
             typer.echo(f"error: the disk is full ({e.filename or 'while writing'}); free space and rerun with --resume", err=True)
@@ -128,7 +133,7 @@ def _run(fn, *args, **kwargs):
             typer.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
         raise typer.Exit(1) from None
     except Exception as e:  # an internal error: one line, the traceback on demand
-        if os.environ.get("FREELUNCH_DEBUG"):
+        if debugging():
             raise
         typer.echo(
             f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set FREELUNCH_DEBUG=1 for the traceback)",

@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
 
 ARCHS = ["llama", "qwen2", "mistral", "opt"]
+MORE_ARCHS = ["mixtral", "qwen2_moe", "gemma2", "gemma3", "phi3"]  # mixture of experts, sandwich norms, fused projections
 SAMPLES, SEQLEN = 16, 48  # the calibration of every fixture's work directory
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CALIB = DATA / "wikitext-2-raw" / "calib.txt"
@@ -17,7 +19,14 @@ HELDOUT = DATA / "wikitext-2-raw" / "heldout.txt"
 VOCAB = 384
 
 
-def tiny_config(arch: str, layers: int = 2, hidden: int = 64):
+def tiny_config(arch: str, layers: int = 2, hidden: int = 64, **overrides):
+    config = _tiny_config(arch, layers, hidden)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _tiny_config(arch: str, layers: int, hidden: int):
     common = dict(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256
     )
@@ -29,10 +38,30 @@ def tiny_config(arch: str, layers: int = 2, hidden: int = 64):
         return MistralConfig(intermediate_size=2 * hidden, num_key_value_heads=2, sliding_window=24, **common)
     if arch == "opt":
         return OPTConfig(ffn_dim=2 * hidden, word_embed_proj_dim=hidden, dropout=0.1, **common)
+    if arch == "mixtral":  # 4 experts, 2 per token, fused as 3-D tensors
+        return transformers.MixtralConfig(
+            intermediate_size=2 * hidden, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common
+        )
+    if arch == "qwen2_moe":  # routed experts and a shared expert with its gate
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=hidden,
+            shared_expert_intermediate_size=2 * hidden,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_key_value_heads=2,
+            decoder_sparse_step=1,
+            **common,
+        )
+    if arch in ("gemma2", "gemma3"):  # norms before and after each submodule
+        cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+        return cls(intermediate_size=2 * hidden, num_key_value_heads=2, head_dim=16, sliding_window=24, **common)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return transformers.Phi3Config(intermediate_size=2 * hidden, num_key_value_heads=2, pad_token_id=0, **common)
     raise ValueError(arch)
 
 
-def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
+def train_tokenizer(text: str, eos: bool = True) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,21 +69,27 @@ def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
         vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
     )
     tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return (
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>") if eos else PreTrainedTokenizerFast(tokenizer_object=tok)
+    )
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, text: str | None = None) -> Path:
+def make_tiny_model(
+    folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, text: str | None = None, eos: bool = True, **overrides
+) -> Path:
+    """A saved tiny model of ``arch`` (config ``overrides`` applied), with a tokenizer trained on ``text`` (with or
+    without an EOS token)."""
     folder = Path(folder)
     torch.manual_seed(seed)
-    cfg = tiny_config(arch, layers)
+    cfg = tiny_config(arch, layers, **overrides)
     model = AutoModelForCausalLM.from_config(cfg)
     # Larger weights than the default init so pruning visibly hurts and reconstruction visibly helps.
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # experts' fused weights too
                 p.normal_(0, 0.08)
     model.save_pretrained(folder)
-    train_tokenizer(text if text is not None else CALIB.read_text()[:200_000]).save_pretrained(folder)
+    train_tokenizer(text if text is not None else CALIB.read_text()[:200_000], eos).save_pretrained(folder)
     return folder
 
 

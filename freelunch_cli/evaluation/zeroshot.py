@@ -29,10 +29,35 @@ def task_manager(tasks: list[str], tasks_dir: str | None):
     return TaskManager(include_path=tasks_dir)
 
 
+def prefix_token(tokenizer) -> tuple[int | None, str | None]:
+    """The token lm-eval puts before an empty context: BOS, else EOS (lm-eval's own choice, returned as None), else
+    for a tokenizer that has neither, the padding or unknown token, else the token of a newline; with a note saying
+    which was chosen."""
+    if tokenizer.bos_token_id is not None or tokenizer.eos_token_id is not None:
+        return None, None
+    for name in ("pad", "unk"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            return token_id, f"the tokenizer has no BOS or EOS token; lm-eval's empty-context prefix is its {name} token"
+    token_id = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    return (
+        token_id,
+        f"the tokenizer has no BOS, EOS, padding or unknown token; lm-eval's empty-context prefix is token {token_id} (a newline)",
+    )
+
+
 def zero_shot(
-    model: nn.Module, tokenizer, tasks: list[str], tasks_dir: str | None, batch_size: int, limit: int | None, device
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    tasks_dir: str | None,
+    batch_size: int,
+    limit: int | None,
+    device,
+    warn=None,
 ) -> dict:
-    """Accuracy per task (``acc``, and ``acc_norm`` where the task defines it) and their mean."""
+    """Accuracy per task (``acc``, and ``acc_norm`` where the task defines it) and their mean; ``warn`` hears about a
+    tokenizer without BOS or EOS token."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     import lm_eval
@@ -47,7 +72,10 @@ def zero_shot(
             else " (pass --tasks-dir for local task YAMLs)"
         )
         raise FreelunchError(f"unknown lm-eval task(s) {', '.join(unknown)}{hint}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    prefix, note = prefix_token(tokenizer)
+    if note and warn is not None:
+        warn(note)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), prefix_token_id=prefix)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=False, bootstrap_iters=0)
     except Exception as e:  # lm-eval failing to fetch a dataset offline is the common case

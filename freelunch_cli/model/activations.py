@@ -21,16 +21,23 @@ def write_activations(
     hidden: int,
     dtype: torch.dtype,
     batch_size: int,
+    what: str,
 ) -> None:
     """Compute an activation cache file batch by batch (``producer(rows)`` gives rows ``[b, seqlen, hidden]``) in
-    ``dtype`` and record it in ``work``'s manifest.
+    ``dtype`` and record it in ``work``'s manifest. ``what`` says where the rows come from, for errors.
 
-    Raises FreelunchError when a value exceeds ``dtype``'s range (naming the file and the option that helps).
+    Raises FreelunchError when a value is NaN or infinite (naming the file, its source and the compute dtypes that
+    help) or exceeds ``dtype``'s range (naming --cache-dtype); nothing is recorded then.
     """
     limit = torch.finfo(dtype).max
     with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype) as w:
         for start in range(0, samples, batch_size):
             out = producer(slice(start, min(start + batch_size, samples)))
+            if not bool(torch.isfinite(out).all()):
+                raise FreelunchError(
+                    f"{what} holds NaN or infinite values ({path.name}, samples {start}-{start + out.shape[0] - 1}): the "
+                    f"computation overflowed; use --dtype bfloat16 or float32 (float16 ends at 65504)"
+                )
             peak = out.abs().max().item()
             if peak > limit:
                 raise FreelunchError(

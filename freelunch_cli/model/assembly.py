@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.model.arch import find_arch
-from freelunch_cli.model.skeleton import prepare_config
-from freelunch_cli.model.source import init_non_persistent_buffers, meta_model
+from freelunch_cli.model.build import init_non_persistent_buffers, meta_model, prepare_config
+from freelunch_cli.model.source import trusts_remote_code, work_config
 from freelunch_cli.workdir.files import load_tensors
 
 
 def materialize(work, stage: str, device, dtype: torch.dtype) -> nn.Module:
     """The work directory's model of ``stage`` as a plain ``transformers`` model on ``device`` in ``dtype`` (memory: the
     whole model). Raises FreelunchError when a tensor the config asks for is in no shard."""
-    folder = work.model_dir("dense")
-    config = prepare_config(AutoConfig.from_pretrained(folder))
-    lm = meta_model(config)
+    config = prepare_config(work_config(work))
+    lm = meta_model(config, trusts_remote_code(work))
     arch = find_arch(lm, config)
     state = dict(load_tensors(work.check_file(work.rest_path(stage))))
     for i in range(arch.num_blocks):

@@ -13,11 +13,12 @@ import copy
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.model.arch import Arch, find_arch
-from freelunch_cli.model.source import init_non_persistent_buffers
+from freelunch_cli.model.build import init_non_persistent_buffers, meta_model, prepare_config
+from freelunch_cli.model.moe import split_experts
+from freelunch_cli.model.source import trusts_remote_code, work_config
 from freelunch_cli.workdir.files import load_tensors
 
 
@@ -53,14 +54,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def prepare_config(config):
-    """Force SDPA attention (causal without a materialised mask) and no KV cache."""
-    config = copy.deepcopy(config)
-    config._attn_implementation = "sdpa"
-    config.use_cache = False
-    return config
-
-
 class Skeleton:
     """Embeddings, final norm and head on a device; decoder blocks built on demand."""
 
@@ -88,7 +81,9 @@ class Skeleton:
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_rest(cls, config, rest: dict[str, torch.Tensor], device, dtype, rest_device=None) -> Skeleton:
+    def from_rest(
+        cls, config, rest: dict[str, torch.Tensor], device, dtype, rest_device=None, trust_remote_code: bool = False
+    ) -> Skeleton:
         """Build from a config and the non-block tensors (embeddings, norms, head).
 
         ``rest_device`` (default: ``device``) holds the embeddings and head; stages that never need logits
@@ -96,8 +91,7 @@ class Skeleton:
         """
         rest_device = rest_device or device
         config = prepare_config(config)
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config)
+        lm = meta_model(config, trust_remote_code)
         arch = find_arch(lm, config)
         templates = list(lm.get_submodule(arch.layers_path))
         _set_submodule(lm, arch.layers_path, nn.ModuleList())
@@ -119,9 +113,8 @@ class Skeleton:
 
     @classmethod
     def from_work(cls, work, stage: str, device, dtype, rest_device=None) -> Skeleton:
-        folder = work.model_dir("dense")
-        config = AutoConfig.from_pretrained(folder)
-        sk = cls.from_rest(config, load_tensors(work.check_file(work.rest_path(stage))), device, dtype, rest_device)
+        rest = load_tensors(work.check_file(work.rest_path(stage)))
+        sk = cls.from_rest(work_config(work), rest, device, dtype, rest_device, trusts_remote_code(work))
         sk.block_source = lambda i: load_tensors(work.stage_block_path(stage, i))
         return sk
 
@@ -129,6 +122,7 @@ class Skeleton:
     def from_model(cls, lm: nn.Module, device, dtype) -> Skeleton:
         """Wrap an in-memory model (e.g. ``--model PATH`` for eval): its real blocks are reused."""
         config = prepare_config(lm.config)
+        split_experts(lm)
         lm.config = config
         for m in lm.modules():
             if hasattr(m, "config") and m.config is not lm.config and type(m.config) is type(config):

@@ -16,30 +16,49 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.model.arch import find_arch
-from freelunch_cli.workdir.files import save_tensors_atomic
+from freelunch_cli.model.build import meta_model
+from freelunch_cli.workdir.files import save_pretrained_atomic, save_tensors_atomic, write_bytes_atomic
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A resolved ``--model``: a local folder, optionally with a GGUF file inside it."""
+    """A resolved ``--model``: a local folder, optionally with a GGUF file inside it, and whether its own code may run."""
 
     spec: str
     folder: Path
     gguf_file: str | None = None
     hub_id: str | None = None
+    trust_remote_code: bool = False
 
     def signature(self) -> dict:
-        return {"model": self.hub_id or str(self.folder.resolve()), "gguf_file": self.gguf_file}
+        """What the manifest records of the model (``trust_remote_code`` only when given, so older runs still match)."""
+        return {
+            "model": self.hub_id or str(self.folder.resolve()),
+            "gguf_file": self.gguf_file,
+            "trust_remote_code": self.trust_remote_code or None,
+        }
 
     def hf_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        """Keyword arguments of ``from_pretrained``: the GGUF file, and never an interactive prompt for custom code."""
+        return {"trust_remote_code": self.trust_remote_code, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
+
+    def code_files(self) -> list[Path]:
+        """The model's own Python files (``auto_map`` in its config names classes in them)."""
+        return sorted(self.folder.glob("*.py")) if custom_code(self.folder) else []
+
+
+def custom_code(folder: Path) -> dict:
+    """The ``auto_map`` of a model folder's config: the classes of its own code (empty when it has none)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _check_gguf(path: Path) -> None:
@@ -48,8 +67,22 @@ def _check_gguf(path: Path) -> None:
             raise FreelunchError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
-def resolve_model(model: str, gguf_file: str | None = None) -> ModelSpec:
-    """Turn ``--model``/``--gguf-file`` into a local folder, downloading from the Hub if needed."""
+def resolve_model(model: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> ModelSpec:
+    """Turn ``--model``/``--gguf-file`` into a local folder, downloading from the Hub if needed.
+
+    Raises FreelunchError for a missing model, a folder that is not a model, or a model with its own code (``auto_map``)
+    without ``trust_remote_code``.
+    """
+    spec = _resolve(model, gguf_file)
+    spec = ModelSpec(spec.spec, spec.folder, spec.gguf_file, spec.hub_id, trust_remote_code)
+    auto_map = custom_code(spec.folder)
+    if auto_map and not trust_remote_code:
+        classes = ", ".join(sorted(set(auto_map.values())))
+        raise FreelunchError(f"{model} runs its own code ({classes}); pass --trust-remote-code if you trust it")
+    return spec
+
+
+def _resolve(model: str, gguf_file: str | None) -> ModelSpec:
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
@@ -108,28 +141,6 @@ def load_tokenizer(spec: ModelSpec):
         raise FreelunchError(f"cannot load the tokenizer of {spec.spec}: {str(e).splitlines()[0]}") from None
 
 
-def meta_model(config) -> nn.Module:
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except ValueError as e:
-        raise FreelunchError(
-            f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it ({str(e).splitlines()[0]})"
-        ) from None
-
-
-def init_non_persistent_buffers(lm: nn.Module) -> None:
-    """Compute the buffers no checkpoint holds (rotary inverse frequencies) with the model's own initialiser, as
-    ``from_pretrained`` does; buffers still on the meta device are first given CPU storage."""
-    with torch.no_grad():
-        for mod in lm.modules():
-            if any(name in mod._non_persistent_buffers_set for name in mod._buffers):
-                for name, buf in list(mod._buffers.items()):
-                    if buf is not None and buf.is_meta:
-                        mod._buffers[name] = torch.empty_like(buf, device="cpu")
-                lm._init_weights(mod)
-
-
 def _safetensors_index(folder: Path) -> dict[str, Path] | None:
     """Checkpoint key -> file, or None when the folder has no safetensors weights."""
     idx = folder / "model.safetensors.index.json"
@@ -162,7 +173,7 @@ def iter_model_parts(spec: ModelSpec, config, log=print):
 
     Streams a safetensors checkpoint one block at a time; otherwise loads the model whole.
     """
-    lm = meta_model(config)
+    lm = meta_model(config, spec.trust_remote_code)
     arch = find_arch(lm, config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected = {k for k in lm.state_dict() if not (tied and k.endswith("lm_head.weight"))}
@@ -208,35 +219,68 @@ def _stream_parts(arch, mapping: dict[str, str], index: dict[str, Path]):
 
 def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print) -> dict:
     """Write the dense model of ``spec`` into ``work`` as block shards (``dtype``: cast floating tensors, None keeps the
-    checkpoint's); shards already recorded are kept. Returns the block count, storage dtype and model type."""
+    checkpoint's), with its tokenizer, config and own code (``--trust-remote-code``); files already recorded are kept.
+    Every file lands atomically and is recorded. Returns the block count, storage dtype and model type."""
     folder = work.model_dir("dense")
     files = work.manifest()["files"]
 
     def part_path(part) -> Path:
         return work.own_rest_path("dense") if part == "rest" else work.block_path("dense", part)
 
-    def written(part) -> bool:
-        return work.rel(part_path(part)) in files and part_path(part).exists()
+    def written(path: Path) -> bool:
+        return work.rel(path) in files and path.exists()
 
-    if (folder / "config.json").exists():
-        config = AutoConfig.from_pretrained(folder)
-        if all(written(p) for p in ["rest", *range(config.num_hidden_layers)]):
+    if written(folder / "config.json"):
+        config = work_config(work)
+        if all(written(part_path(p)) for p in ["rest", *range(config.num_hidden_layers)]):
             return {
                 "num_blocks": config.num_hidden_layers,
                 "storage_dtype": str(config.dtype).removeprefix("torch."),
                 "model_type": config.model_type,
             }
     config = load_config(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    (tokenizer or load_tokenizer(spec)).save_pretrained(folder)
+    for code in spec.code_files():
+        if not written(folder / code.name):
+            work.record_file(folder / code.name, write_bytes_atomic(folder / code.name, code.read_bytes()))
+    if not any(written(folder / name) for name in ("tokenizer_config.json", "tokenizer.json")):
+        for path, info in save_pretrained_atomic(tokenizer or load_tokenizer(spec), folder).items():
+            work.record_file(path, info)
     storage = None
     for part, tensors in iter_model_parts(spec, config, log=log):
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         if storage is None:
             storage = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
-        if not written(part):
+        _check_finite(tensors, part)
+        if not written(part_path(part)):
             work.record_file(part_path(part), save_tensors_atomic(part_path(part), tensors))
     config.dtype = str(storage).removeprefix("torch.")
-    config.save_pretrained(folder)
+    for path, info in save_pretrained_atomic(config, folder).items():  # last: the import is complete once it is recorded
+        work.record_file(path, info)
     return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], part) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        where = "the embeddings, final norm or head" if part == "rest" else f"block {part}"
+        raise FreelunchError(
+            f"the model's weights hold NaN or inf values in {where} ({', '.join(bad[:3])}): the checkpoint is "
+            f"damaged, or --storage-dtype is too narrow for it (use float32 or bfloat16)"
+        )
+
+
+def trusts_remote_code(work) -> bool:
+    """Whether calibrate was told to run the model's own code (later stages follow it)."""
+    st = work.stage("calibrate")
+    return bool(st is not None and st.signature.get("trust_remote_code"))
+
+
+def work_config(work):
+    """The work directory's model config."""
+    return AutoConfig.from_pretrained(work.model_dir("dense"), trust_remote_code=trusts_remote_code(work))
+
+
+def work_tokenizer(work):
+    """The work directory's tokenizer."""
+    return AutoTokenizer.from_pretrained(work.model_dir("dense"), trust_remote_code=trusts_remote_code(work))

@@ -13,15 +13,33 @@ import torch
 from freelunch_cli.pruning.masks import Pattern
 
 
+class SingularHessian(ValueError):
+    """The dampened Hessian has no Cholesky factor even at the largest dampening tried (its inputs are not finite,
+    or far too few)."""
+
+    def __init__(self, damp: float, tokens: int, finite: bool):
+        self.damp, self.tokens, self.finite = damp, tokens, finite
+        super().__init__(f"singular Hessian (damp up to {damp:g}, {tokens} tokens, finite: {finite})")
+
+
+MAX_DAMP = 1.0  # dampening doubles as the mean diagonal: the Hessian is then at least half identity
+
+
 class SparseGPT:
-    """Accumulate a layer's Hessian from its inputs (``add_batch``), then ``prune`` its weight."""
+    """Accumulate a layer's Hessian from its inputs (``add_batch``), then ``prune`` its weight.
+
+    ``damp_used`` holds the dampening the last ``prune`` needed: more than asked when the Hessian was singular.
+    """
 
     def __init__(self, in_features: int, device="cpu"):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
+        self.damp_used: float | None = None
+        self._factor = None
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Running average of 2XᵀX over tokens (as the reference code keeps it)."""
+        """Running average of 2XᵀX over tokens (as the reference code keeps it); ``x`` is ``[..., in]``."""
+        self._factor = None
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         self.H *= self.nsamples / (self.nsamples + n)
@@ -33,25 +51,44 @@ class SparseGPT:
     def prune(
         self, weight: torch.Tensor, pattern: Pattern, block_size: int = 128, damp: float = 0.01
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (updated weight with exact zeros, keep-mask). ``weight`` is not modified."""
-        return sparsegpt_prune(weight, self.H, pattern, block_size, damp)
+        """Return (updated weight ``[out, in]`` with exact zeros, bool keep-mask). ``weight`` is not modified.
+
+        Raises SingularHessian when no dampening up to MAX_DAMP makes the Hessian invertible.
+        """
+        if self._factor is None or self._factor[0] != damp:  # one factorisation for the matrices sharing this input
+            self._factor = (damp, *inverse_hessian_factor(self.H, damp, self.nsamples))
+        _, Hinv, dead, self.damp_used = self._factor
+        return sparsegpt_prune(weight, Hinv, dead, pattern, block_size)
 
 
-def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of the dampened H⁻¹, and the mask of dead inputs (never active)."""
+def inverse_hessian_factor(H: torch.Tensor, damp: float, tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Upper Cholesky factor of the dampened H⁻¹ ``[in, in]``, the mask of dead inputs (never active), and the
+    dampening used: ``damp`` × mean diagonal, raised tenfold at a time (up to MAX_DAMP) while the factorisation
+    fails, as it does for a Hessian of fewer tokens than inputs. Raises SingularHessian beyond that."""
     H = H.clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True), dead
+    finite = bool(torch.isfinite(H).all())
+    eye = torch.eye(H.shape[0], device=H.device)
+    d = damp
+    while finite:
+        L, info = torch.linalg.cholesky_ex(H + d * torch.mean(torch.diag(H)) * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and bool(torch.isfinite(U).all()):
+                return U, dead, d
+        if d >= MAX_DAMP:
+            break
+        d = min(d * 10, MAX_DAMP)
+    raise SingularHessian(d, tokens, finite)
 
 
-def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: Pattern, block_size: int = 128, damp: float = 0.01):
+def sparsegpt_prune(weight: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, pattern: Pattern, block_size: int = 128):
+    """SparseGPT's column sweep on ``weight`` ``[out, in]`` with the inverse-Hessian factor (``inverse_hessian_factor``);
+    returns (updated float weight in ``weight``'s dtype, bool keep-mask)."""
     W = weight.detach().clone().float()
     rows, cols = W.shape
-    Hinv, dead = inverse_hessian_factor(H.to(W.device), damp)
+    Hinv, dead = Hinv.to(W.device), dead.to(W.device)
     W[:, dead] = 0
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block_size):

@@ -18,11 +18,12 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from freelunch_cli.core.device import free_memory, parse_dtype
+from freelunch_cli.core.device import dtype_name, free_memory, parse_dtype
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.model.activations import write_activations
 from freelunch_cli.model.arch import Halves, block_halves
 from freelunch_cli.model.hooks import capture_linear_io
+from freelunch_cli.model.moe import put_tensor
 from freelunch_cli.model.skeleton import Skeleton, run_block
 from freelunch_cli.reconstruction.claims import Claims, worker_id
 from freelunch_cli.reconstruction.records import window_done
@@ -77,10 +78,7 @@ class WindowRunner:
         state = load_tensors(self.work.stage_block_path("pruned", i))
         for w in self.windows:
             if i in w.blocks and window_done(self.work, w.index):
-                for k, v in load_tensors(self.work.check_file(self.work.window_params_path(w.index))).items():
-                    b, _, name = k.partition("/")
-                    if int(b) == i:
-                        state[name] = v
+                apply_params(state, load_tensors(self.work.check_file(self.work.window_params_path(w.index))), i)
         return state
 
     def call(self, i: int, x: torch.Tensor):
@@ -183,9 +181,7 @@ class WindowRunner:
             return
         blocks = {}
         for j in win.blocks:
-            state = self.current_state(j)
-            state.update({k.partition("/")[2]: v for k, v in params.items() if int(k.partition("/")[0]) == j})
-            blocks[j] = self.sk.build_block(j, state)
+            blocks[j] = self.sk.build_block(j, apply_params(self.current_state(j), params, j))
         stream, source, fn = win.replay(blocks, self)
         src = self.rows(stream, source)
 
@@ -202,6 +198,7 @@ class WindowRunner:
             self.sk.config.hidden_size,
             self.cache_dtype,
             8,
+            f"the output of reconstructed window {win.index} ({win.label()}, in {dtype_name(self.compute)})",
         )
 
     def ensure_chained_input(self, win: Window) -> None:
@@ -219,6 +216,15 @@ class WindowRunner:
         for i in range(self.sk.num_blocks):
             path = self.work.block_path("reconstructed", i)
             self.work.record_file(path, save_tensors_atomic(path, self.current_state(i)))
+
+
+def apply_params(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
+    """Block ``block``'s state with a window's parameters (keyed "block/name") in place of the pruned ones."""
+    for key, value in params.items():
+        b, _, name = key.partition("/")
+        if int(b) == block:
+            put_tensor(state, name, value)
+    return state
 
 
 def in_prefix(key: str, prefix: str) -> bool:

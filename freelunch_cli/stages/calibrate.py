@@ -13,8 +13,9 @@ from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.core.units import format_bytes
 from freelunch_cli.model.activations import write_activations
 from freelunch_cli.model.arch import find_arch
+from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton, run_block
-from freelunch_cli.model.source import import_model, load_config, load_tokenizer, meta_model, resolve_model
+from freelunch_cli.model.source import import_model, load_config, load_tokenizer, resolve_model
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
 from freelunch_cli.stages.options import CalibrateConfig
 from freelunch_cli.workdir.directory import WorkDir
@@ -36,12 +37,16 @@ def calibrate(
     cache_dtype = parse_dtype(cfg.cache_dtype)
     storage = None if cfg.storage_dtype == "auto" else parse_dtype(cfg.storage_dtype)
     device = pick_device(cfg.device)
-    spec = resolve_model(cfg.model, cfg.gguf_file)
+    spec = resolve_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     src = resolve_text(cfg.data, cfg.data_config, cfg.data_split, cfg.text_field)
     text = read_text(src)
     signature = cfg.signature(spec.signature(), src.signature(text_fingerprint(text)))
     config = load_config(spec)
-    n_blocks, hidden = find_arch(meta_model(config), config).num_blocks, config.hidden_size
+    lm = meta_model(config, spec.trust_remote_code)
+    n_blocks, hidden = find_arch(lm, config).num_blocks, config.hidden_size
+    limit = position_limit(lm, config)
+    if limit is not None:
+        limit.check(cfg.seqlen, "--seqlen", rep.warn)
     per_boundary = cfg.samples * cfg.seqlen * hidden * torch.tensor([], dtype=cache_dtype).element_size()
     planned = per_boundary * (n_blocks + 1)
     tokenizer, ids = None, None
@@ -49,8 +54,7 @@ def calibrate(
     if previous is None or force or not work.is_recorded(work.tokens_path):  # sampling checks that the text suffices
         tokenizer = load_tokenizer(spec)
         ids = sample_sequences(tokenize(tokenizer, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
-    existing = 0 if force else sum(p.stat().st_size for p in (work.acts_dir / "dense").glob("boundary_*.safetensors"))
-    check_free_space(Path(cfg.cache_dir) if cfg.cache_dir else work.root, planned - existing, "activation cache")
+    _check_disk(work, cfg, spec, lm, storage or getattr(config, "dtype", None), planned, force)
 
     with open_stage(work, "calibrate", signature, rep, resume=resume, force=force) as run:
         if run.state is StageState.FRESH or (cfg.cache_dir and run.state is StageState.RESUMED):
@@ -88,6 +92,7 @@ def calibrate(
                     hidden,
                     cache_dtype,
                     cfg.batch_size,
+                    "the embeddings" if b == 0 else f"the output of dense block {b - 1} (in {dtype_name(compute)})",
                 )
                 kill_point("calibrate.boundary")
                 bar.advance()
@@ -111,6 +116,32 @@ def calibrate(
             f"{run.seconds():.1f}s (cache {format_bytes(planned)})",
             config=cfg,
         )
+
+
+def _check_disk(work: WorkDir, cfg: CalibrateConfig, spec, lm, storage, cache_bytes: int, force: bool) -> None:
+    """Refuse before writing when the disk cannot hold what calibrate writes: the model's shards (its parameters in
+    the storage dtype), its tokenizer and code files, and the activation cache; what an interrupted run already
+    wrote counts as written."""
+    itemsize = storage.itemsize if isinstance(storage, torch.dtype) else 4
+    model_bytes = sum(p.numel() for p in lm.parameters()) * itemsize
+    model_bytes += sum(
+        f.stat().st_size for f in spec.folder.iterdir() if f.is_file() and f.suffix in (".json", ".model", ".txt", ".py")
+    )
+    if not force:
+        model_bytes -= sum(f.stat().st_size for f in work.model_dir("dense").glob("*") if f.is_file())
+        cache_bytes -= sum(f.stat().st_size for f in (work.acts_dir / "dense").glob("boundary_*.safetensors"))
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else work.root
+    if _device_of(cache) == _device_of(work.root):
+        check_free_space(work.root, model_bytes + cache_bytes, "activation cache", " (with the model's shards)")
+    else:
+        check_free_space(work.root, model_bytes, "model shards")
+        check_free_space(cache, cache_bytes, "activation cache")
+
+
+def _device_of(folder: Path) -> int:
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder.stat().st_dev
 
 
 def _dense_boundary(work: WorkDir, sk: Skeleton, ids: torch.Tensor, b: int):

@@ -7,14 +7,22 @@ import json
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import parse_dtype, pick_device
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.evaluation.perplexity import chunk_size, perplexity, split_sequences
+from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton
-from freelunch_cli.model.source import load_config, load_tokenizer, resolve_model
+from freelunch_cli.model.source import (
+    load_config,
+    load_tokenizer,
+    resolve_model,
+    trusts_remote_code,
+    work_config,
+    work_tokenizer,
+)
 from freelunch_cli.model.text import read_text, resolve_text, text_fingerprint, tokenize
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import EvalConfig
@@ -36,18 +44,19 @@ class _Target:
         self._sk = None
         self._whole = None
         if cfg.model is not None:
-            self.spec = resolve_model(cfg.model, cfg.gguf_file)
+            self.spec = resolve_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
             self.tokenizer = load_tokenizer(self.spec)
             self.config = load_config(self.spec)
             self.label, self.run_id, self.stage = self.spec.spec, None, None
-            return
-        if work is None:
+            trusted = self.spec.trust_remote_code
+        elif work is None:
             raise FreelunchError("pass --work DIR or --model PATH")
-        stage = require_model(work, cfg.stage)
-        st = work.stage(STAGE_OF[stage])
-        self.tokenizer = AutoTokenizer.from_pretrained(work.model_dir("dense"))
-        self.config = AutoConfig.from_pretrained(work.model_dir("dense"))
-        self.label, self.run_id, self.stage = stage, st.run_id, stage
+        else:
+            stage = require_model(work, cfg.stage)
+            self.tokenizer, self.config = work_tokenizer(work), work_config(work)
+            self.label, self.run_id, self.stage = stage, work.stage(STAGE_OF[stage]).run_id, stage
+            trusted = trusts_remote_code(work)
+        self.position_limit = position_limit(meta_model(self.config, trusted), self.config)
 
     def _load_whole(self):
         return AutoModelForCausalLM.from_pretrained(
@@ -99,6 +108,8 @@ def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None)
     sources = [resolve_text(p, default_split="test") for p in cfg.ppl]
     target = _Target(work, cfg, device, compute)
     seqlen = cfg.seqlen or default_seqlen(target.config)
+    if target.position_limit is not None and cfg.ppl:
+        target.position_limit.check(seqlen, "--seqlen", rep.warn)
     results = []
     for src in sources:
         text = read_text(src)
@@ -154,7 +165,7 @@ def _zero_shot(target: _Target, cfg: EvalConfig, device, compute, rep: Reporter)
     if res is None:
         t0 = time.time()
         rep.info(f"zero-shot on {', '.join(tasks)} (lm-eval)")
-        res = zero_shot(target.whole(), target.tokenizer, tasks, cfg.tasks_dir, cfg.batch_size, cfg.limit, device)
+        res = zero_shot(target.whole(), target.tokenizer, tasks, cfg.tasks_dir, cfg.batch_size, cfg.limit, device, rep.warn)
         res.update(key=key, model=target.label, seconds=round(time.time() - t0, 2))
         if path is not None:
             write_json_atomic(path, res)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
-
-from transformers import AutoConfig
 
 from freelunch_cli import __version__
 from freelunch_cli.core.console import Reporter
@@ -15,13 +12,15 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.core.units import parse_size
 from freelunch_cli.model.arch import find_arch
-from freelunch_cli.model.source import meta_model
+from freelunch_cli.model.build import meta_model
+from freelunch_cli.model.source import trusts_remote_code, work_config
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import ExportConfig
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
 from freelunch_cli.workdir.files import (
     load_tensors,
     read_json,
+    save_pretrained_atomic,
     save_tensors_atomic,
     sha256_file,
     write_bytes_atomic,
@@ -60,8 +59,8 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
         raise FreelunchError(f"cannot write to {out}: {e.strerror or e}") from None
     t0 = time.time()
     dense = work.model_dir("dense")
-    config = AutoConfig.from_pretrained(dense)
-    arch = find_arch(meta_model(config), config)
+    config = work_config(work)
+    arch = find_arch(meta_model(config, trusts_remote_code(work)), config)
     parts = [("rest", work.check_file(work.rest_path(stage)))]
     parts += [(i, work.stage_block_path(stage, i)) for i in range(arch.num_blocks)]
     shards = plan_shards(parts, target, limit)
@@ -87,7 +86,7 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
                     if target is not None and v.is_floating_point():
                         v = v.to(target)
                     tensors[prefix + k] = v
-                    if part != "rest" and v.dim() == 2:
+                    if part != "rest" and v.dim() >= 2 and v.is_floating_point():  # block weights, experts' 3-D ones too
                         zeros += int((v == 0).sum())
                         numel += v.numel()
                 bar.advance()
@@ -108,10 +107,10 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     sparsity = sum(done[n]["zeros"] for n in names) / max(sum(done[n]["numel"] for n in names), 1)
     if target is not None:
         config.dtype = dtype_name(target)
-    config.save_pretrained(out)
-    for f in dense.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy2(f, out / f.name)
+    save_pretrained_atomic(config, out)
+    for f in dense.iterdir():  # tokenizer files and the model's own code
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" and not f.name.startswith("."):
+            write_bytes_atomic(out / f.name, f.read_bytes())
     write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity).encode())
     write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done"})
     summary = {

@@ -52,6 +52,9 @@ class CalibrateConfig:
     storage_dtype: str = option("auto", "Dtype of the working model's shards (auto: as the checkpoint).")
     batch_size: int = option(8, "Samples per forward batch.")
     cache_dir: str | None = option(None, "Keep the activation cache under this folder (e.g. node-local scratch).")
+    trust_remote_code: bool = option(
+        False, "Run the model's own code (auto_map in its config); off unless given.", "--trust-remote-code"
+    )
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("float32", DTYPE_HELP + " Of the dense pass.")
 
@@ -80,7 +83,13 @@ class PruneConfig:
     sparsity: float | str | None = option(0.5, "Fraction of weights set to zero, in (0, 1) (unstructured).", cli_type=str)
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4 (N kept in every M inputs).")
     scope: str | None = option(None, "row or matrix (unstructured); default per criterion.")
-    skip: list[str] = option(REQUIRED, "Matrix name pattern left dense (repeatable), e.g. 'mlp.down_proj'.", factory=list)
+    skip: list[str] = option(
+        REQUIRED,
+        "Matrices left dense (repeatable): a name in the block such as mlp.down_proj or "
+        "*proj, or with its block, layers.0.mlp.down_proj.",
+        factory=list,
+    )
+    skip_blocks: str | None = option(None, "Decoder blocks left dense, e.g. 0 or 0,3-5 (-1: the last).")
     stats: str = option("sparse", "Statistics from the stream through already-pruned blocks (sparse) or the dense one.")
     seed: int = option(0, "Seed of --criterion random.")
     ria_alpha: float = option(0.5, "RIA's activation exponent.")
@@ -119,6 +128,7 @@ class PruneConfig:
             "pattern": pattern.describe(),
             "sparsity": pattern.sparsity,
             "skip": sorted(self.skip),
+            "skip_blocks": self.skip_blocks or None,
             "stats": self.stats if crit.needs else None,
             "seed": self.seed if crit.name == "random" else None,
             "ria_alpha": self.ria_alpha if crit.name == "ria" else None,
@@ -294,6 +304,9 @@ class EvalConfig:
     limit: int | None = option(None, "lm-eval: at most this many documents per task.")
     model: str | None = option(None, "Evaluate this model path instead of a work directory.", "--model", "-m")
     gguf_file: str | None = option(None, "GGUF file name inside the --model folder.")
+    trust_remote_code: bool = option(
+        False, "Run --model's own code (auto_map in its config); off unless given.", "--trust-remote-code"
+    )
     stage: str = option("latest", MODEL_CHOICES)
     seqlen: int | None = option(None, "Sequence length (default: model context, at most 4096).")
     limit_sequences: int | None = option(

@@ -1,72 +1,76 @@
-"""Stage 2: prune every decoder block's linear layers, one block at a time, and report the sparsity."""
+"""Stage 2: prune every decoder block's matrices (linear layers and each expert's), one block at a time, and report
+the sparsity counted from the weights."""
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import replace
 
 import torch
 
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.core.device import parse_dtype, pick_device
+from freelunch_cli.core.device import dtype_name, parse_dtype, pick_device
+from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.activations import cache_dtype_of, write_activations
-from freelunch_cli.model.arch import block_linears
+from freelunch_cli.model.arch import block_linears, prunable_linears
 from freelunch_cli.model.hooks import StopForward, capture_inputs, input_groups
+from freelunch_cli.model.moe import get_matrix, set_matrix
 from freelunch_cli.model.skeleton import Skeleton, run_block
 from freelunch_cli.pruning.criteria import ScoreOptions, wanda_score
 from freelunch_cli.pruning.masks import Pattern, check_fits, keep_mask
 from freelunch_cli.pruning.owl import layer_sparsities, outlier_ratio
-from freelunch_cli.pruning.sparsegpt import SparseGPT
+from freelunch_cli.pruning.selection import parse_blocks, skipped_matrices
+from freelunch_cli.pruning.sparsegpt import SingularHessian, SparseGPT
 from freelunch_cli.pruning.stats import StatsCollector
 from freelunch_cli.stages.options import PruneConfig
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import TensorRows, count_params, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from freelunch_cli.workdir.stage import open_stage
 
+RECALIBRATE = "recalibrate with --dtype bfloat16 or float32 (`freelunch calibrate --force ...`)"
+
 
 def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
-    """Prune every linear layer of every decoder block of the dense model in ``work``; write the pruned blocks, their
-    bool keep-masks and ``prune/report.json``; return the summary."""
+    """Prune every matrix of every decoder block of the dense model in ``work``; write the pruned blocks, their bool
+    keep-masks and ``prune/report.json``; return the summary.
+
+    Everything the stage reads is checked before anything is discarded (``--force`` clears this stage and the later
+    ones only once the inputs are known to be there).
+    """
     rep = rep or Reporter(quiet=True)
     cfg.validate()
     pattern, crit = cfg.resolved()
     compute = parse_dtype(cfg.dtype)
     device = pick_device(cfg.device)
     calib = work.require_done("calibrate", "prune")
-    signature = cfg.signature(calib.run_id)
-    sparse_stream = crit.needs is not None and cfg.stats == "sparse"
     sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
     n = sk.num_blocks
-    for i, template in enumerate(sk.templates):  # meta-device blocks: shapes only, nothing loaded
-        for name, lin in block_linears(template).items():
-            if not _skipped(name, cfg.skip):
+    matrices = {i: list(prunable_linears(t)) for i, t in enumerate(sk.templates)}  # meta-device blocks: names and shapes
+    skipped = skipped_matrices(matrices, cfg.skip, parse_blocks(cfg.skip_blocks, n), sk.arch.layers_path)
+    for i, template in enumerate(sk.templates):
+        for name, lin in prunable_linears(template).items():
+            if (i, name) not in skipped:
                 check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
-    with open_stage(work, "prune", signature, rep, resume=resume, force=force) as run:
+    pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute, skipped, rep)
+    for path in pruner.inputs_needed():
+        work.check_file(path)
+    with open_stage(work, "prune", cfg.signature(calib.run_id), rep, resume=resume, force=force) as run:
         if run.done:
             return run.summary
-        todo = [
-            i
-            for i in range(n)
-            if not (
-                work.is_recorded(work.block_path("pruned", i))
-                and work.is_recorded(work.mask_path(i))
-                and work.prune_block_record_path(i).exists()
-            )
-        ]
+        todo = [i for i in range(n) if not pruner.block_done(i)]
         rep.info(
             f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
             f"{n} blocks ({n - len(todo)} already done)"
         )
-        pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute)
+        if skipped:
+            rep.info(f"left dense: {len(skipped)} of {sum(len(v) for v in matrices.values())} matrices (--skip, --skip-blocks)")
         if cfg.owl:
-            pruner.block_sparsity = pruner.owl_plan(rep)
+            pruner.block_sparsity = pruner.owl_plan()
         with rep.progress("prune", total=n, completed=n - len(todo)) as bar:
             for i in todo:
                 started = run.seconds()
-                rows = pruner.prune_block(i, sparse_stream)
-                frac = sum(r["zeros"] for r in rows) / max(sum(r["shape"][0] * r["shape"][1] for r in rows), 1)
-                rep.info(f"  block {i:3d}: {frac:.4f} of its linear weights pruned in {run.seconds() - started:.1f}s")
+                record = pruner.prune_block(i)
+                rep.info(f"  block {i:3d}: {_describe(record)}, {run.seconds() - started:.1f}s")
                 kill_point("prune.block")
                 bar.advance()
         report = build_report(work, n, crit.name, pattern, cfg)
@@ -76,27 +80,69 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
             "pattern": pattern.describe(),
             "stats": cfg.stats if crit.needs else None,
             "target_sparsity": pattern.sparsity,
-            "achieved_sparsity": report["sparsity_linear"],
-            "model_sparsity": report["sparsity_model"],
+            "achieved_sparsity": report["sparsity_pruned"],  # over the matrices it pruned
+            "pruned_matrix_sparsity": report["sparsity_pruned"],
+            "block_weight_sparsity": report["sparsity_linear"],  # over every weight matrix of the blocks
+            "model_sparsity": report["sparsity_model"],  # over every parameter, embeddings and head included
+            "matrices_pruned": report["matrices_pruned"],
+            "matrices_dense": report["matrices_dense"],
         }
-        return run.finish(
-            summary,
-            f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {report['sparsity_linear']:.4f} "
-            f"of block weights are zero, {run.seconds():.1f}s",
-            config=cfg,
-        )
+        line = f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {_describe(report)}, {run.seconds():.1f}s"
+        return run.finish(summary, line, config=cfg)
+
+
+def _describe(rec: dict) -> str:
+    """``0.1300 of all block weights are zero (0.5000 of the 14 pruned matrices)``: what each share is taken over."""
+    return (
+        f"{rec['zeros'] / max(rec['numel'], 1):.4f} of all block weights are zero "
+        f"({rec['pruned_zeros'] / max(rec['pruned_numel'], 1):.4f} of the {rec['matrices_pruned']} pruned matrices)"
+    )
 
 
 class BlockPruner:
     """Prunes one block: statistics, masks (or SparseGPT updates), shards, and the pruned stream."""
 
-    def __init__(self, work: WorkDir, sk: Skeleton, crit, pattern: Pattern, cfg: PruneConfig, samples: int, device, compute):
+    def __init__(
+        self,
+        work: WorkDir,
+        sk: Skeleton,
+        crit,
+        pattern: Pattern,
+        cfg: PruneConfig,
+        samples: int,
+        device,
+        compute,
+        skipped: set[tuple[int, str]],
+        rep: Reporter,
+    ):
         self.work, self.sk, self.crit, self.base_pattern, self.cfg = work, sk, crit, pattern, cfg
-        self.samples, self.device, self.compute = samples, device, compute
+        self.samples, self.device, self.compute, self.skipped, self.rep = samples, device, compute, skipped, rep
+        self.sparse_stream = crit.needs is not None and cfg.stats == "sparse"
         self.block_sparsity: list[float] | None = None
 
-    def _inputs(self, i: int, sparse_stream: bool) -> TensorRows:
-        if not sparse_stream or i == 0:
+    def inputs_needed(self) -> list:
+        """The activation files this run reads: dense boundary 0 for the pruned stream, every block's dense input for
+        dense statistics and for OWL, none for criteria without statistics."""
+        blocks = (
+            range(self.sk.num_blocks)
+            if (self.crit.needs and not self.sparse_stream) or self.cfg.owl
+            else range(1 if self.crit.needs else 0)
+        )
+        return [self.work.boundary_path("dense", i) for i in blocks]
+
+    def block_done(self, i: int) -> bool:
+        work = self.work
+        return (
+            work.is_recorded(work.block_path("pruned", i))
+            and work.is_recorded(work.mask_path(i))
+            and work.prune_block_record_path(i).exists()
+        )
+
+    def _prunable(self, block, i: int) -> dict:
+        return {name: lin for name, lin in prunable_linears(block).items() if (i, name) not in self.skipped}
+
+    def _inputs(self, i: int) -> TensorRows:
+        if not self.sparse_stream or i == 0:
             return TensorRows(self.work.check_file(self.work.boundary_path("dense", i)))
         self._ensure_pruned_stream(i)
         return TensorRows(self.work.check_file(self.work.boundary_path("pruned", i)))
@@ -128,6 +174,7 @@ class BlockPruner:
             self.sk.config.hidden_size,
             cache_dtype_of(inputs),
             self.cfg.batch_size,
+            f"the output of pruned block {i} (in {dtype_name(self.compute)})",
         )
 
     def _run_all(self, block, i, inputs: TensorRows, limit: int | None = None):
@@ -140,103 +187,166 @@ class BlockPruner:
                 yield x, None
 
     def _input_stats(self, block, i: int, linears: dict, inputs: TensorRows) -> dict:
-        """Per-input norms of every linear's calibration inputs (Wanda, RIA, OWL)."""
+        """Per-input norms of every matrix's calibration inputs (Wanda, RIA, OWL); an expert's are taken over the tokens
+        routed to it. Raises FreelunchError for non-finite inputs."""
         collector = StatsCollector(linears)
         with torch.no_grad(), collector:
             for _ in self._run_all(block, i, inputs):
                 pass
+        bad = [name for name, st in collector.stats.items() if not bool(torch.isfinite(st.sumsq).all())]
+        if bad:
+            raise FreelunchError(
+                f"the calibration statistics of block {i} {bad[0]} are NaN or infinite: its inputs overflowed; {RECALIBRATE}"
+            )
         return collector.stats
 
-    def owl_plan(self, rep: Reporter) -> list[float]:
+    def owl_plan(self) -> list[float]:
         """Per-block sparsities from OWL outlier ratios of the dense blocks on the dense activations, computed once and
         kept in the manifest for --resume."""
         saved = self.work.progress("prune").get("block_sparsity")
         if saved is not None:
             return saved
-        rep.info(f"OWL: outlier ratios of the dense blocks (m = {self.cfg.owl_m})")
+        self.rep.info(f"OWL: outlier ratios of the dense blocks (m = {self.cfg.owl_m})")
         ratios = []
         for i in range(self.sk.num_blocks):
             block = self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i)))
-            linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, self.cfg.skip)}
+            linears = self._prunable(block, i)
             stats = self._input_stats(block, i, linears, TensorRows(self.work.check_file(self.work.boundary_path("dense", i))))
             ratios.append(outlier_ratio([wanda_score(lin.weight, stats[name]) for name, lin in linears.items()], self.cfg.owl_m))
-            rep.info(f"  block {i:3d}: outlier ratio {ratios[-1]:.4f}")
+            self.rep.info(f"  block {i:3d}: outlier ratio {ratios[-1]:.4f}")
         plan = layer_sparsities(ratios, self.base_pattern.sparsity, self.cfg.owl)
         self.work.set_progress("prune", "block_sparsity", plan)
         self.work.set_progress("prune", "outlier_ratio", ratios)
-        rep.info("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan))
+        self.rep.info("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan))
         return plan
 
-    def prune_block(self, i: int, sparse_stream: bool) -> list[dict]:
-        """Prune block ``i`` and write its shard, masks and record; returns one row per matrix."""
+    def _sparsegpt(self, block, i: int, linears: dict, inputs: TensorRows, state: dict, pattern: Pattern):
+        """SparseGPT on each group of matrices that share an input (one Hessian per group); (weights, masks)."""
+        cfg, new_weights, masks = self.cfg, {}, {}
+        groups = input_groups(linears, lambda: list(self._run_all(block, i, inputs, limit=1)))
+        bsz = cfg.block_size if pattern.kind != "nm" else max(pattern.m, cfg.block_size - cfg.block_size % pattern.m)
+        for group in groups:
+            gpt = SparseGPT(linears[group[0]].in_features, self.device)
+            capture_inputs(linears[group[0]], gpt.add_batch, lambda: list(self._run_all(block, i, inputs)))
+            for name in group:
+                try:
+                    w, keep = gpt.prune(get_matrix(state, name).to(self.device), pattern, bsz, cfg.damp)
+                except SingularHessian as e:
+                    raise FreelunchError(_singular(i, name, e, cfg.damp)) from None
+                if gpt.damp_used > cfg.damp and name == group[0]:
+                    self.rep.warn(
+                        f"block {i} {', '.join(group)}: the Hessian of {gpt.nsamples} calibration tokens for "
+                        f"{linears[name].in_features} inputs is singular at --damp {cfg.damp:g}; pruned with "
+                        f"damp {gpt.damp_used:g} instead (more calibration tokens, --samples or --seqlen, avoid this)"
+                    )
+                new_weights[name], masks[name] = w.cpu(), keep.cpu()
+        return new_weights, masks
+
+    def prune_block(self, i: int) -> dict:
+        """Prune block ``i`` and write its shard, masks and record; returns the record (zeros counted from the weights)."""
         work, cfg = self.work, self.cfg
         pattern = (
             self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
         )
         state = load_tensors(work.stage_block_path("dense", i))
         block = self.sk.build_block(i, state)
-        linears = {k: v for k, v in block_linears(block).items() if not _skipped(k, cfg.skip)}
-        inputs = self._inputs(i, sparse_stream) if self.crit.needs else None
-        new_weights, masks = {}, {}
+        everything = block_linears(block)
+        linears = self._prunable(block, i)
+        inputs = self._inputs(i) if self.crit.needs else None
         with torch.no_grad():
             if self.crit.needs == "hessian":
-                groups = input_groups(linears, lambda: list(self._run_all(block, i, inputs, limit=1)))
-                for group in groups:
-                    gpt = SparseGPT(linears[group[0]].in_features, self.device)
-                    capture_inputs(linears[group[0]], gpt.add_batch, lambda: list(self._run_all(block, i, inputs)))
-                    bsz = cfg.block_size if pattern.kind != "nm" else max(pattern.m, cfg.block_size - cfg.block_size % pattern.m)
-                    for name in group:
-                        w, keep = gpt.prune(state[f"{name}.weight"].to(self.device), pattern, bsz, cfg.damp)
-                        new_weights[name], masks[name] = w.cpu(), keep.cpu()
-                    del gpt
+                new_weights, masks = self._sparsegpt(block, i, linears, inputs, state, pattern)
             else:
                 stats = self._input_stats(block, i, linears, inputs) if self.crit.needs == "norms" else None
                 opts = ScoreOptions(cfg.seed, cfg.ria_alpha)
+                new_weights, masks = {}, {}
                 for name in linears:
-                    w = state[f"{name}.weight"]
-                    score = self.crit.score(w.to(self.device), stats[name] if stats else None, opts, f"{i}.{name}")
-                    keep = keep_mask(score, pattern).cpu()
+                    w = get_matrix(state, name)
+                    keep = keep_mask(
+                        self.crit.score(w.to(self.device), stats[name] if stats else None, opts, f"{i}.{name}"), pattern
+                    ).cpu()
                     new_weights[name], masks[name] = w * keep.to(w.dtype), keep
-        rows = []
         for name, w in new_weights.items():
-            old = state[f"{name}.weight"]
-            state[f"{name}.weight"] = w.to(old.dtype)
-            keep = masks[name]
-            zeros = int((~keep).sum())
-            rows.append({"block": i, "name": name, "shape": list(old.shape), "zeros": zeros, "sparsity": zeros / keep.numel()})
-        if sparse_stream and i + 1 < self.sk.num_blocks:
+            if not bool(torch.isfinite(w).all()):
+                raise FreelunchError(f"block {i} {name}: pruning gave NaN or infinite weights; {RECALIBRATE}, or raise --damp")
+            set_matrix(state, name, w)
+        record = {
+            "block": i,
+            "matrices": [_matrix_row(i, name, get_matrix(state, name), name in masks) for name in everything],
+            **_count_zeros(state),
+        }
+        record.update(_pruned_share(record["matrices"]))
+        if self.sparse_stream and i + 1 < self.sk.num_blocks:
             self._write_stream(i, self.sk.build_block(i, state), inputs)
         work.record_file(work.mask_path(i), save_tensors_atomic(work.mask_path(i), masks))
-        write_json_atomic(work.prune_block_record_path(i), {"block": i, "matrices": rows})
+        write_json_atomic(work.prune_block_record_path(i), record)
         path = work.block_path("pruned", i)
         work.record_file(path, save_tensors_atomic(path, state))  # the block is done once this is recorded
-        if sparse_stream and i > 0 and not cfg.keep_cache:
+        if self.sparse_stream and i > 0 and not cfg.keep_cache:
             work.forget_file(work.boundary_path("pruned", i))
-        return rows
+        return record
 
 
-def _skipped(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], p) for p in patterns)
+def _singular(i: int, name: str, e: SingularHessian, damp: float) -> str:
+    if not e.finite:
+        return f"block {i} {name}: SparseGPT's Hessian holds NaN or infinite values (its inputs overflowed); {RECALIBRATE}"
+    return (
+        f"block {i} {name}: SparseGPT's Hessian of {e.tokens} calibration tokens stays singular up to damp {e.damp:g} "
+        f"(--damp {damp:g}); calibrate on more tokens (--samples, --seqlen) or pass a larger --damp"
+    )
+
+
+def _matrix_row(i: int, name: str, weight: torch.Tensor, pruned: bool) -> dict:
+    zeros = int((weight == 0).sum())
+    return {
+        "block": i,
+        "name": name,
+        "shape": list(weight.shape),
+        "zeros": zeros,
+        "sparsity": zeros / weight.numel(),
+        "pruned": pruned,
+    }
+
+
+def _count_zeros(state: dict[str, torch.Tensor]) -> dict:
+    """Zeros and size of every weight matrix of a block (floating tensors of two or more dimensions, experts' 3-D
+    tensors and routers included), counted from the weights."""
+    mats = [v for v in state.values() if v.is_floating_point() and v.dim() >= 2]
+    return {"zeros": sum(int((v == 0).sum()) for v in mats), "numel": sum(v.numel() for v in mats)}
+
+
+def _pruned_share(rows: list[dict]) -> dict:
+    pruned = [r for r in rows if r.get("pruned", True)]
+    return {
+        "pruned_zeros": sum(r["zeros"] for r in pruned),
+        "matrices_pruned": len(pruned),
+        "pruned_numel": sum(r["shape"][0] * r["shape"][1] for r in pruned),
+    }
 
 
 def build_report(work: WorkDir, n: int, criterion: str, pattern: Pattern, cfg: PruneConfig) -> dict:
-    """prune/report.json: achieved sparsity of every matrix, of all pruned matrices, and of the whole model."""
-    matrices = []
-    for i in range(n):
-        matrices += read_json(work.prune_block_record_path(i))["matrices"]
-    zeros = sum(m["zeros"] for m in matrices)
-    total_linear = sum(m["shape"][0] * m["shape"][1] for m in matrices)
-    total_params = sum(count_params(work.block_path("pruned", i)) for i in range(n))
-    total_params += count_params(work.own_rest_path("dense"))
+    """prune/report.json: the sparsity of every block matrix (pruned or left dense), of the pruned matrices, of all block
+    weight matrices and of the whole model, each counted from the written weights."""
+    records = [read_json(work.prune_block_record_path(i)) for i in range(n)]
+    for r in records:  # records of a run before the counts were kept: count from its shard
+        if "numel" not in r:
+            r.update(_count_zeros(load_tensors(work.block_path("pruned", r["block"]))), **_pruned_share(r["matrices"]))
+    matrices = [m for r in records for m in r["matrices"]]
+    totals = {k: sum(r[k] for r in records) for k in ("zeros", "numel", "pruned_zeros", "pruned_numel", "matrices_pruned")}
+    total_params = sum(count_params(work.block_path("pruned", i)) for i in range(n)) + count_params(work.own_rest_path("dense"))
     report = {
         "criterion": criterion,
         "pattern": pattern.describe(),
         "target_sparsity": pattern.sparsity,
         "skip": cfg.skip,
+        "skip_blocks": cfg.skip_blocks,
         "stats": cfg.stats,
-        "sparsity_linear": zeros / max(total_linear, 1),
-        "sparsity_model": zeros / max(total_params, 1),
-        "zeros": zeros,
+        "sparsity_pruned": totals["pruned_zeros"] / max(totals["pruned_numel"], 1),  # over the matrices pruned
+        "sparsity_linear": totals["zeros"] / max(totals["numel"], 1),  # over every weight matrix of the blocks
+        "sparsity_model": totals["zeros"] / max(total_params, 1),  # over every parameter, embeddings and head included
+        "matrices_pruned": totals["matrices_pruned"],
+        "matrices_dense": len(matrices) - totals["matrices_pruned"],
+        **totals,
         "matrices": matrices,
     }
     write_json_atomic(work.prune_report_path, report)

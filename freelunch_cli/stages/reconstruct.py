@@ -16,7 +16,7 @@ from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import parse_dtype, pick_device
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
-from freelunch_cli.model.arch import block_halves, block_linears
+from freelunch_cli.model.arch import block_halves, block_linears, check_halves
 from freelunch_cli.model.skeleton import Skeleton
 from freelunch_cli.reconstruction.claims import Claims, detect_shard
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, parse_memory
@@ -25,20 +25,24 @@ from freelunch_cli.reconstruction.runner import WindowRunner
 from freelunch_cli.reconstruction.windows import Window, enumerate_windows
 from freelunch_cli.stages.options import ReconstructConfig
 from freelunch_cli.workdir.directory import WorkDir
-from freelunch_cli.workdir.files import read_json
+from freelunch_cli.workdir.files import TensorRows, read_json
 from freelunch_cli.workdir.locks import Busy, locked_file
 from freelunch_cli.workdir.stage import StageRun, open_stage
 
 
 def plan_windows(work: WorkDir, window: str) -> list[Window]:
+    """The windows of ``--window`` for this work directory's model; submodule windows only where the block's halves,
+    composed, reproduce the block on calibration inputs (FreelunchError otherwise)."""
     calib = work.require_done("calibrate", "reconstruct")
     kind = window.strip().lower()
     matrices = None
     if kind in ("matrix", "submodule"):
-        template = Skeleton.from_work(work, "dense", "cpu", torch.float32).templates[0]
-        matrices = list(block_linears(template))
+        sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+        matrices = list(block_linears(sk.templates[0]))
         if kind == "submodule":
-            block_halves(template, calib.summary["model_type"])  # refuses blocks without attention/MLP halves
+            halves = block_halves(sk.templates[0], calib.summary["model_type"])
+            x = TensorRows(work.check_file(work.boundary_path("dense", 0))).rows(0, 2).float()
+            check_halves(halves, sk.build_block(0), x, sk.block_call(0, *x.shape[:2]), calib.summary["model_type"])
     return enumerate_windows(calib.summary["num_blocks"], window, matrices)
 
 
@@ -64,6 +68,9 @@ def reconstruct(
     pruned = work.require_done("prune", "reconstruct")
     cfg = resolve_auto_window(work, cfg, device, rep)
     windows = plan_windows(work, cfg.window)
+    pending = windows if force else [w for w in windows if not window_done(work, w.index)]
+    for b in sorted(set().union(*(w.dense_boundaries() for w in pending))):  # before --force discards anything
+        work.check_file(work.boundary_path("dense", b))
     with open_stage(
         work,
         "reconstruct",

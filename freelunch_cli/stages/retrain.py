@@ -20,6 +20,7 @@ from freelunch_cli.core.device import dtype_name, parse_dtype, pick_device
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.arch import block_linears, find_arch
 from freelunch_cli.model.assembly import materialize
+from freelunch_cli.model.source import work_tokenizer
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import RetrainConfig
@@ -35,11 +36,9 @@ def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict
     ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
     if cfg.data is None:
         return ids, {"data": "calibration windows"}  # as recorded since the first version: resumes compare it
-    from transformers import AutoTokenizer
-
     src = resolve_text(cfg.data)
     text = read_text(src)
-    tok = AutoTokenizer.from_pretrained(work.model_dir("dense"))
+    tok = work_tokenizer(work)
     out = sample_sequences(tokenize(tok, text), cfg.samples or ids.shape[0], ids.shape[1], cfg.seed, cfg.allow_overlap)
     return out, {"data": src.spec, "data_sha": text_fingerprint(text)}
 

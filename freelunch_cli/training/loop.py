@@ -164,6 +164,11 @@ def train_window(
     eval_bs = max(cfg.batch_size, 8)
     probe = train_idx if cfg.loss_samples is None else train_idx[: cfg.loss_samples]  # a fixed subset: the report is cheap
     before = mean_loss(forward, data, probe, loss, eval_bs, autocast)
+    if not math.isfinite(before):
+        raise FreelunchError(
+            f"the loss before training is {before}: the window's inputs or targets hold NaN or infinite values (the activation "
+            f"cache overflowed); recalibrate with --dtype bfloat16 or float32"
+        )
     val_before = mean_loss(forward, data, val_idx, loss, eval_bs, autocast)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs

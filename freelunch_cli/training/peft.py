@@ -93,6 +93,8 @@ class Trainable:
                 keep = self.masks.get(name)
                 if keep is not None and bool((lin.weight[~keep] != 0).any()):
                     raise RuntimeError(f"pruned weights of {name} are not zero after reconstruction")
+                if not bool(torch.isfinite(lin.weight).all()):
+                    raise FreelunchError(f"training made weights of {name} NaN or infinite; lower --lr or set --grad-clip")
 
 
 def prepare(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], cfg: PeftConfig) -> Trainable:

@@ -7,6 +7,7 @@ are returned so the manifest can record them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -61,9 +62,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def disk_full(path: Path) -> OSError:
+    """The error of a full disk while writing ``path`` (the CLI names the file and says how to go on)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """A full disk, as Python reports it (OSError) or as a library's native code does (tokenizers: "os error 28")."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) or "os error 28" in str(e)
+
+
 @contextmanager
 def atomic_open(path: Path) -> Iterator:
-    """Open a temporary file beside ``path``; on clean exit fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on clean exit fsync it and rename it over ``path``.
+
+    On any failure the temporary file is removed and ``path`` keeps its old contents; a full disk is reported as
+    an OSError naming ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -75,13 +90,43 @@ def atomic_open(path: Path) -> Iterator:
         f.close()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         f.close()
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(e) and not getattr(e, "filename", None):
+            raise disk_full(path) from None
         raise
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
+def save_pretrained_atomic(obj, folder: Path) -> dict[Path, FileInfo]:
+    """``obj.save_pretrained`` (a tokenizer, a config) with every file landing atomically in ``folder``.
+
+    The library writes into a temporary folder beside ``folder``; each file is then fsynced and renamed into place,
+    so a failure (a full disk) leaves no truncated file where a resume would trust it. Returns each file's path and
+    FileInfo, for the manifest.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.save-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        try:
+            obj.save_pretrained(tmp)
+        except Exception as e:
+            if _is_disk_full(e):  # name the file the library was writing: the newest one in the temporary folder
+                partial = max((p for p in tmp.glob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=None)
+                raise disk_full(folder / partial.name if partial is not None else folder) from None
+            raise
+        written = {}
+        for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+            written[folder / f.name] = write_bytes_atomic(folder / f.name, f.read_bytes())
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_free_space(folder: Path, needed: int, what: str, detail: str = "") -> None:
     """Refuse before writing when the disk under ``folder`` (or its nearest existing parent) cannot hold ``needed`` bytes.
 
     Raises FreelunchError naming ``what``, both sizes and the folder.
@@ -93,7 +138,7 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise FreelunchError(
-            f"not enough disk for the {what}: it needs {format_bytes(needed)} but {folder} has {format_bytes(free)} free"
+            f"not enough disk for the {what}: it needs {format_bytes(needed)}{detail} but {folder} has {format_bytes(free)} free"
         )
 
 

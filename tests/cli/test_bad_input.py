@@ -1,5 +1,6 @@
 """Every bad input of the README's table: a one-line error naming the problem, a non-zero exit, no traceback."""
 
+import json
 import shutil
 
 import pytest
@@ -7,7 +8,7 @@ from typer.testing import CliRunner
 
 from freelunch_cli.cli import app
 
-from helpers import CALIB, SAMPLES, SEQLEN, train_tokenizer
+from helpers import CALIB, SAMPLES, SEQLEN, make_tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -24,24 +25,24 @@ def inputs(tmp_path_factory, tiny_models, calibrated):
     gpt2 = d / "gpt2"  # its blocks use Conv1D, not nn.Linear: nothing freelunch can prune
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=384, n_positions=64)).save_pretrained(gpt2)
     train_tokenizer(CALIB.read_text()[:20000]).save_pretrained(gpt2)
-    return {"dir": d, "model": str(tiny_models["llama"]), "work": str(calibrated["llama"].root), "gpt2": str(gpt2)}
+    opt32 = make_tiny_model(d / "opt32", "opt", max_position_embeddings=32)
+    custom = make_tiny_model(d / "custom", "llama")
+    (custom / "config.json").write_text(
+        json.dumps({**json.loads((custom / "config.json").read_text()), "auto_map": {"AutoConfig": "configuration_x.XConfig"}})
+    )
+    return {
+        "dir": d,
+        "model": str(tiny_models["llama"]),
+        "work": str(calibrated["llama"].root),
+        "gpt2": str(gpt2),
+        "opt32": str(opt32),
+        "custom": str(custom),
+    }
 
 
 def cal(model, data, work, *extra):
-    return [
-        "calibrate",
-        "--model",
-        model,
-        "--data",
-        data,
-        "--work",
-        work,
-        "--samples",
-        str(SAMPLES),
-        "--seqlen",
-        str(SEQLEN),
-        *extra,
-    ]
+    seqlen = () if "--seqlen" in extra else ("--seqlen", str(SEQLEN))
+    return ["calibrate", "--model", model, "--data", data, "--work", work, "--samples", str(SAMPLES), *seqlen, *extra]
 
 
 # (id, argv builder, fragment the message must contain). The README's bad-input table lists the same rows.
@@ -98,6 +99,26 @@ CASES = [
         lambda i, w: ["export", "--work", w, "--out", str(i["dir"] / "a_file" / "out"), "--stage", "dense"],
         "cannot write to",
     ),
+    (
+        "a --skip pattern matching no matrix",
+        lambda i, w: ["prune", "--work", w, "--skip", "mlp.down"],
+        "--skip 'mlp.down' matches no matrix",
+    ),
+    (
+        "--skip-blocks beyond the model",
+        lambda i, w: ["prune", "--work", w, "--skip-blocks", "7"],
+        "--skip-blocks 7: the model has blocks 0 to 1",
+    ),
+    (
+        "--seqlen beyond a learned position table",
+        lambda i, w: cal(i["opt32"], str(CALIB), w + "-new", "--seqlen", "64"),
+        "--seqlen 64 is beyond the model's learned position table of 32 positions",
+    ),
+    (
+        "a model with its own code, without --trust-remote-code",
+        lambda i, w: cal(i["custom"], str(CALIB), w + "-new"),
+        "runs its own code (configuration_x.XConfig); pass --trust-remote-code",
+    ),
 ]
 
 
@@ -138,3 +159,13 @@ def test_work_directory_is_untouched_by_refused_input(inputs, tmp_path):
     ):
         assert CliRunner().invoke(app, argv).exit_code == 2
     assert (work / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("value", ["0", "", "false", "no"])
+def test_freelunch_debug_off_values_show_no_traceback(value, monkeypatch):
+    from freelunch_cli.cli import debugging
+
+    monkeypatch.setenv("FREELUNCH_DEBUG", value)
+    assert not debugging()
+    monkeypatch.setenv("FREELUNCH_DEBUG", "1")
+    assert debugging()

@@ -91,6 +91,30 @@ def test_zero_shot_runs_lm_eval_offline(fresh_work, tmp_path, monkeypatch):
         evaluate(work, EvalConfig(tasks=["no_such_task"], tasks_dir=tasks_dir, device="cpu"))
 
 
+def test_zero_shot_with_a_tokenizer_without_bos_or_eos(tmp_path, monkeypatch, capsys):
+    """lm-eval needs a token to put before an empty context; without BOS and EOS it failed inside lm-eval."""
+    from freelunch_cli.core.console import Reporter
+    from freelunch_cli.model.assembly import materialize
+    from freelunch_cli.model.source import work_tokenizer
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    from helpers import SAMPLES, make_tiny_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = make_tiny_model(tmp_path / "m", "llama", eos=False)
+    work = WorkDir(tmp_path / "w")
+    calibrate(work, CalibrateConfig(model=str(folder), data=str(CALIB), samples=SAMPLES, seqlen=SEQLEN, device="cpu"))
+    tok = work_tokenizer(work)
+    assert tok.bos_token_id is None and tok.eos_token_id is None
+    res = evaluate(work, EvalConfig(tasks=["tiny_mc"], tasks_dir=str(_task_dir(tmp_path)), device="cpu"), Reporter())["zero_shot"]
+    assert res["tasks"]["tiny_mc"]["acc"] == pytest.approx(
+        _direct_accuracy(materialize(work, "dense", "cpu", torch.float32), tok)
+    )
+    assert "the tokenizer has no BOS, EOS, padding or unknown token" in " ".join(capsys.readouterr().err.split())
+
+
 def test_materialized_model_equals_the_streamed_one(fresh_work):
     work = fresh_work("opt")
     prune(work, PruneConfig(criterion="wanda", device="cpu"))

@@ -8,7 +8,7 @@ from freelunch_cli.evaluation.perplexity import perplexity, split_sequences
 from freelunch_cli.model.skeleton import Skeleton
 from freelunch_cli.workdir.files import TensorRows, load_tensors
 
-from helpers import ARCHS, SEQLEN, streamed_logits
+from helpers import ARCHS, MORE_ARCHS, SEQLEN, streamed_logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -28,9 +28,10 @@ def test_cached_boundaries_match_transformers_hidden_states(arch, tiny_models, c
     torch.testing.assert_close(sk.logits(last), out.logits, atol=5e-3, rtol=5e-3)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_block_by_block_forward_is_exact(arch, tiny_models, calibrated):
-    work = calibrated[arch]
+@pytest.mark.parametrize("arch", ARCHS + MORE_ARCHS)
+def test_block_by_block_forward_is_exact(arch, tiny_models, calibrated, request):
+    """Experts split into linear layers, eager attention for Gemma2, sandwich norms: the same logits as the model."""
+    work = (calibrated if arch in calibrated else request.getfixturevalue("more_calibrated"))[arch]
     ids = load_tensors(work.tokens_path)["input_ids"][:3]
     ref = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     with torch.no_grad():

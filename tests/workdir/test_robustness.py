@@ -136,3 +136,77 @@ def test_a_second_process_on_the_same_stage_is_refused(fresh_work):
     assert other.returncode == 2
     assert "already running" in other.stderr and f"pid {os.getpid()}" in other.stderr
     assert cli("prune", "--work", str(work.root), "--device", "cpu").returncode == 0
+
+
+def test_force_checks_every_input_before_discarding_anything(fresh_work):
+    """After reconstruct deleted the dense activations it no longer needed, `prune --force` must not delete the pruned
+    and reconstructed models and only then find its inputs missing."""
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="wanda", sparsity=0.5, device="cpu"))
+    reconstruct(work, ReconstructConfig(window="block", epochs=1, device="cpu"))
+    assert not work.boundary_path("dense", 0).exists()
+    before = {p: p.read_bytes() for p in sorted(work.root.rglob("*")) if p.is_file()}
+    with pytest.raises(
+        FreelunchError, match="boundary_000.safetensors is missing; rerun `freelunch calibrate --work .* --resume`"
+    ):
+        prune(work, PruneConfig(criterion="wanda", sparsity=0.6, device="cpu"), force=True)
+    with pytest.raises(FreelunchError, match="boundary_000.safetensors is missing"):
+        reconstruct(work, ReconstructConfig(window="block", lr=3e-3, device="cpu"), force=True)
+    assert {p: p.read_bytes() for p in sorted(work.root.rglob("*")) if p.is_file()} == before
+    calibrate_again = work.stage("calibrate").summary["config"]
+    calibrate(work, CalibrateConfig(**calibrate_again), resume=True)  # what the message says: recompute them
+    prune(work, PruneConfig(criterion="wanda", sparsity=0.6, device="cpu"), force=True)
+    assert work.stage("reconstruct") is None and work.stage("prune").signature["sparsity"] == 0.6
+
+
+def test_a_full_disk_while_a_library_writes_leaves_no_partial_file_and_names_the_file(tmp_path):
+    """The tokenizers library writes tokenizer.json itself and reports a full disk as a plain Exception."""
+    from freelunch_cli.workdir.files import save_pretrained_atomic
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer_config.json").write_text("{}")
+            (folder / "tokenizer.json").write_text('{"trunc')
+            raise Exception("No space left on device (os error 28)")
+
+    folder = tmp_path / "dense"
+    with pytest.raises(OSError) as e:
+        save_pretrained_atomic(Tokenizer(), folder)
+    assert e.value.errno == 28 and e.value.filename == str(folder / "tokenizer.json")
+    assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["dense"]
+
+
+def test_the_free_space_check_counts_the_model_and_the_cache(tiny_models, tmp_path, monkeypatch):
+    import shutil as sh
+
+    import freelunch_cli.workdir.files as files
+
+    work = WorkDir(tmp_path / "w")
+    cfg = CalibrateConfig(model=str(tiny_models["llama"]), data=str(CALIB), samples=SAMPLES, seqlen=SEQLEN, device="cpu")
+    cache = 3 * SAMPLES * SEQLEN * 64 * 2  # three boundaries in float16: the cache alone fits
+    real = sh.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=cache + 1000))
+    with pytest.raises(
+        FreelunchError, match=r"not enough disk for the activation cache: it needs .* \(with the model's shards\)"
+    ):
+        calibrate(work, cfg)
+    assert not work.root.exists()
+
+
+def test_float16_overflow_is_an_error_naming_where_not_a_nan_cache(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from helpers import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.mlp.down_proj.weight"] *= 1e7  # block 0's output beyond float16's 65504
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    work = WorkDir(tmp_path / "w")
+    with pytest.raises(
+        FreelunchError, match=r"the output of dense block 0 \(in float16\) holds NaN or infinite values .*bfloat16 or float32"
+    ):
+        calibrate(
+            work, CalibrateConfig(model=str(folder), data=str(CALIB), samples=4, seqlen=SEQLEN, dtype="float16", device="cpu")
+        )
+    assert not work.is_recorded(work.boundary_path("dense", 1)) and not work.boundary_path("dense", 1).exists()
