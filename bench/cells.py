@@ -29,6 +29,12 @@ RECON_LR = "1e-3"
 RECON_EPOCHS = "1"
 
 
+def prune_as_run(opts) -> tuple[str, ...]:
+    """prune options as measured: every recorded cell that names no --stats used the pruned-stream statistics, the
+    CLI default then (it became the dense statistics calibrate gathers)."""
+    return (*opts, *(() if "--stats" in opts else ("--stats", "sparse")))
+
+
 def recon_as_run(opts) -> tuple[str, ...]:
     """reconstruct options as measured: one epoch unless the cell names its epochs or steps."""
     return (*opts, *(() if {"--epochs", "--steps"} & set(opts) else ("--epochs", RECON_EPOCHS)))
@@ -170,7 +176,7 @@ class Runner:
         base, cal = self.calibrated(cell)
         work = self.root / cell.prune_key
         clone_work(base, work)
-        s = run_stage("prune", "--work", str(work), *cell.prune, "--resume")
+        s = run_stage("prune", "--work", str(work), *prune_as_run(cell.prune), "--resume")
         return work, {"calibrate": cal, "prune": s}
 
     def dense(self, work: Path) -> dict:

@@ -266,6 +266,14 @@ def export(
     _run(run, _work(work), cfg, _reporter(quiet, json_out), resume=resume, force=force)
 
 
+@app.command()
+def verify(work: Path = WorkOpt, quiet: bool = QuietOpt, json_out: bool = JsonOpt):
+    """Hash every file of the work directory against the manifest (stages check sizes and modification times)."""
+    from freelunch_cli.stages.verify import verify as run
+
+    _run(run, _work(work), _reporter(quiet, json_out))
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 

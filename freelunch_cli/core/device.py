@@ -1,6 +1,17 @@
-"""Device and dtype choices shared by every stage."""
+"""The device policy, in one place: which device a process computes on, in which dtype, and how matrix products run.
+
+- ``--device auto`` is CUDA when present, else the CPU; ``auto`` and a bare ``cuda`` mean ``cuda:$LOCAL_RANK`` (each
+  torchrun rank its own GPU), and the process's current CUDA device is set to it.
+- On CUDA, float32 matrix products use TF32 everywhere (``--device auto`` and ``--device cuda`` alike), except inside
+  SparseGPT's Hessian and its inverse (``exact_matmul``), which the reference code keeps exact.
+- ``--dtype auto`` is bfloat16 on CUDA (autocast; master weights, optimizer state and losses stay float32) and float32
+  on the CPU. float16 training runs with a gradient scaler (``training.loop``).
+"""
 
 from __future__ import annotations
+
+import os
+from contextlib import contextmanager
 
 import torch
 
@@ -17,26 +28,81 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` is the first CUDA device (or LOCAL_RANK's under torchrun) when present, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            import os
+def resolve_device(name: str = "auto", env: dict | None = None) -> torch.device:
+    """The device of ``--device``: ``auto`` and ``cuda`` are ``cuda:$LOCAL_RANK`` (``auto``: the CPU without CUDA);
+    on CUDA it becomes the current device and TF32 matrix products are switched on.
 
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    Raises FreelunchError for an unknown name, CUDA asked for without CUDA, or a GPU index the node lacks.
+    """
+    env = os.environ if env is None else env
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    if name in ("auto", "cuda"):
+        name = f"cuda:{int(env.get('LOCAL_RANK', 0))}"
     try:
-        dev = torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise FreelunchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise FreelunchError(f"--device {name}: CUDA is not available on this machine")
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return dev
+    count = torch.cuda.device_count()
+    if device.index is None or device.index >= count:
+        raise FreelunchError(
+            f"--device {name}: this node has {count} GPU(s) (cuda:0 to cuda:{count - 1}); under torchrun, "
+            f"start at most {count} processes per node"
+        )
+    torch.cuda.set_device(device)
+    allow_tf32(True)
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of ``--dtype``: ``auto`` is bfloat16 on CUDA (float16 on GPUs without bfloat16), float32 on
+    the CPU; any other name as given."""
+    if name != "auto":
+        return parse_dtype(name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def allow_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+@contextmanager
+def exact_matmul():
+    """Full float32 matrix products inside (SparseGPT's Hessian and inverse), TF32 again after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    allow_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``--device`` and ``--dtype`` of a stage, by the policy above."""
+    resolved = resolve_device(device)
+    return resolved, resolve_dtype(dtype, resolved)
 
 
 def free_memory(device: torch.device) -> None:
+    """Return cached device memory between windows."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a stage may still use on ``device``: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

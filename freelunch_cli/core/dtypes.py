@@ -12,7 +12,8 @@ _CANONICAL = {
 
 
 def canonical_dtype(name: str) -> str:
-    """``float32``, ``bfloat16`` or ``float16`` for any accepted spelling; FreelunchError for anything else."""
+    """``float32``, ``bfloat16`` or ``float16`` for any accepted spelling; FreelunchError for anything else (``auto`` is
+    resolved by the device policy, ``core.device.resolve_dtype``, before a dtype is recorded)."""
     try:
         return _CANONICAL[name.lower()]
     except (KeyError, AttributeError):

@@ -119,6 +119,13 @@ class Skeleton:
         return sk
 
     @classmethod
+    def from_checkpoint(cls, checkpoint, config, device, dtype) -> Skeleton:
+        """Stream a model's own checkpoint (``source.Checkpoint``), one block at a time, as from a work directory."""
+        sk = cls.from_rest(config, checkpoint.rest(), device, dtype, trust_remote_code=checkpoint.spec.trust_remote_code)
+        sk.block_source = checkpoint.block
+        return sk
+
+    @classmethod
     def from_model(cls, lm: nn.Module, device, dtype) -> Skeleton:
         """Wrap an in-memory model (e.g. ``--model PATH`` for eval): its real blocks are reused."""
         config = prepare_config(lm.config)

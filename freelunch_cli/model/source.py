@@ -168,53 +168,69 @@ def _key_mapping(expected: set[str], found: set[str], base_prefix: str) -> dict[
     return None
 
 
-def iter_model_parts(spec: ModelSpec, config, log=print):
-    """Yield ("rest", tensors) then (i, tensors) per block, keys relative to the part.
+class Checkpoint:
+    """A model checkpoint read part by part: ``rest()`` (embeddings, final norm, head) and ``block(i)``, keys relative to
+    the part. A safetensors checkpoint is streamed, one block's tensors at a time (``streamable``); GGUF and ``.bin``
+    checkpoints are loaded whole by ``transformers`` on first use."""
 
-    Streams a safetensors checkpoint one block at a time; otherwise loads the model whole.
-    """
-    lm = meta_model(config, spec.trust_remote_code)
-    arch = find_arch(lm, config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    expected = {k for k in lm.state_dict() if not (tied and k.endswith("lm_head.weight"))}
-    index = None if spec.gguf_file else _safetensors_index(spec.folder)
-    mapping = _key_mapping(expected, set(index), lm.base_model_prefix) if index else None
-    if mapping is not None:
-        yield from _stream_parts(arch, mapping, index)
-        return
-    log(f"loading {spec.spec} whole (GGUF or non-safetensors checkpoint; it cannot be streamed)")
-    try:
-        full = AutoModelForCausalLM.from_pretrained(spec.folder, dtype="auto", **spec.hf_kwargs())
-    except Exception as e:
-        raise FreelunchError(f"cannot load the model {spec.spec}: {str(e).splitlines()[0]}") from None
-    sd = full.state_dict()
-    del full
-    yield (
-        "rest",
-        {k: v for k, v in sd.items() if not k.startswith(arch.layers_path + ".") and not (tied and k.endswith("lm_head.weight"))},
-    )
-    for i in range(arch.num_blocks):
-        pre = arch.block_prefix(i)
-        yield i, {k[len(pre) :]: sd.pop(k) for k in [k for k in sd if k.startswith(pre)]}
+    def __init__(self, spec: ModelSpec, config, log=print):
+        self.spec, self.log = spec, log
+        lm = meta_model(config, spec.trust_remote_code)
+        self.arch = find_arch(lm, config)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        expected = {k for k in lm.state_dict() if not (self.tied and k.endswith("lm_head.weight"))}
+        self.index = None if spec.gguf_file else _safetensors_index(spec.folder)
+        self.mapping = _key_mapping(expected, set(self.index), lm.base_model_prefix) if self.index else None
+        self._whole: dict | None = None
 
+    @property
+    def streamable(self) -> bool:
+        return self.mapping is not None
 
-def _stream_parts(arch, mapping: dict[str, str], index: dict[str, Path]):
-    def read(keys: list[str], strip: str) -> dict[str, torch.Tensor]:
+    def rest(self) -> dict[str, torch.Tensor]:
+        layer_pre = self.arch.layers_path + "."
+        if self.streamable:
+            return self._read([k for k in self.mapping if not k.startswith(layer_pre)], "")
+        return {
+            k: v
+            for k, v in self._load_whole().items()
+            if not k.startswith(layer_pre) and not (self.tied and k.endswith("lm_head.weight"))
+        }
+
+    def block(self, i: int) -> dict[str, torch.Tensor]:
+        pre = self.arch.block_prefix(i)
+        if self.streamable:
+            return self._read([k for k in self.mapping if k.startswith(pre)], pre)
+        return {k[len(pre) :]: v for k, v in self._load_whole().items() if k.startswith(pre)}
+
+    def _read(self, keys: list[str], strip: str) -> dict[str, torch.Tensor]:
         by_file = defaultdict(list)
         for k in keys:
-            by_file[index[mapping[k]]].append(k)
+            by_file[self.index[self.mapping[k]]].append(k)
         out = {}
         for f, ks in by_file.items():
             with safe_open(str(f), framework="pt") as h:
                 for k in ks:
-                    out[k[len(strip) :]] = h.get_tensor(mapping[k])
+                    out[k[len(strip) :]] = h.get_tensor(self.mapping[k])
         return out
 
-    layer_pre = arch.layers_path + "."
-    yield "rest", read([k for k in mapping if not k.startswith(layer_pre)], "")
-    for i in range(arch.num_blocks):
-        pre = arch.block_prefix(i)
-        yield i, read([k for k in mapping if k.startswith(pre)], pre)
+    def _load_whole(self) -> dict[str, torch.Tensor]:
+        if self._whole is None:
+            self.log(f"loading {self.spec.spec} whole (GGUF or non-safetensors checkpoint; it cannot be streamed)")
+            try:
+                full = AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype="auto", **self.spec.hf_kwargs())
+            except Exception as e:
+                raise FreelunchError(f"cannot load the model {self.spec.spec}: {str(e).splitlines()[0]}") from None
+            self._whole = full.state_dict()
+        return self._whole
+
+
+def iter_model_parts(spec: ModelSpec, config, log=print):
+    """Yield ("rest", tensors) then (i, tensors) per block, keys relative to the part (``Checkpoint``)."""
+    checkpoint = Checkpoint(spec, config, log)
+    yield "rest", checkpoint.rest()
+    for i in range(checkpoint.arch.num_blocks):
+        yield i, checkpoint.block(i)
 
 
 def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print) -> dict:

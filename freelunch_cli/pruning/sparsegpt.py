@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from freelunch_cli.core.device import exact_matmul
 from freelunch_cli.pruning.masks import Pattern
 
 
@@ -45,7 +46,8 @@ class SparseGPT:
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
         x = x * (2.0 / self.nsamples) ** 0.5
-        self.H.addmm_(x.t(), x)
+        with exact_matmul():  # full float32 even where TF32 is on, as the reference code keeps it
+            self.H.addmm_(x.t(), x)
 
     @torch.no_grad()
     def prune(
@@ -55,10 +57,11 @@ class SparseGPT:
 
         Raises SingularHessian when no dampening up to MAX_DAMP makes the Hessian invertible.
         """
-        if self._factor is None or self._factor[0] != damp:  # one factorisation for the matrices sharing this input
-            self._factor = (damp, *inverse_hessian_factor(self.H, damp, self.nsamples))
-        _, Hinv, dead, self.damp_used = self._factor
-        return sparsegpt_prune(weight, Hinv, dead, pattern, block_size)
+        with exact_matmul():
+            if self._factor is None or self._factor[0] != damp:  # one factorisation for the matrices sharing this input
+                self._factor = (damp, *inverse_hessian_factor(self.H, damp, self.nsamples))
+            _, Hinv, dead, self.damp_used = self._factor
+            return sparsegpt_prune(weight, Hinv, dead, pattern, block_size)
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float, tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:

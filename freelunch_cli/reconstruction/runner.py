@@ -16,9 +16,10 @@ import time
 from functools import cached_property
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from freelunch_cli.core.device import dtype_name, free_memory, parse_dtype
+from freelunch_cli.core.device import available_memory, dtype_name, free_memory, parse_dtype
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.model.activations import write_activations
 from freelunch_cli.model.arch import Halves, block_halves
@@ -31,6 +32,27 @@ from freelunch_cli.reconstruction.windows import Window
 from freelunch_cli.training.loop import train_window
 from freelunch_cli.training.peft import prepare, qualify
 from freelunch_cli.workdir.files import TensorRows, load_tensors, save_tensors_atomic, write_json_atomic
+
+KL_CHUNK = 512  # positions per chunk of the head under --kl-weight
+RESIDENT_SHARE = 0.4  # of the memory free when a window begins: its activation files held there, read once
+
+
+class ResidentRows:
+    """An activation file ``[samples, seqlen, hidden]`` held on the device in its stored dtype, so a window reads it
+    from disk once instead of once per step."""
+
+    def __init__(self, rows: TensorRows, device):
+        self.shape, self.dtype = rows.shape, rows.dtype
+        self.data = rows.rows(0, len(rows)).to(device)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.data[start:stop]
+
+    def take(self, indices) -> torch.Tensor:
+        return self.data[torch.as_tensor(list(indices), device=self.data.device)]
 
 
 class _Batches:
@@ -45,7 +67,8 @@ class WindowRunner:
 
     def __init__(self, work, cfg, windows: list[Window], device, compute):
         self.work, self.cfg, self.windows, self.device, self.compute = work, cfg, windows, device, compute
-        self.sk = Skeleton.from_work(work, "pruned", device, compute, rest_device="cpu")
+        # the final norm and head join the blocks on the device only when the last window needs them (--kl-weight)
+        self.sk = Skeleton.from_work(work, "pruned", device, compute, rest_device=device if cfg.kl_weight > 0 else "cpu")
         calib = work.stage("calibrate")
         self.cache_dtype = parse_dtype(calib.signature["cache_dtype"])
         self.samples = calib.summary["samples"]
@@ -54,6 +77,8 @@ class WindowRunner:
         )
         self.sparse_inputs = cfg.inputs == "sparse"
         self._dense: tuple[int, nn.Module] | None = None
+        self._resident: dict = {}
+        self._resident_budget = 0
         perm = torch.randperm(self.samples, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_val = int(round(self.samples * cfg.val_fraction))
         if cfg.val_fraction and (n_val < 1 or n_val >= self.samples):
@@ -85,15 +110,36 @@ class WindowRunner:
         return self.sk.block_call(i, x.shape[0], x.shape[1])
 
     # ---- activations (what window kinds read) --------------------------------------------------------
-    def rows(self, stream: str, name: str) -> TensorRows:
-        return TensorRows(self.work.check_file(self.work.act_path(stream, name)))
+    def rows(self, stream: str, name: str) -> TensorRows | ResidentRows:
+        """An activation file of the current window: held on the device (read once) while the window's files fit
+        ``RESIDENT_SHARE`` of the memory free when the window began; read batch by batch from disk otherwise."""
+        path = self.work.check_file(self.work.act_path(stream, name))
+        if path in self._resident:
+            return self._resident[path]
+        rows = TensorRows(path)
+        size = rows.nbytes
+        if size <= self._resident_budget:
+            self._resident_budget -= size
+            self._resident[path] = ResidentRows(rows, self.device)
+            return self._resident[path]
+        return rows
+
+    def _begin_window(self) -> None:
+        self._resident = {}
+        free_memory(torch.device(self.device))
+        self._resident_budget = int(RESIDENT_SHARE * available_memory(torch.device(self.device)))
 
     def input_stream(self, b: int) -> str:
         """The stream a window starting at block ``b`` reads: the chained one, except at the embeddings."""
         return "recon" if self.sparse_inputs and b > 0 else "dense"
 
-    def load(self, rows: TensorRows, idx) -> torch.Tensor:
-        return rows.take(idx).to(self.device, torch.float32)
+    def load(self, rows: TensorRows | ResidentRows, idx) -> torch.Tensor:
+        """Rows ``idx`` as float32 on the device; the cast happens there, a streamed batch arrives by a pinned,
+        non-blocking copy."""
+        x = rows.take(idx)
+        if x.device != self.device and self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device, torch.float32)
 
     def dense_mid(self, i: int, x_dense: torch.Tensor) -> torch.Tensor:
         """The dense residual stream between block ``i``'s halves, from its dense input."""
@@ -108,18 +154,32 @@ class WindowRunner:
 
     def logit_loss(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``kl_weight`` · KL(dense ‖ reconstructed) of the next-token distributions, through the frozen final
-        norm and head: aligns the last window with what perplexity measures."""
+        norm and head: aligns the last window with what perplexity measures.
+
+        The head runs ``KL_CHUNK`` positions at a time, each chunk recomputed in backward, so the vocabulary-wide
+        logits of a whole batch never exist at once.
+        """
+        ys, ts = y.reshape(1, -1, y.shape[-1]), t.reshape(1, -1, t.shape[-1])
+        chunk = min(KL_CHUNK, y.shape[1])  # no longer than a sequence: within the model's positions
+        total = sum(
+            torch.utils.checkpoint.checkpoint(self._kl_sum, ys[:, s : s + chunk], ts[:, s : s + chunk], use_reentrant=False)
+            for s in range(0, ys.shape[1], chunk)
+        )
+        return self.cfg.kl_weight * (total / ys.shape[1]).to(y.device)
+
+    def _kl_sum(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Summed KL(dense ‖ reconstructed) over the positions of ``y``, ``t`` ``[1, positions, hidden]``."""
         with torch.no_grad():
             teacher = torch.log_softmax(self.sk.head(t).float(), dim=-1)
         student = torch.log_softmax(self.sk.head(y).float(), dim=-1)
-        kl = torch.nn.functional.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean")
-        return self.cfg.kl_weight * kl.to(y.device)
+        return torch.nn.functional.kl_div(student[0], teacher[0], log_target=True, reduction="sum")
 
     # ---- one window --------------------------------------------------------------------------------
     def run(self, win: Window, claims: Claims | None = None, attempt: int = 1) -> dict | None:
         """Train, then write the window's parameters and its record; None if another worker took it over."""
         t0 = time.time()
         work, cfg = self.work, self.cfg
+        self._begin_window()
         if self.sparse_inputs:
             self.ensure_chained_input(win)
         rec = {"window": win.as_dict(), "status": "running", "started": t0, "worker": worker_id(), "attempt": attempt}
@@ -170,6 +230,7 @@ class WindowRunner:
         if self.sparse_inputs and not cfg.keep_cache:
             for name in win.chained_release():
                 work.forget_file(work.act_path("recon", name))
+        self._resident = {}
         free_memory(torch.device(self.device))
         return rec
 

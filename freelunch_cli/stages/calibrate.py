@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.core.device import dtype_name, parse_dtype, pick_device
+from freelunch_cli.core.device import dtype_name, parse_dtype, resolve
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.core.units import format_bytes
 from freelunch_cli.model.activations import write_activations
-from freelunch_cli.model.arch import find_arch
+from freelunch_cli.model.arch import find_arch, prunable_linears
 from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton, run_block
 from freelunch_cli.model.source import import_model, load_config, load_tokenizer, resolve_model
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
+from freelunch_cli.pruning.stats import StatsCollector
 from freelunch_cli.stages.options import CalibrateConfig
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import TensorRows, check_free_space, load_tensors, save_tensors_atomic
@@ -33,10 +36,10 @@ def calibrate(
     """
     rep = rep or Reporter(quiet=True)
     cfg.validate()
-    compute = parse_dtype(cfg.dtype)
+    device, compute = resolve(cfg.device, cfg.dtype)
+    cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     cache_dtype = parse_dtype(cfg.cache_dtype)
     storage = None if cfg.storage_dtype == "auto" else parse_dtype(cfg.storage_dtype)
-    device = pick_device(cfg.device)
     spec = resolve_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     src = resolve_text(cfg.data, cfg.data_config, cfg.data_split, cfg.text_field)
     text = read_text(src)
@@ -79,21 +82,26 @@ def calibrate(
         meta = import_model(spec, work, storage, tokenizer=tokenizer, log=rep.info)
         t_import = run.seconds()
         sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
-        missing = [b for b in range(n_blocks + 1) if not work.is_recorded(work.boundary_path("dense", b))]
+        missing = [b for b in range(n_blocks + 1) if not _boundary_done(work, b)]
         t_pass = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
             for b in missing:
-                write_activations(
-                    work,
-                    work.boundary_path("dense", b),
-                    _dense_boundary(work, sk, ids, b),
-                    cfg.samples,
-                    cfg.seqlen,
-                    hidden,
-                    cache_dtype,
-                    cfg.batch_size,
-                    "the embeddings" if b == 0 else f"the output of dense block {b - 1} (in {dtype_name(compute)})",
-                )
+                if b == 0:
+                    write_activations(
+                        work,
+                        work.boundary_path("dense", 0),
+                        lambda rows: sk.embed(ids[rows]),
+                        cfg.samples,
+                        cfg.seqlen,
+                        hidden,
+                        cache_dtype,
+                        cfg.batch_size,
+                        "the embeddings",
+                    )
+                else:
+                    _dense_block_pass(
+                        work, sk, b - 1, cfg, cache_dtype, f"the output of dense block {b - 1} (in {dtype_name(compute)})"
+                    )
                 kill_point("calibrate.boundary")
                 bar.advance()
         summary = {
@@ -144,16 +152,36 @@ def _device_of(folder: Path) -> int:
     return folder.stat().st_dev
 
 
-def _dense_boundary(work: WorkDir, sk: Skeleton, ids: torch.Tensor, b: int):
-    """Rows of dense boundary ``b``: the embeddings (b = 0), or dense block ``b - 1`` on the stored boundary before it,
-    so a resumed pass computes exactly what an uninterrupted one does."""
-    if b == 0:
-        return lambda rows: sk.embed(ids[rows])
-    block = sk.build_block(b - 1)
-    prev = TensorRows(work.check_file(work.boundary_path("dense", b - 1)))
+def _boundary_done(work: WorkDir, b: int) -> bool:
+    """Boundary ``b`` and, for b > 0, the input statistics of block ``b - 1`` gathered on the way are recorded."""
+    return work.is_recorded(work.boundary_path("dense", b)) and (b == 0 or work.is_recorded(work.input_stats_path(b - 1)))
+
+
+def _dense_block_pass(work: WorkDir, sk: Skeleton, i: int, cfg: CalibrateConfig, cache_dtype: torch.dtype, what: str) -> None:
+    """Dense block ``i`` on the stored boundary before it (so a resumed pass computes exactly what an uninterrupted one
+    does): its output is boundary ``i + 1``, and the per-input sums of squares of its matrices, gathered on the way,
+    are Wanda's and RIA's dense statistics, so that ``prune --stats dense`` needs no forward pass."""
+    block = sk.build_block(i)
+    prev = TensorRows(work.check_file(work.boundary_path("dense", i)))
 
     def producer(rows):
         x = prev.rows(rows.start, rows.stop).to(sk.device, sk.dtype)
-        return run_block(block, x, sk.block_call(b - 1, x.shape[0], x.shape[1]))
+        return run_block(block, x, sk.block_call(i, x.shape[0], x.shape[1]))
 
-    return producer
+    collector = StatsCollector(prunable_linears(block))
+    with collector:
+        write_activations(
+            work,
+            work.boundary_path("dense", i + 1),
+            producer,
+            cfg.samples,
+            cfg.seqlen,
+            sk.config.hidden_size,
+            cache_dtype,
+            cfg.batch_size,
+            what,
+        )
+    stats = {name: st.sumsq for name, st in collector.stats.items()}
+    tokens = {name: st.tokens for name, st in collector.stats.items()}
+    path = work.input_stats_path(i)
+    work.record_file(path, save_tensors_atomic(path, stats, {"tokens": json.dumps(tokens)}))

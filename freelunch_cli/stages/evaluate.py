@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 
-import torch
 from transformers import AutoModelForCausalLM
 
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.core.device import parse_dtype, pick_device
+from freelunch_cli.core.device import available_memory, dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.evaluation.perplexity import chunk_size, perplexity, split_sequences
 from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton
 from freelunch_cli.model.source import (
+    Checkpoint,
     load_config,
     load_tokenizer,
     resolve_model,
@@ -30,6 +31,7 @@ from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
 from freelunch_cli.workdir.files import read_json, write_json_atomic
 
 MAX_DEFAULT_SEQLEN = 4096
+PPL_MEMORY_SHARE = 0.3  # of the device's free memory, for the hidden states of one chunk of perplexity sequences
 
 
 def default_seqlen(config) -> int:
@@ -58,27 +60,32 @@ class _Target:
             trusted = trusts_remote_code(work)
         self.position_limit = position_limit(meta_model(self.config, trusted), self.config)
 
-    def _load_whole(self):
-        return AutoModelForCausalLM.from_pretrained(
-            self.spec.folder, dtype=torch.float32, config=self.config, **self.spec.hf_kwargs()
-        )
-
     def skeleton(self) -> Skeleton:
+        """The model streamed block by block: from the work directory's shards, or from ``--model``'s checkpoint."""
         if self._sk is None:
-            if self.stage is None:
-                self._sk = Skeleton.from_model(self._load_whole(), self.device, self.compute)
-            else:
+            if self.stage is not None:
                 self._sk = Skeleton.from_work(self.work, self.stage, self.device, self.compute)
+            elif (checkpoint := Checkpoint(self.spec, self.config)).streamable:
+                self._sk = Skeleton.from_checkpoint(checkpoint, self.config, self.device, self.compute)
+            else:  # GGUF or .bin: transformers loads it whole
+                whole = AutoModelForCausalLM.from_pretrained(
+                    self.spec.folder, dtype=self.compute, config=self.config, **self.spec.hf_kwargs()
+                )
+                self._sk = Skeleton.from_model(whole, self.device, self.compute)
         return self._sk
 
     def whole(self):
+        """The whole model for lm-eval, in the compute dtype, on the device or spread over the node's GPUs (accelerate)."""
         if self._whole is None:
-            from freelunch_cli.model.assembly import materialize
+            from freelunch_cli.model.assembly import dispatch, materialize
 
             if self.stage is None:
-                self._whole = self._load_whole().to(self.device, self.compute).eval()
+                lm = AutoModelForCausalLM.from_pretrained(
+                    self.spec.folder, dtype=self.compute, config=self.config, **self.spec.hf_kwargs()
+                )
             else:
-                self._whole = materialize(self.work, self.stage, self.device, self.compute)
+                lm = materialize(self.work, self.stage, "cpu", self.compute)
+            self._whole = dispatch(lm.eval(), self.device)
         return self._whole
 
     def result_path(self, name: str):
@@ -103,8 +110,8 @@ def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None)
     ``--model``); results are kept in ``WORK/eval`` and an identical evaluation is read from there."""
     rep = rep or Reporter(quiet=True)
     cfg.validate()
-    compute = parse_dtype(cfg.dtype)
-    device = pick_device(cfg.device)
+    device, compute = resolve(cfg.device, cfg.dtype)
+    cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     sources = [resolve_text(p, default_split="test") for p in cfg.ppl]
     target = _Target(work, cfg, device, compute)
     seqlen = cfg.seqlen or default_seqlen(target.config)
@@ -131,9 +138,12 @@ def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None)
             raise FreelunchError(f"{src.spec} has fewer than {seqlen} tokens: no window to evaluate (lower --seqlen)")
         sk = target.skeleton()
         t0 = time.time()
-        chunks = -(-len(sequences) // chunk_size(target.config.hidden_size, seqlen, cfg.batch_size))
+        budget = int(
+            PPL_MEMORY_SHARE * available_memory(device)
+        )  # hidden states of this many bytes: each block read once per chunk
+        chunks = -(-len(sequences) // chunk_size(target.config.hidden_size, seqlen, cfg.batch_size, budget))
         with rep.progress(f"ppl {src.name}", total=sk.num_blocks * chunks) as bar:
-            res = perplexity(sk, sequences, cfg.batch_size, on_block=bar.advance)
+            res = perplexity(sk, sequences, cfg.batch_size, budget, on_block=bar.advance)
         res.update(key=key, model=target.label, data=src.name, seconds=round(time.time() - t0, 2))
         if path is not None:
             write_json_atomic(path, res)

@@ -17,7 +17,7 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.options import REQUIRED, option
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
-DTYPE_HELP = "Compute dtype: float32, bfloat16 or float16."
+DTYPE_HELP = "Compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16."
 INPUT_MODES = ("dense", "sparse")
 STATS_MODES = ("sparse", "dense")
 RETRAIN_STARTS = ("latest", "pruned", "reconstructed", "dense")
@@ -56,7 +56,7 @@ class CalibrateConfig:
         False, "Run the model's own code (auto_map in its config); off unless given.", "--trust-remote-code"
     )
     device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("float32", DTYPE_HELP + " Of the dense pass.")
+    dtype: str = option("auto", DTYPE_HELP + " Of the dense pass.")
 
     def validate(self) -> None:
         _at_least(1, samples=self.samples, batch_size=self.batch_size)
@@ -90,7 +90,11 @@ class PruneConfig:
         factory=list,
     )
     skip_blocks: str | None = option(None, "Decoder blocks left dense, e.g. 0 or 0,3-5 (-1: the last).")
-    stats: str = option("sparse", "Statistics from the stream through already-pruned blocks (sparse) or the dense one.")
+    stats: str = option(
+        "dense",
+        "Statistics from the dense stream (Wanda and RIA read calibrate's, no forward pass) or "
+        "from the stream through the already-pruned blocks (sparse: one more forward per block).",
+    )
     seed: int = option(0, "Seed of --criterion random.")
     ria_alpha: float = option(0.5, "RIA's activation exponent.")
     damp: float = option(0.01, "SparseGPT dampening (fraction of the mean Hessian diagonal).")
@@ -100,7 +104,7 @@ class PruneConfig:
     owl_m: float = option(5.0, "OWL outlier threshold: scores above M x the block mean.")
     batch_size: int = option(8, "Samples per forward batch for statistics.")
     device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("float32", DTYPE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def resolved(self):
         """(sparsity pattern, criterion) the options name; raises FreelunchError for a bad value."""
@@ -167,7 +171,7 @@ class ReconstructConfig:
     max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
     prepare: bool = option(False, "Only set the stage up (before starting sharded workers).", "--prepare")
     device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("float32", DTYPE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def train_config(self, window_index: int):
         """The training settings of one window; each window has its own seed, so windows are independent and a
@@ -246,7 +250,7 @@ class RetrainConfig:
     lora_rank: int = option(16, "LoRA rank (lora, masked-lora).")
     lora_alpha: float = option(32.0, "LoRA alpha: the update is alpha / rank x B A.")
     device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("float32", DTYPE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def __post_init__(self):
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -314,7 +318,7 @@ class EvalConfig:
     )
     batch_size: int = option(4, "Sequences (or lm-eval requests) per forward batch.")
     device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("float32", DTYPE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def __post_init__(self):
         if isinstance(self.tasks, str) or self.tasks is None:  # the command line's comma-separated list

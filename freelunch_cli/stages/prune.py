@@ -3,12 +3,13 @@ the sparsity counted from the weights."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
 
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.core.device import dtype_name, parse_dtype, pick_device
+from freelunch_cli.core.device import dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.activations import cache_dtype_of, write_activations
@@ -21,10 +22,18 @@ from freelunch_cli.pruning.masks import Pattern, check_fits, keep_mask
 from freelunch_cli.pruning.owl import layer_sparsities, outlier_ratio
 from freelunch_cli.pruning.selection import parse_blocks, skipped_matrices
 from freelunch_cli.pruning.sparsegpt import SingularHessian, SparseGPT
-from freelunch_cli.pruning.stats import StatsCollector
+from freelunch_cli.pruning.stats import LinearStats, StatsCollector
 from freelunch_cli.stages.options import PruneConfig
 from freelunch_cli.workdir.directory import WorkDir
-from freelunch_cli.workdir.files import TensorRows, count_params, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from freelunch_cli.workdir.files import (
+    TensorRows,
+    count_params,
+    load_tensors,
+    read_json,
+    save_tensors_atomic,
+    tensor_metadata,
+    write_json_atomic,
+)
 from freelunch_cli.workdir.stage import open_stage
 
 RECALIBRATE = "recalibrate with --dtype bfloat16 or float32 (`freelunch calibrate --force ...`)"
@@ -40,8 +49,8 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
     rep = rep or Reporter(quiet=True)
     cfg.validate()
     pattern, crit = cfg.resolved()
-    compute = parse_dtype(cfg.dtype)
-    device = pick_device(cfg.device)
+    device, compute = resolve(cfg.device, cfg.dtype)
+    cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     calib = work.require_done("calibrate", "prune")
     sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
     n = sk.num_blocks
@@ -119,16 +128,29 @@ class BlockPruner:
         self.samples, self.device, self.compute, self.skipped, self.rep = samples, device, compute, skipped, rep
         self.sparse_stream = crit.needs is not None and cfg.stats == "sparse"
         self.block_sparsity: list[float] | None = None
+        # dense input norms gathered by calibrate's dense pass: Wanda, RIA and OWL need no forward pass then
+        self.stored_stats = all(work.is_recorded(work.input_stats_path(i)) for i in range(sk.num_blocks))
 
     def inputs_needed(self) -> list:
-        """The activation files this run reads: dense boundary 0 for the pruned stream, every block's dense input for
-        dense statistics and for OWL, none for criteria without statistics."""
-        blocks = (
-            range(self.sk.num_blocks)
-            if (self.crit.needs and not self.sparse_stream) or self.cfg.owl
-            else range(1 if self.crit.needs else 0)
-        )
-        return [self.work.boundary_path("dense", i) for i in blocks]
+        """The activation files this run reads: dense boundary 0 for the pruned stream; every block's dense input for
+        SparseGPT on the dense stream, and for dense input norms (Wanda, RIA, OWL) unless calibrate stored them."""
+        blocks = {0} if self.sparse_stream else set()
+        dense_norms = (self.crit.needs == "norms" and not self.sparse_stream) or self.cfg.owl
+        if (self.crit.needs == "hessian" and not self.sparse_stream) or (dense_norms and not self.stored_stats):
+            blocks.update(range(self.sk.num_blocks))
+        return [self.work.boundary_path("dense", i) for i in sorted(blocks)]
+
+    def _dense_stats(self, block, i: int, linears: dict) -> dict:
+        """Dense input statistics of block ``i``: as calibrate stored them, or from a pass over its dense inputs."""
+        if not self.stored_stats:
+            return self._input_stats(block, i, linears, TensorRows(self.work.check_file(self.work.boundary_path("dense", i))))
+        path = self.work.check_file(self.work.input_stats_path(i))
+        stored, tokens = load_tensors(path, device=self.device), json.loads(tensor_metadata(path)["tokens"])
+        stats = {}
+        for name, lin in linears.items():
+            stats[name] = LinearStats(lin.in_features, self.device)
+            stats[name].sumsq, stats[name].tokens = stored[name], tokens[name]
+        return stats
 
     def block_done(self, i: int) -> bool:
         work = self.work
@@ -211,7 +233,7 @@ class BlockPruner:
         for i in range(self.sk.num_blocks):
             block = self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i)))
             linears = self._prunable(block, i)
-            stats = self._input_stats(block, i, linears, TensorRows(self.work.check_file(self.work.boundary_path("dense", i))))
+            stats = self._dense_stats(block, i, linears)
             ratios.append(outlier_ratio([wanda_score(lin.weight, stats[name]) for name, lin in linears.items()], self.cfg.owl_m))
             self.rep.info(f"  block {i:3d}: outlier ratio {ratios[-1]:.4f}")
         plan = layer_sparsities(ratios, self.base_pattern.sparsity, self.cfg.owl)
@@ -252,12 +274,18 @@ class BlockPruner:
         block = self.sk.build_block(i, state)
         everything = block_linears(block)
         linears = self._prunable(block, i)
-        inputs = self._inputs(i) if self.crit.needs else None
+        inputs = self._inputs(i) if self.crit.needs == "hessian" or self.sparse_stream else None
         with torch.no_grad():
             if self.crit.needs == "hessian":
                 new_weights, masks = self._sparsegpt(block, i, linears, inputs, state, pattern)
             else:
-                stats = self._input_stats(block, i, linears, inputs) if self.crit.needs == "norms" else None
+                stats = None
+                if self.crit.needs == "norms":
+                    stats = (
+                        self._input_stats(block, i, linears, inputs)
+                        if self.sparse_stream
+                        else self._dense_stats(block, i, linears)
+                    )
                 opts = ScoreOptions(cfg.seed, cfg.ria_alpha)
                 new_weights, masks = {}, {}
                 for name in linears:

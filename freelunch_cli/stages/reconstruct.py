@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.core.device import parse_dtype, pick_device
+from freelunch_cli.core.device import dtype_name, parse_dtype, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.arch import block_halves, block_linears, check_halves
@@ -55,8 +55,8 @@ def reconstruct(
     """
     rep = rep or Reporter(quiet=True)
     cfg.validate()
-    compute = parse_dtype(cfg.dtype)
-    device = pick_device(cfg.device)
+    device, compute = resolve(cfg.device, cfg.dtype)
+    cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     shard = detect_shard(cfg.shard)
     if shard is not None and cfg.inputs == "sparse":
         raise FreelunchError("--inputs sparse chains windows in order and cannot be sharded; use --inputs dense with --shard")

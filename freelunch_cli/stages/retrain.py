@@ -12,11 +12,12 @@ with gradients and AdamW moments plus the activations of a batch through every b
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from freelunch_cli.core.console import Reporter
-from freelunch_cli.core.device import dtype_name, parse_dtype, pick_device
+from freelunch_cli.core.device import dtype_name, resolve
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.arch import block_linears, find_arch
 from freelunch_cli.model.assembly import materialize
@@ -25,7 +26,7 @@ from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, 
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import RetrainConfig
 from freelunch_cli.training import next_token
-from freelunch_cli.training.loop import autocast_factory, linear_schedule, masked_step
+from freelunch_cli.training.loop import MaskedOptimizer, autocast_factory
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
 from freelunch_cli.workdir.files import atomic_open, load_tensors, save_tensors_atomic
 from freelunch_cli.workdir.stage import open_stage
@@ -56,8 +57,8 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     shards and its own embeddings/head shard; return the summary."""
     rep = rep or Reporter(quiet=True)
     cfg.validate()
-    compute = parse_dtype(cfg.dtype)
-    device = pick_device(cfg.device)
+    device, compute = resolve(cfg.device, cfg.dtype)
+    cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     start = _start_model(work, cfg.start)
     chosen = cfg.peft is None and start == "reconstructed"
     cfg = cfg.resolved(start)
@@ -82,16 +83,16 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         n = ids.shape[0]
         per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.steps or per_epoch * cfg.epochs
-        opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(total * cfg.warmup), total))
+        opt = MaskedOptimizer(
+            params, cfg.lr, cfg.weight_decay, int(total * cfg.warmup), total, device, compute, cfg.grad_clip, "retraining"
+        )
         ckpt_path = work.retrain_checkpoint_path
         step, losses, before = 0, [], 0.0  # before: training seconds of earlier runs, so a resumed run reports the total
         if ckpt_path.exists():
             ck = torch.load(ckpt_path, map_location=device, weights_only=False)
             model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
             step, losses, before = ck["step"], ck["losses"], ck.get("seconds", 0.0)
+            opt.load_state_dict(ck, step)
             rep.info(f"retrain: resuming at step {step} of {total}")
         rep.info(
             f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters), {total} steps of "
@@ -101,6 +102,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
         autocast = autocast_factory(device, compute)
         head_chunk = next_token.HEAD_CHUNK if cfg.grad_checkpoint else None
         model.train(False)  # no dropout: the same deterministic forward as every other stage
+        pending = []  # this run's losses, on the device until a checkpoint or the end needs them
         with rep.progress("retrain", total=total, completed=step) as bar:
             while step < total:
                 epoch, offset = divmod(step, per_epoch)
@@ -108,24 +110,28 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 batch = ids[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]].to(device)
                 with autocast():
                     loss = next_token.next_token_loss(model, batch, head_chunk)
-                masked_step(loss, opt, sched, params, cfg.grad_clip, "retraining", step)
+                opt.step(loss)
                 step += 1
-                losses.append(loss.item())
+                pending.append(loss.detach())
                 bar.advance()
                 kill_point("retrain.step")
                 if step % cfg.save_every == 0 and step < total:
+                    opt.check()
+                    losses += torch.stack(pending).tolist()
+                    pending = []
                     with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
                         torch.save(
                             {
                                 "model": model.state_dict(),
-                                "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(),
+                                **opt.state_dict(),
                                 "step": step,
                                 "losses": losses,
                                 "seconds": before + run.seconds(),
                             },
                             f,
                         )
+        opt.finish()
+        losses += torch.stack(pending).tolist() if pending else []
         trainable.finalize()  # LoRA merged, masks re-applied: plain weights as sparse as the pruned model's
         _save(work, model, arch, layers, start, {id(trainable.linears[q].weight): keep for q, keep in masks.items()})
         ckpt_path.unlink(missing_ok=True)

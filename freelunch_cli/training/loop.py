@@ -4,6 +4,7 @@ AdamW on pruned weights held at exactly zero (masked gradients, masks re-applied
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -97,6 +98,23 @@ def _batches(indices: list[int], batch_size: int, generator: torch.Generator | N
         yield sorted(order[s : s + batch_size])
 
 
+def _prefetched(data, batches, ahead: bool):
+    """``data.batch(idx)`` for each index list; with ``ahead``, the next batch is read (from disk, pinned, copied
+    without blocking) by a background thread while the current one trains."""
+    if not ahead:
+        yield from (data.batch(idx) for idx in batches)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for idx in batches:
+            nxt = pool.submit(data.batch, idx)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
 def autocast_factory(device, compute_dtype):
     """A context factory: autocast to the compute dtype, or nothing for float32."""
     if compute_dtype == torch.float32:
@@ -115,18 +133,79 @@ def linear_schedule(warm: int, total: int):
     return factor
 
 
-def masked_step(loss: torch.Tensor, opt, sched, params: MaskedParams, grad_clip: float | None, what: str, step: int) -> None:
-    """One AdamW step that keeps pruned weights at exactly zero (masked gradients, masks re-applied)."""
-    if not torch.isfinite(loss):
-        raise FreelunchError(f"{what} loss became {float(loss)} at step {step}; lower --lr")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params.mask_grads()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params.params, grad_clip)
-    opt.step()
-    sched.step()
-    params.apply()
+class MaskedOptimizer:
+    """AdamW with a linear schedule that keeps pruned weights at exactly zero (masked gradients, masks re-applied after
+    every step), fused on CUDA, with a gradient scaler for float16 autocast.
+
+    The loss is checked for NaN and infinity every ``check_every`` steps and at ``finish()``, on the device, so that a
+    step needs no round trip to the host. Raises FreelunchError naming ``what`` and the steps when a loss was not finite.
+    """
+
+    check_every = 16
+
+    def __init__(
+        self,
+        params: MaskedParams,
+        lr: float,
+        weight_decay: float,
+        warmup: int,
+        total: int,
+        device,
+        compute_dtype: torch.dtype,
+        grad_clip: float | None,
+        what: str,
+    ):
+        device = torch.device(device)
+        self.params, self.grad_clip, self.what = params, grad_clip, what
+        self.opt = torch.optim.AdamW(params.params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda" or None)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_schedule(warmup, total))
+        self.scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+        self.steps = 0
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
+        self._checked = 0
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss`` (a float32 scalar)."""
+        self._finite &= torch.isfinite(loss.detach())
+        self.opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # masks and clipping act on the true gradients
+        self.params.mask_grads()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params.params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.params.apply()
+        self.steps += 1
+        if self.steps - self._checked >= self.check_every:
+            self.check()
+
+    def check(self) -> None:
+        """Raise FreelunchError if a loss since the last check was NaN or infinite."""
+        if not bool(self._finite):
+            raise FreelunchError(
+                f"{self.what} loss became NaN or infinite within steps {self._checked}-{self.steps - 1}; lower --lr"
+            )
+        self._checked = self.steps
+
+    def finish(self) -> None:
+        self.check()
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        return state if self.scaler is None else {**state, "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, steps: int) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = self._checked = steps
 
 
 def mean_loss(forward, data, indices: list[int], loss, batch_size: int, autocast) -> float:
@@ -139,9 +218,9 @@ def mean_loss(forward, data, indices: list[int], loss, batch_size: int, autocast
             x, t = data.batch(idx)
             with autocast():
                 y = forward(x)
-            total += float(loss(y.float(), t)) * len(idx)
+            total = total + loss(y.float(), t).double() * len(idx)  # summed on the device: one transfer at the end
             count += len(idx)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def train_window(
@@ -153,7 +232,6 @@ def train_window(
     cfg: TrainConfig,
     device,
     compute_dtype,
-    on_step=None,
     extra_loss=None,
 ) -> dict:
     """AdamW with linear warm-up and decay on ``loss(forward(x), target)`` (plus ``extra_loss(y, target)``
@@ -175,26 +253,33 @@ def train_window(
     best = (val_before, 0, params.snapshot()) if cfg.keep_best and val_idx else None
     step = 0
     if params.params:
-        opt = torch.optim.AdamW(params.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(total * cfg.warmup), total))
+        opt = MaskedOptimizer(
+            params,
+            cfg.lr,
+            cfg.weight_decay,
+            int(total * cfg.warmup),
+            total,
+            device,
+            compute_dtype,
+            cfg.grad_clip,
+            "reconstruction",
+        )
         gen = torch.Generator().manual_seed(cfg.seed)
         while step < total:
-            for idx in _batches(train_idx, cfg.batch_size, gen):
-                x, t = data.batch(idx)
+            for x, t in _prefetched(data, _batches(train_idx, cfg.batch_size, gen), torch.device(device).type == "cuda"):
                 with autocast():
                     y = forward(x)
-                value = loss(y.float(), t)
-                masked_step(value, opt, sched, params, cfg.grad_clip, "reconstruction", step)
+                opt.step(loss(y.float(), t))
                 step += 1
                 kill_point("train.step")
-                if on_step is not None:
-                    on_step(step, total, float(value))
                 if step >= total:
                     break
             if best is not None:
+                opt.check()
                 v = mean_loss(forward, data, val_idx, loss, eval_bs, autocast)
                 if v < best[0]:
                     best = (v, step, params.snapshot())
+        opt.finish()
         del opt
     if best is not None:
         params.restore(best[2])

@@ -85,6 +85,11 @@ class WorkDir:
     def tokens_path(self) -> Path:
         return self.root / "calib" / "tokens.safetensors"
 
+    def input_stats_path(self, i: int) -> Path:
+        """Per-input sums of squares of block ``i``'s matrices on the dense calibration stream, gathered by calibrate's
+        dense pass (Wanda's and RIA's statistics with ``prune --stats dense``)."""
+        return self.root / "calib" / "stats" / f"block_{i:03d}.safetensors"
+
     # ---- paths: prune ------------------------------------------------------------------------------------
     def mask_path(self, i: int) -> Path:
         return self.root / "prune" / "masks" / f"block_{i:03d}.safetensors"
@@ -211,8 +216,12 @@ class WorkDir:
             write_json_atomic(self.manifest_path, m)
 
     def record_file(self, path: Path, info: FileInfo) -> None:
+        """Record a file this process wrote: size, sha256 (computed while writing) and modification time. The file is
+        known good to this process from now on, so reading it back costs no hashing."""
+        st = Path(path).stat()
         with self.update() as m:
-            m["files"][self.rel(path)] = info.as_dict()
+            m["files"][self.rel(path)] = {**info.as_dict(), "mtime_ns": st.st_mtime_ns}
+        _VERIFIED.add((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, info.sha256))
 
     def forget_file(self, path: Path) -> None:
         """Delete a file that nothing needs any more, and its manifest record."""
@@ -233,11 +242,12 @@ class WorkDir:
         return max(matches)[1] if matches else "calibrate"
 
     # ---- file integrity ------------------------------------------------------------------------------------
-    def problem(self, path: Path, record: dict | None = None) -> str | None:
+    def problem(self, path: Path, record: dict | None = None, policy: str | None = None) -> str | None:
         """What is wrong with a file the manifest recorded (missing, truncated, altered), or None.
 
-        Sizes are always checked; contents are hashed once per process and file unless ``FREELUNCH_VERIFY=size``
-        (for very large runs where hashing costs minutes).
+        The size is always checked. Then, by ``policy`` (default ``FREELUNCH_VERIFY``, else ``mtime``): ``mtime`` trusts
+        a file whose modification time is the one recorded when it was written and hashes any other; ``full`` hashes
+        every file (once per process); ``size`` hashes none. A file this process wrote or hashed is never hashed again.
         """
         path = Path(path)
         rec = record if record is not None else self.manifest()["files"].get(self.rel(path))
@@ -248,13 +258,13 @@ class WorkDir:
             return None
         if st.st_size != rec["size"]:
             return f"{st.st_size} bytes where {rec['size']} were written: truncated or altered"
-        if os.environ.get("FREELUNCH_VERIFY", "full") == "size":
-            return None
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, rec["sha256"])
-        if key not in _VERIFIED:
-            if sha256_file(path).sha256 != rec["sha256"]:
-                return "its contents do not match the hash recorded when it was written: altered or corrupt"
-            _VERIFIED.add(key)
+        policy = policy or os.environ.get("FREELUNCH_VERIFY", "mtime")
+        if key in _VERIFIED or policy == "size" or (policy == "mtime" and rec.get("mtime_ns") == st.st_mtime_ns):
+            return None
+        if sha256_file(path).sha256 != rec["sha256"]:
+            return "its contents do not match the hash recorded when it was written: altered or corrupt"
+        _VERIFIED.add(key)
         return None
 
     def check_file(self, path: Path) -> Path:

@@ -292,6 +292,11 @@ class TensorRows:
         self.shape = tuple(self._slice.get_shape())
         self.dtype = self._slice.get_dtype()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor (its file less the header)."""
+        return self.path.stat().st_size
+
     def __len__(self) -> int:
         return self.shape[0]
 

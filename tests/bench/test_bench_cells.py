@@ -121,6 +121,17 @@ def test_recorded_cells_keep_one_epoch_when_the_cli_default_changes(tmp_path, fa
     assert recon[1].count("--epochs") == 1 and recon[1][recon[1].index("--epochs") + 1] == "2"
 
 
+def test_recorded_prune_cells_keep_the_statistics_they_were_measured_with(tmp_path, fake_stages):
+    calls = fake_stages
+    runner = Runner(tmp_path / "runs", tmp_path / "paper.jsonl")
+    runner.run(Cell("ria", ("--criterion", "ria", "--sparsity", "0.5")))
+    runner.run(Cell("wanda", WANDA50))
+    pruned = [args for name, args in calls if name == "prune"]
+    # measured when the pruned stream was the default: spelled out now that dense statistics are; named ones kept
+    assert pruned[0][pruned[0].index("--stats") + 1] == "sparse"
+    assert pruned[1].count("--stats") == 1 and pruned[1][pruned[1].index("--stats") + 1] == "dense"
+
+
 def test_recorded_retraining_cells_keep_what_they_measured_when_the_cli_defaults_change(tmp_path, fake_stages):
     import sweep
 

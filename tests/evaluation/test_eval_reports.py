@@ -161,3 +161,28 @@ def test_compare_and_plots(fresh_work, tmp_path):
     for f in pngs:
         data = (out / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_eval_of_a_model_path_streams_its_checkpoint_block_by_block(tiny_models, calibrated, monkeypatch):
+    """`eval --model` reads one block at a time from the safetensors checkpoint: the model is never built whole."""
+    import freelunch_cli.stages.evaluate as evaluation
+
+    monkeypatch.setattr(evaluation.AutoModelForCausalLM, "from_pretrained", None)  # would fail if it were called
+    cfg = EvalConfig(ppl=[str(HELDOUT)], seqlen=SEQLEN, limit_sequences=4, device="cpu")
+    by_path = evaluate(None, EvalConfig(**{**cfg.__dict__, "model": str(tiny_models["llama"])}))["results"][0]
+    by_work = evaluate(calibrated["llama"], EvalConfig(**{**cfg.__dict__, "stage": "dense"}))["results"][0]
+    assert by_path["ppl"] == pytest.approx(by_work["ppl"], rel=1e-4)
+
+
+def test_a_model_larger_than_one_gpu_is_spread_block_by_block():
+    from transformers import AutoModelForCausalLM
+
+    from freelunch_cli.model.assembly import device_map
+
+    from helpers import tiny_config
+
+    lm = AutoModelForCausalLM.from_config(tiny_config("llama", layers=4))
+    size = sum(p.numel() * 4 for p in lm.parameters())
+    placed = device_map(lm, {0: size // 3, 1: size // 3, "cpu": 10 * size})
+    assert set(placed.values()) == {0, 1, "cpu"}
+    assert all(k.count(".") <= 2 for k in placed)  # whole blocks (model.layers.N), never their submodules

@@ -123,3 +123,24 @@ def test_sparsegpt_on_too_few_tokens_says_it_raised_the_dampening(tiny_models, t
         in err
     )
     assert all(torch.isfinite(v).all() for v in load_tensors(work.block_path("pruned", 0)).values())
+
+
+def test_calibrate_keeps_each_matrix_s_dense_input_norms(calibrated):
+    """Wanda's statistics gathered by the dense pass, against a direct computation: the sum over every calibration
+    token of the squared input of q_proj, which is the block's input after its first norm."""
+    work = calibrated["llama"]
+    stored = load_tensors(work.input_stats_path(1))
+    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
+    x = TensorRows(work.boundary_path("dense", 1)).rows(0, SAMPLES).float()
+    with torch.no_grad():
+        h = sk.build_block(1).input_layernorm(x)
+    torch.testing.assert_close(stored["self_attn.q_proj"].float(), h.pow(2).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert set(stored) == {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }

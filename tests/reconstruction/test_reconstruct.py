@@ -92,3 +92,28 @@ def test_window_parameter_files_are_deleted_once_the_blocks_are_assembled(fresh_
     before = [dropped.block_path("reconstructed", i).stat().st_mtime_ns for i in range(2)]
     assert reconstruct(dropped, ReconstructConfig(window="block", epochs=1, device="cpu"), resume=True) == summary[False]
     assert [dropped.block_path("reconstructed", i).stat().st_mtime_ns for i in range(2)] == before
+
+
+def test_a_windows_data_held_in_memory_or_read_per_step_gives_the_same_model(fresh_work, monkeypatch):
+    """Activation files that fit are read once per window and kept on the device; others are read per step."""
+    import freelunch_cli.reconstruction.runner as runner
+
+    held, streamed = fresh_work("llama"), fresh_work("llama")
+    kinds = {}
+    real_rows = runner.WindowRunner.rows
+
+    def spy(self, stream, name):
+        rows = real_rows(self, stream, name)
+        kinds.setdefault(type(rows).__name__, 0)
+        kinds[type(rows).__name__] += 1
+        return rows
+
+    monkeypatch.setattr(runner.WindowRunner, "rows", spy)
+    for work, share in ((held, runner.RESIDENT_SHARE), (streamed, 0.0)):
+        monkeypatch.setattr(runner, "RESIDENT_SHARE", share)
+        prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
+        reconstruct(work, ReconstructConfig(window="block", epochs=1, device="cpu"))
+    assert kinds["ResidentRows"] > 0 and kinds["TensorRows"] > 0
+    for i in range(2):
+        a, b = load_tensors(held.block_path("reconstructed", i)), load_tensors(streamed.block_path("reconstructed", i))
+        assert all(torch.equal(a[k], b[k]) for k in a)

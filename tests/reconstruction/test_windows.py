@@ -164,7 +164,11 @@ def test_steps_warmup_validation_and_keep_best(fresh_work):
         reconstruct(work, ReconstructConfig(keep_best=True), force=True)
 
 
-def test_kl_term_on_the_last_window(fresh_work):
+@pytest.mark.parametrize("chunk", [512, 5])  # the head on all positions of a sequence at once, or 5 at a time
+def test_kl_term_on_the_last_window(chunk, fresh_work, monkeypatch):
+    import freelunch_cli.reconstruction.runner as runner
+
+    monkeypatch.setattr(runner, "KL_CHUNK", chunk)
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
     reconstruct(work, ReconstructConfig(window="block", lr=1e-3, kl_weight=0.5, keep_cache=True, device="cpu"))

@@ -89,19 +89,19 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(sig, code, fresh_work):
 def test_damaged_files_are_named_and_recomputed(fresh_work):
     work = fresh_work("llama")
     twin = fresh_work("llama")
-    prune(twin, PruneConfig(criterion="wanda", device="cpu"))
+    prune(twin, PruneConfig(criterion="wanda", stats="sparse", device="cpu"))
     # a truncated dense activation cache
     victim = work.boundary_path("dense", 0)
     others = {p: p.stat().st_mtime_ns for p in (work.root / "acts" / "dense").iterdir() if p != victim}
     victim.write_bytes(victim.read_bytes()[:1000])
     with pytest.raises(FreelunchError, match="boundary_000.safetensors is damaged .*calibrate --work .* --resume"):
-        prune(work, PruneConfig(criterion="wanda", device="cpu"))
+        prune(work, PruneConfig(criterion="wanda", stats="sparse", device="cpu"))
     cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
     with pytest.raises(FreelunchError, match="missing or damaged .*boundary_000.*--resume"):
         calibrate(work, cfg)
     calibrate(work, cfg, resume=True)
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())  # only the damaged file was recomputed
-    prune(work, PruneConfig(criterion="wanda", device="cpu"), resume=True)  # the failed prune is continued
+    prune(work, PruneConfig(criterion="wanda", stats="sparse", device="cpu"), resume=True)  # the failed prune is continued
     same_files(twin.model_dir("pruned"), work.model_dir("pruned"))
     # an altered (same size) pruned shard
     shard = work.block_path("pruned", 0)
@@ -110,7 +110,7 @@ def test_damaged_files_are_named_and_recomputed(fresh_work):
     shard.write_bytes(bytes(data))
     with pytest.raises(FreelunchError, match="block_000.safetensors is damaged .*altered.*prune --work"):
         reconstruct(work, ReconstructConfig(device="cpu"))
-    prune(work, PruneConfig(criterion="wanda", device="cpu"), resume=True)
+    prune(work, PruneConfig(criterion="wanda", stats="sparse", device="cpu"), resume=True)
     same_files(twin.model_dir("pruned"), work.model_dir("pruned"))
 
 
@@ -149,14 +149,30 @@ def test_force_checks_every_input_before_discarding_anything(fresh_work):
     with pytest.raises(
         FreelunchError, match="boundary_000.safetensors is missing; rerun `freelunch calibrate --work .* --resume`"
     ):
-        prune(work, PruneConfig(criterion="wanda", sparsity=0.6, device="cpu"), force=True)
+        prune(work, PruneConfig(criterion="wanda", sparsity=0.6, stats="sparse", device="cpu"), force=True)
     with pytest.raises(FreelunchError, match="boundary_000.safetensors is missing"):
         reconstruct(work, ReconstructConfig(window="block", lr=3e-3, device="cpu"), force=True)
     assert {p: p.read_bytes() for p in sorted(work.root.rglob("*")) if p.is_file()} == before
     calibrate_again = work.stage("calibrate").summary["config"]
     calibrate(work, CalibrateConfig(**calibrate_again), resume=True)  # what the message says: recompute them
-    prune(work, PruneConfig(criterion="wanda", sparsity=0.6, device="cpu"), force=True)
+    prune(work, PruneConfig(criterion="wanda", sparsity=0.6, stats="sparse", device="cpu"), force=True)
     assert work.stage("reconstruct") is None and work.stage("prune").signature["sparsity"] == 0.6
+
+
+def test_dense_statistics_need_no_activation_cache(fresh_work):
+    """Calibrate keeps the dense input norms of every matrix: Wanda with dense statistics (the default) runs without
+    the cache, even after reconstruct deleted it, and gives the masks a pass over the cache gives."""
+    work, twin = fresh_work("llama"), fresh_work("llama")
+    for path in (work.root / "acts" / "dense").iterdir():
+        path.unlink()
+    prune(work, PruneConfig(criterion="wanda", device="cpu"))
+    for i in range(2):
+        twin.forget_file(twin.input_stats_path(i))  # without stored statistics: a pass over the cache
+    prune(twin, PruneConfig(criterion="wanda", device="cpu"))
+    for i in range(2):
+        assert load_tensors(work.mask_path(i)).keys() == load_tensors(twin.mask_path(i)).keys()
+        for name, keep in load_tensors(work.mask_path(i)).items():
+            assert torch.equal(keep, load_tensors(twin.mask_path(i))[name]), name
 
 
 def test_a_full_disk_while_a_library_writes_leaves_no_partial_file_and_names_the_file(tmp_path):
@@ -210,3 +226,30 @@ def test_float16_overflow_is_an_error_naming_where_not_a_nan_cache(tmp_path):
             work, CalibrateConfig(model=str(folder), data=str(CALIB), samples=4, seqlen=SEQLEN, dtype="float16", device="cpu")
         )
     assert not work.is_recorded(work.boundary_path("dense", 1)) and not work.boundary_path("dense", 1).exists()
+
+
+def test_files_this_process_wrote_are_not_hashed_again_and_a_resume_checks_sizes_and_times(fresh_work, monkeypatch):
+    import freelunch_cli.workdir.directory as directory
+    from freelunch_cli.stages.verify import verify
+
+    work = fresh_work("llama")
+    hashed = []
+    real = directory.sha256_file
+    monkeypatch.setattr(directory, "sha256_file", lambda p: hashed.append(p) or real(p))
+    prune(work, PruneConfig(criterion="magnitude", device="cpu"))
+    reconstruct(work, ReconstructConfig(window="block", epochs=1, device="cpu"))
+    assert hashed == []  # what it wrote is known good; what calibrate wrote has its recorded size and time
+    assert all("mtime_ns" in rec for rec in work.manifest()["files"].values())
+    # a same-size alteration that keeps the modification time: stages trust it, `freelunch verify` does not
+    shard = work.block_path("pruned", 1)
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    directory._VERIFIED.clear()  # as in a new process
+    assert work.problem(shard) is None
+    with pytest.raises(FreelunchError, match=r"1 of \d+ files are damaged \(pruned/block_001.safetensors\); `freelunch prune"):
+        verify(work)
+    monkeypatch.setenv("FREELUNCH_VERIFY", "full")
+    assert "do not match the hash" in work.problem(shard)

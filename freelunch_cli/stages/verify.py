@@ -1,0 +1,47 @@
+"""`freelunch verify`: hash every file the work directory's manifest records, beside whatever else runs.
+
+Stages trust a file whose size and modification time are the ones recorded when it was written (and any file the
+same process wrote); this command is the full check: every file's sha256 against its record, several files at a
+time (hashing releases the interpreter lock, so threads hash in parallel).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from freelunch_cli.core.console import Reporter
+from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.core.units import format_bytes
+from freelunch_cli.workdir.directory import WorkDir
+
+
+def verify(work: WorkDir, rep: Reporter | None = None, threads: int | None = None) -> dict:
+    """Hash every recorded file that exists; return the counts, the damaged files by stage and the recorded files that
+    are gone (activation caches are deleted once no stage needs them). Raises FreelunchError naming the damaged files
+    and the command that recomputes them, when there are any."""
+    rep = rep or Reporter(quiet=True)
+    if not work.exists():
+        raise FreelunchError(f"{work.root} is not a freelunch work directory (no manifest.json)")
+    files = work.manifest()["files"]
+    missing = [rel for rel in files if not work.path_of(rel).exists()]
+    present = {rel: rec for rel, rec in files.items() if rel not in missing}
+    damaged: dict[str, list[str]] = {}
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool, rep.progress("verify", total=len(present)) as bar:
+        checks = {rel: pool.submit(work.problem, work.path_of(rel), rec, "full") for rel, rec in present.items()}
+        for rel, check in checks.items():
+            if check.result() is not None:
+                damaged.setdefault(work.owner_stage_of(rel), []).append(rel)
+            bar.advance()
+    total = sum(rec["size"] for rec in present.values())
+    summary = {"work": str(work.root), "files": len(present), "bytes": total, "damaged": damaged, "missing": missing}
+    if damaged:
+        stages = ", ".join(f"`freelunch {st} --work {work.root} --resume`" for st in damaged)
+        names = [rel for rels in damaged.values() for rel in rels]
+        more = ", ..." if len(names) > 6 else ""
+        raise FreelunchError(
+            f"{len(names)} of {len(present)} files are damaged ({', '.join(names[:6])}{more}); {stages} recomputes them"
+        )
+    gone = f"; {len(missing)} recorded files are gone (activation caches are deleted once no stage needs them)" if missing else ""
+    rep.summary(f"verified {len(present)} files ({format_bytes(total)}) in {work.root}: all match their records{gone}", summary)
+    return summary
