@@ -3,6 +3,7 @@ folders; the data files; the calibration size every fixture uses; streamed logit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTCo
 ARCHS = ["llama", "qwen2", "mistral", "opt"]
 MORE_ARCHS = ["mixtral", "qwen2_moe", "gemma2", "gemma3", "phi3"]  # mixture of experts, sandwich norms, fused projections
 SAMPLES, SEQLEN = 16, 48  # the calibration of every fixture's work directory
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout, or FREELUNCH_TEST_DATA where it is elsewhere (bench/gpu_check.sh on a GPU machine)
+DATA = Path(os.environ.get("FREELUNCH_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 CALIB = DATA / "wikitext-2-raw" / "calib.txt"
 HELDOUT = DATA / "wikitext-2-raw" / "heldout.txt"
 VOCAB = 384

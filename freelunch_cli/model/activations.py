@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -30,15 +31,15 @@ def write_activations(
     help) or exceeds ``dtype``'s range (naming --cache-dtype); nothing is recorded then.
     """
     limit = torch.finfo(dtype).max
-    with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype) as w:
+    with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype) as w, torch.no_grad():
         for start in range(0, samples, batch_size):
             out = producer(slice(start, min(start + batch_size, samples)))
-            if not bool(torch.isfinite(out).all()):
+            peak = float(out.abs().amax())  # NaN when any value is NaN: one pass checks both
+            if not math.isfinite(peak):
                 raise FreelunchError(
                     f"{what} holds NaN or infinite values ({path.name}, samples {start}-{start + out.shape[0] - 1}): the "
                     f"computation overflowed; use --dtype bfloat16 or float32 (float16 ends at 65504)"
                 )
-            peak = out.abs().max().item()
             if peak > limit:
                 raise FreelunchError(
                     f"hidden states in {path.name} reach {peak:.0f}, beyond {dtype_name(dtype)}'s range; "

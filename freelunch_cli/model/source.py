@@ -233,7 +233,7 @@ def iter_model_parts(spec: ModelSpec, config, log=print):
         yield i, checkpoint.block(i)
 
 
-def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print) -> dict:
+def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=None, log=print, config=None) -> dict:
     """Write the dense model of ``spec`` into ``work`` as block shards (``dtype``: cast floating tensors, None keeps the
     checkpoint's), with its tokenizer, config and own code (``--trust-remote-code``); files already recorded are kept.
     Every file lands atomically and is recorded. Returns the block count, storage dtype and model type."""
@@ -254,7 +254,7 @@ def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=Non
                 "storage_dtype": str(config.dtype).removeprefix("torch."),
                 "model_type": config.model_type,
             }
-    config = load_config(spec)
+    config = config or load_config(spec)  # a GGUF file is parsed anew by every load: reuse what the caller read
     for code in spec.code_files():
         if not written(folder / code.name):
             work.record_file(folder / code.name, write_bytes_atomic(folder / code.name, code.read_bytes()))

@@ -76,11 +76,17 @@ def keep_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         g.scatter_(-1, order, False)
         return keep
     if pattern.scope == "row":
-        k = pattern.zeros_per_row(cols)
-        order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-        keep.scatter_(1, order, False)
-        return keep
-    k = int(score.numel() * pattern.sparsity)
-    order = torch.sort(score.reshape(-1), stable=True).indices[:k]
-    keep.view(-1)[order] = False
-    return keep
+        return ~lowest(score, pattern.zeros_per_row(cols))
+    return ~lowest(score.reshape(1, -1), int(score.numel() * pattern.sparsity)).reshape(rows, cols)
+
+
+def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest scores of each row of ``score`` ``[rows, cols]``, ties taken in position order:
+    the first ``k`` of a stable ascending sort, found with a selection (``kthvalue``, linear time) instead."""
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values
+    below = score < kth
+    ties = score == kth
+    wanted = k - below.sum(1, keepdim=True)  # how many of the ties the first k positions of the sort hold
+    return below | (ties & (ties.cumsum(1) <= wanted))

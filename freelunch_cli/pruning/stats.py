@@ -14,31 +14,50 @@ class LinearStats:
         self.sumsq = torch.zeros(in_features, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.tokens += x.shape[0]
-        self.sumsq += x.pow(2).sum(0).double()
+        """Add the rows of ``x`` ``[..., in_features]``."""
+        self.add_sums(squared_sums(x), x.numel() // x.shape[-1])
+
+    def add_sums(self, sumsq: torch.Tensor, tokens: int) -> None:
+        self.tokens += tokens
+        self.sumsq += sumsq
 
     def input_norms(self) -> torch.Tensor:
         """||X_j||₂ over every calibration token."""
         return self.sumsq.sqrt().float()
 
 
+def squared_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-feature sum of squares (float64 ``[in_features]``) of the rows of ``x`` ``[..., in_features]``."""
+    return x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
+
+
 class StatsCollector:
-    """Hooks on the given linears; use it as a context while running calibration batches through the block."""
+    """Hooks on the given linears; use it as a context while running calibration batches through the block. Linears
+    fed the very same input tensor (q/k/v, gate/up) share one computation of its squared sums."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
         self.linears = linears
         self.stats = {name: LinearStats(lin.in_features, lin.weight.device) for name, lin in linears.items()}
         self._handles = []
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its squared sums) of the latest hook
+
+    def _hook(self, st: LinearStats):
+        def hook(mod, args):  # a pre-hook must return None, or it replaces the arguments
+            x = args[0].detach()
+            if self._last is None or self._last[0] is not args[0]:
+                self._last = (args[0], squared_sums(x))
+            st.add_sums(self._last[1], x.numel() // x.shape[-1])
+
+        return hook
 
     def __enter__(self):
         for name, lin in self.linears.items():
-            st = self.stats[name]
-            self._handles.append(lin.register_forward_pre_hook(lambda mod, args, st=st: st.add(args[0].detach())))
+            self._handles.append(lin.register_forward_pre_hook(self._hook(self.stats[name])))
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
         return False

@@ -79,7 +79,7 @@ def calibrate(
             work.record_file(work.tokens_path, info)
         ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
 
-        meta = import_model(spec, work, storage, tokenizer=tokenizer, log=rep.info)
+        meta = import_model(spec, work, storage, tokenizer=tokenizer, log=rep.info, config=config)
         t_import = run.seconds()
         sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
         missing = [b for b in range(n_blocks + 1) if not _boundary_done(work, b)]

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,8 +219,11 @@ class StreamingTensorWriter:
 
     The header is written first, then rows are appended as they are computed, so an activation cache
     of N samples never has to be held in memory at once. The file becomes visible (atomic rename) only
-    when every row has been written.
+    when every row has been written. Writing and hashing run on a background thread (both release the interpreter
+    lock), overlapping the computation of the next rows; at most ``AHEAD`` appended chunks wait.
     """
+
+    AHEAD = 2
 
     def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype, metadata: dict | None = None):
         if dtype not in _ST_DTYPES:
@@ -240,6 +245,8 @@ class StreamingTensorWriter:
         self._size = 0
         self._ctx = atomic_open(self.path)
         self._f = self._ctx.__enter__()
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: deque = deque()  # (future, the rows it writes: kept alive until written)
         self._write(len(hb).to_bytes(8, "little") + hb)
 
     def _write(self, b: bytes) -> None:
@@ -248,19 +255,41 @@ class StreamingTensorWriter:
         self._size += len(b)
 
     def append(self, rows: torch.Tensor) -> None:
+        """Append rows ``[n, *shape[1:]]`` (cast to the file's dtype here; written in the background)."""
         rows = rows.detach().to(device="cpu", dtype=self.dtype).contiguous()
         if tuple(rows.shape[1:]) != self.shape[1:] or self._rows + rows.shape[0] > self.shape[0]:
             raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit tensor {self.shape} at row {self._rows}")
-        self._write(rows.view(-1).view(torch.uint8).numpy().tobytes())
+        data = memoryview(rows.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
+        self._pending.append((self._pool.submit(self._write, data), rows))
         self._rows += rows.shape[0]
+        while len(self._pending) > self.AHEAD:
+            self._wait(self._pending.popleft()[0])
+
+    def _wait(self, future) -> None:
+        try:
+            future.result()
+        except OSError as e:
+            if _is_disk_full(e) and not e.filename:
+                raise disk_full(self.path) from None
+            raise
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._wait(self._pending.popleft()[0])
 
     def close(self) -> FileInfo:
+        self._drain()
+        self._pool.shutdown()
         if self._rows != self.shape[0]:
             raise ValueError(f"only {self._rows} of {self.shape[0]} rows were written to {self.path}")
         self._ctx.__exit__(None, None, None)
         return FileInfo(self._size, self._hash.hexdigest())
 
     def abort(self) -> None:
+        for future, _ in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
         try:
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
         except RuntimeError:
@@ -271,7 +300,11 @@ class StreamingTensorWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.info = self.close()
+            try:
+                self.info = self.close()
+            except BaseException:
+                self.abort()  # a write that failed in the background: no partial file stays
+                raise
         else:
             self.abort()
         return False

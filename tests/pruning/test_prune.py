@@ -93,3 +93,18 @@ def test_pattern_that_does_not_fit(fresh_work):
     work = fresh_work("llama")
     with pytest.raises(FreelunchError, match="not divisible by 3"):
         prune(work, PruneConfig(criterion="magnitude", pattern="2:3", device="cpu"))
+
+
+def test_the_lowest_scores_are_the_first_of_a_stable_sort_ties_by_position():
+    """Masks select with kthvalue (linear time): the same choice as a stable ascending sort, ties included."""
+    from freelunch_cli.pruning.masks import lowest
+
+    torch.manual_seed(0)
+    for trial in range(300):
+        rows, cols = torch.randint(1, 9, (2,)).tolist()
+        score = torch.randint(0, 4, (rows, cols)).float() if trial % 2 else torch.rand(rows, cols)  # many ties, or none
+        k = int(torch.randint(0, cols + 1, (1,)))
+        expected = torch.zeros(rows, cols, dtype=torch.bool)
+        if k:
+            expected.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(lowest(score, k), expected), (score, k)

@@ -37,3 +37,24 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         write_bytes_atomic(path, None)  # fails while writing
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_a_full_disk_in_the_background_writer_removes_the_file_and_names_it(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "boundary_001.safetensors"
+    w = StreamingTensorWriter(path, "hidden", (4, 3), torch.float16)
+    calls = []
+
+    def full(b):
+        calls.append(len(b))
+        if len(calls) > 1:  # the header went through, the first rows do not
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(w, "_write", full)
+    with pytest.raises(OSError) as e:
+        with w:
+            for _ in range(4):
+                w.append(torch.ones(1, 3))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary remains
