@@ -82,7 +82,9 @@ def calibrate(
         meta = import_model(spec, work, storage, tokenizer=tokenizer, log=rep.info, config=config)
         t_import = run.seconds()
         sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
-        missing = [b for b in range(n_blocks + 1) if not _boundary_done(work, b)]
+        # a run begun before calibrate kept statistics keeps going without them (prune then computes them itself)
+        with_stats = run.state is StageState.FRESH or any(work.is_recorded(work.input_stats_path(i)) for i in range(n_blocks))
+        missing = [b for b in range(n_blocks + 1) if not _boundary_done(work, b, with_stats)]
         t_pass = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
             for b in missing:
@@ -99,9 +101,8 @@ def calibrate(
                         "the embeddings",
                     )
                 else:
-                    _dense_block_pass(
-                        work, sk, b - 1, cfg, cache_dtype, f"the output of dense block {b - 1} (in {dtype_name(compute)})"
-                    )
+                    what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
+                    _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats)
                 kill_point("calibrate.boundary")
                 bar.advance()
         summary = {
@@ -152,12 +153,16 @@ def _device_of(folder: Path) -> int:
     return folder.stat().st_dev
 
 
-def _boundary_done(work: WorkDir, b: int) -> bool:
-    """Boundary ``b`` and, for b > 0, the input statistics of block ``b - 1`` gathered on the way are recorded."""
-    return work.is_recorded(work.boundary_path("dense", b)) and (b == 0 or work.is_recorded(work.input_stats_path(b - 1)))
+def _boundary_done(work: WorkDir, b: int, with_stats: bool) -> bool:
+    """Boundary ``b`` and, for b > 0 and ``with_stats``, the input statistics of block ``b - 1`` gathered on the way
+    are recorded."""
+    stats = not with_stats or b == 0 or work.is_recorded(work.input_stats_path(b - 1))
+    return work.is_recorded(work.boundary_path("dense", b)) and stats
 
 
-def _dense_block_pass(work: WorkDir, sk: Skeleton, i: int, cfg: CalibrateConfig, cache_dtype: torch.dtype, what: str) -> None:
+def _dense_block_pass(
+    work: WorkDir, sk: Skeleton, i: int, cfg: CalibrateConfig, cache_dtype: torch.dtype, what: str, with_stats: bool = True
+) -> None:
     """Dense block ``i`` on the stored boundary before it (so a resumed pass computes exactly what an uninterrupted one
     does): its output is boundary ``i + 1``, and the per-input sums of squares of its matrices, gathered on the way,
     are Wanda's and RIA's dense statistics, so that ``prune --stats dense`` needs no forward pass."""
@@ -181,7 +186,8 @@ def _dense_block_pass(work: WorkDir, sk: Skeleton, i: int, cfg: CalibrateConfig,
             cfg.batch_size,
             what,
         )
-    stats = {name: st.sumsq for name, st in collector.stats.items()}
-    tokens = {name: st.tokens for name, st in collector.stats.items()}
-    path = work.input_stats_path(i)
-    work.record_file(path, save_tensors_atomic(path, stats, {"tokens": json.dumps(tokens)}))
+    if with_stats:
+        stats = {name: st.sumsq for name, st in collector.stats.items()}
+        tokens = {name: st.tokens for name, st in collector.stats.items()}
+        path = work.input_stats_path(i)
+        work.record_file(path, save_tensors_atomic(path, stats, {"tokens": json.dumps(tokens)}))

@@ -144,10 +144,20 @@ def check_free_space(folder: Path, needed: int, what: str, detail: str = "") -> 
         )
 
 
+HASH_BESIDE = 1 << 20  # files from this size are hashed on a thread while they are written (both release the GIL)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> FileInfo:
-    with atomic_open(path) as f:
-        f.write(data)
-    return FileInfo(len(data), hashlib.sha256(data).hexdigest())
+    """Write ``data`` to ``path`` atomically; its size and sha256 for the manifest."""
+    if len(data) < HASH_BESIDE:
+        with atomic_open(path) as f:
+            f.write(data)
+        return FileInfo(len(data), hashlib.sha256(data).hexdigest())
+    with ThreadPoolExecutor(1) as pool:
+        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        with atomic_open(path) as f:
+            f.write(data)
+        return FileInfo(len(data), digest.result())
 
 
 def write_json_atomic(path: Path, obj) -> FileInfo:

@@ -253,3 +253,18 @@ def test_files_this_process_wrote_are_not_hashed_again_and_a_resume_checks_sizes
         verify(work)
     monkeypatch.setenv("FREELUNCH_VERIFY", "full")
     assert "do not match the hash" in work.problem(shard)
+
+
+def test_a_calibration_from_before_the_statistics_resumes_without_recomputing_every_block(fresh_work):
+    """A work directory calibrated before calibrate kept statistics: a damaged boundary is recomputed alone, and
+    prune computes the statistics from the cache as before."""
+    work = fresh_work("llama")
+    work.forget([work.rel(work.input_stats_path(i)) for i in range(2)])
+    others = {p: p.stat().st_mtime_ns for p in (work.root / "acts" / "dense").iterdir() if p.name != "boundary_001.safetensors"}
+    victim = work.boundary_path("dense", 1)
+    victim.write_bytes(victim.read_bytes()[:1000])
+    calibrate(work, CalibrateConfig(**work.stage("calibrate").summary["config"]), resume=True)
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items()) and work.problem(victim) is None
+    assert not any(work.input_stats_path(i).exists() for i in range(2))
+    prune(work, PruneConfig(criterion="wanda", device="cpu"))
+    assert work.stage("prune").status == "done"
