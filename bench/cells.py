@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import CALIB, HELDOUT, SHAKESPEARE, clone_work, run_stage, smollm2_gguf
+from common import HELDOUT, SHAKESPEARE, calibrate_args, clone_work, run_stage
 
 # Options both bench/sweep.py and bench/paper.py build their cells from, spelled the same way so that equal cells
 # have equal inputs (and one script reuses the other's records): Wanda with dense-model statistics (as good as the
@@ -154,21 +154,7 @@ class Runner:
     def calibrated(self, cell: Cell) -> tuple[Path, dict]:
         work = self.root / cell.calib_key
         s = run_stage(
-            "calibrate",
-            "--model",
-            str(smollm2_gguf()),
-            "--data",
-            str(CALIB),
-            "--samples",
-            str(cell.samples),
-            "--seqlen",
-            str(cell.seqlen),
-            "--seed",
-            str(cell.seed),
-            *cell.extra_calib,
-            "--work",
-            str(work),
-            "--resume",
+            *calibrate_args(work, cell.samples, cell.seqlen, None, "--seed", str(cell.seed), *cell.extra_calib), "--resume"
         )
         return work, s
 

@@ -26,6 +26,25 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def calibrate_args(work: Path, samples: int, seqlen: int, model: Path | None = None, *extra: str) -> tuple[str, ...]:
+    """``freelunch calibrate`` on calib.txt (SmolLM2-135M unless ``model``), as every benchmark calls it."""
+    model = model or smollm2_gguf()
+    return (
+        "calibrate",
+        "--model",
+        str(model),
+        "--data",
+        str(CALIB),
+        "--samples",
+        str(samples),
+        "--seqlen",
+        str(seqlen),
+        *extra,
+        "--work",
+        str(work),
+    )
+
+
 def run_stage(*args: str, check: bool = True) -> dict:
     """Run `freelunch ARGS --json`; return its summary with wall seconds and the process's peak RSS (MiB)."""
     t0 = time.time()

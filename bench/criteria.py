@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CALIB, HELDOUT, ROOT, clone_work, machine, markdown_table, run_stage, smollm2_gguf, write_json  # noqa: E402
+from common import HELDOUT, ROOT, calibrate_args, clone_work, machine, markdown_table, run_stage, write_json  # noqa: E402
 
 CELLS = [
     ("magnitude", None, "sparse"),
@@ -38,20 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.work)
     base = root / "calibrated"
-    run_stage(
-        "calibrate",
-        "--model",
-        str(smollm2_gguf()),
-        "--data",
-        str(CALIB),
-        "--samples",
-        "128",
-        "--seqlen",
-        "512",
-        "--work",
-        str(base),
-        "--resume",
-    )
+    run_stage(*calibrate_args(base, 128, 512), "--resume")
     ev = ["--ppl", str(HELDOUT), "--seqlen", "512", "--limit-windows", str(a.eval_windows)]
     dense = run_stage("eval", "--work", str(base), *ev, "--stage", "dense")["results"][0]
     rows, records = [["dense", "-", "-", f"{dense['ppl']:.2f}", "-"]], [{"cell": "dense", "ppl": dense["ppl"]}]

@@ -32,41 +32,29 @@ from freelunch_cli.workdir.directory import WorkDir  # noqa: E402
 
 from flops import block_forward_flops, matmul_peak  # noqa: E402
 
-SHAPES = {
-    "7b-slice": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        num_hidden_layers=8,
-        samples=128,
-        seqlen=2048,
-        full_blocks=32,
-    ),
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        num_hidden_layers=30,
-        samples=128,
-        seqlen=512,
-        full_blocks=30,
-        tie_word_embeddings=True,
-    ),
-}
-TINY = {
-    "tiny": dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_hidden_layers=2,
-        samples=8,
-        seqlen=128,
-        full_blocks=2,
+
+def shape(
+    hidden: int, intermediate: int, heads: int, kv_heads: int, blocks: int, samples: int, seqlen: int, full_blocks: int, **config
+) -> dict:
+    """A Llama shape to check: its config, the calibration size, and the block count to extrapolate to."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=blocks,
+        samples=samples,
+        seqlen=seqlen,
+        full_blocks=full_blocks,
+        **config,
     )
+
+
+SHAPES = {
+    "7b-slice": shape(4096, 11008, 32, 32, blocks=8, samples=128, seqlen=2048, full_blocks=32),
+    "smollm2-135m": shape(576, 1536, 9, 3, blocks=30, samples=128, seqlen=512, full_blocks=30, tie_word_embeddings=True),
 }
+TINY = {"tiny": shape(256, 512, 4, 4, blocks=2, samples=8, seqlen=128, full_blocks=2)}
 
 
 def build(folder: Path, shape: dict, tokenizer_dir: Path, device: torch.device):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CALIB, ROOT, machine, markdown_table, run_stage, write_json  # noqa: E402
+from common import CALIB, ROOT, calibrate_args, machine, markdown_table, run_stage, write_json  # noqa: E402
 
 
 def build_random_llama(folder: Path, blocks: int, hidden: int, seed: int = 0) -> int:
@@ -81,22 +81,7 @@ def main() -> None:
     for n in [int(x) for x in a.blocks.split(",")]:
         model, work = root / f"model-{n}", root / f"work-{n}"
         params = build_random_llama(model, n, a.hidden) if not (model / "config.json").exists() else None
-        cal = run_stage(
-            "calibrate",
-            "--model",
-            str(model),
-            "--data",
-            str(CALIB),
-            "--samples",
-            str(a.samples),
-            "--seqlen",
-            str(a.seqlen),
-            "--work",
-            str(work),
-            "--resume",
-            "--device",
-            "cpu",
-        )
+        cal = run_stage(*calibrate_args(work, a.samples, a.seqlen, model), "--resume", "--device", "cpu")
         pr = run_stage("prune", "--work", str(work), "--criterion", "wanda", "--sparsity", "0.5", "--resume", "--device", "cpu")
         rc = run_stage("reconstruct", "--work", str(work), "--window", "block", "--resume", "--device", "cpu")
         rec = {

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CALIB, ROOT, machine, smollm2_gguf  # noqa: E402
+from common import ROOT, calibrate_args, machine  # noqa: E402
 from flops import block_forward_flops, matmul_peak, sha256_rate  # noqa: E402
 
 
@@ -63,20 +63,7 @@ def main() -> None:
     peak = matmul_peak(torch.device("cpu"), torch.float32, 576 * 2)
     hash_rate = sha256_rate()
     work = root / "w"
-    cal = stage(
-        repo,
-        "calibrate",
-        "--model",
-        str(smollm2_gguf()),
-        "--data",
-        str(CALIB),
-        "--samples",
-        str(a.samples),
-        "--seqlen",
-        str(a.seqlen),
-        "--work",
-        str(work),
-    )
+    cal = stage(repo, *calibrate_args(work, a.samples, a.seqlen))
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(work / "dense")

@@ -90,6 +90,7 @@ def test_paper_tables_average_seeds_and_compare_criteria_to_the_best():
 def fake_stages(tmp_path, monkeypatch):
     """Stages that only answer (their calls recorded), and work-directory copies holding one model file."""
     import cells
+    import common
 
     calls = []
 
@@ -103,7 +104,7 @@ def fake_stages(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cells, "run_stage", fake_stage)
     monkeypatch.setattr(cells, "clone_work", fake_clone)
-    monkeypatch.setattr(cells, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(common, "smollm2_gguf", lambda: tmp_path / "model.gguf")
     return calls
 
 
