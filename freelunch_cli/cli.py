@@ -23,11 +23,19 @@ import typer
 from freelunch_cli import __version__
 from freelunch_cli.core.errors import FreelunchError, Terminated, stop_reason
 from freelunch_cli.core.options import cli_fields
-from freelunch_cli.stages.options import CalibrateConfig, EvalConfig, ExportConfig, PruneConfig, ReconstructConfig, RetrainConfig
+from freelunch_cli.stages.options import (
+    CalibrateConfig,
+    EvalConfig,
+    ExportConfig,
+    PruneConfig,
+    QuantizeConfig,
+    ReconstructConfig,
+    RetrainConfig,
+)
 
 app = typer.Typer(
     name="freelunch",
-    help="Prune a causal LM, then repair it with local reconstruction (calibrate -> prune -> reconstruct -> eval -> export).",
+    help="Prune a causal LM, then repair it with local reconstruction (calibrate -> prune -> reconstruct -> [quantize] -> eval -> export).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -212,6 +220,13 @@ _stage(
     "retrain",
     "Next-token training of the whole model, masks kept: full retraining of the pruned model (the baseline), or "
     "sparse adapters on the reconstructed one (the default after `reconstruct`).",
+)
+
+_stage(
+    QuantizeConfig,
+    "quantize",
+    "Quantize the weights (W4A16, W8A16), each window trained through a fake-quantizer to match the dense "
+    "activations (quantization-aware local reconstruction; --steps 0: round-to-nearest). Pruned weights stay zero.",
 )
 
 

@@ -1,7 +1,8 @@
 """The package's layering, read from its source: which subpackage may import which, and no import cycles.
 
-core <- workdir <- model <- pruning, training <- reconstruction, evaluation <- stages <- cli. Pruning math and training
-never touch the work directory, so they are tested on plain tensors; only stages combine every domain.
+core <- workdir <- model <- pruning, training <- quantization, reconstruction, evaluation <- stages <- cli. Pruning math,
+training and quantization never touch the work directory, so they are tested on plain tensors; only stages combine every
+domain.
 """
 
 import ast
@@ -16,9 +17,10 @@ ALLOWED = {
     "model": {"core", "workdir", "model"},
     "pruning": {"core", "model", "pruning"},
     "training": {"core", "model", "training"},
+    "quantization": {"core", "training", "quantization"},
     "reconstruction": {"core", "workdir", "model", "training", "reconstruction"},
     "evaluation": {"core", "workdir", "model", "evaluation"},
-    "stages": {"core", "workdir", "model", "pruning", "training", "reconstruction", "evaluation", "stages"},
+    "stages": {"core", "workdir", "model", "pruning", "training", "quantization", "reconstruction", "evaluation", "stages"},
     "cli": {"core", "workdir", "evaluation", "stages", "cli"},
 }
 

@@ -37,7 +37,12 @@ def describe(work: WorkDir, stage: str) -> str:
     if stage == "dense":
         return "dense"
     steps = work.lineage(stage)
-    pr, rc, ret = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain")
+    pr, rc, ret, qu = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain"), steps.get("quantize")
+    if qu is not None:
+        before = describe(work, qu.signature["from"])
+        c = qu.summary.get("config", {})
+        how = "round-to-nearest" if c.get("steps") == 0 else f"quantization-aware reconstruction, lr {c.get('lr')}"
+        return f"{before} + {qu.signature.get('scheme')} g{qu.signature.get('group_size')} ({how})"
     if ret is not None and pr is None:
         return f"dense + fine-tuning ({ret.summary.get('tokens')} tokens, lr {ret.summary.get('config', {}).get('lr')})"
     parts = []
@@ -79,7 +84,8 @@ def short_labels(runs: list[Path]) -> list[str]:
 
 
 def compare(runs: list[Path]) -> dict:
-    """Rows: the dense baseline (once per distinct dense model), then each run's pruned and reconstructed models.
+    """Rows: the dense baseline (once per distinct dense model), then each run's pruned, reconstructed, retrained and
+    quantized models.
 
     A pruned model shared by several runs (the same prune run, e.g. work directories cloned after pruning)
     is listed once, under the first run that has it.
@@ -98,7 +104,7 @@ def compare(runs: list[Path]) -> dict:
             rows.insert(
                 len(seen_dense) - 1, {"run": str(root), "label": label, "model": "dense", "what": "dense", "metrics": dense}
             )
-        for stage in ("pruned", "reconstructed", "retrained"):
+        for stage in ("pruned", "reconstructed", "retrained", "quantized"):
             m = stage_results(work, stage)
             if not m:
                 continue

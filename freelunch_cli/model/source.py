@@ -48,6 +48,20 @@ class ModelSpec:
         """Keyword arguments of ``from_pretrained``: the GGUF file, and never an interactive prompt for custom code."""
         return {"trust_remote_code": self.trust_remote_code, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
 
+    def model_kwargs(self) -> dict:
+        """``hf_kwargs`` for loading the model itself: a compressed-tensors checkpoint (quantized weights packed in int32)
+        is unpacked to float weights on load, since blocks are run and evaluated as plain modules."""
+        kwargs = self.hf_kwargs()
+        try:
+            quant = json.loads((self.folder / "config.json").read_text()).get("quantization_config") or {}
+        except (OSError, ValueError):
+            quant = {}
+        if quant.get("quant_method") == "compressed-tensors":
+            from transformers import CompressedTensorsConfig
+
+            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        return kwargs
+
     def code_files(self) -> list[Path]:
         """The model's own Python files (``auto_map`` in its config names classes in them)."""
         return sorted(self.folder.glob("*.py")) if custom_code(self.folder) else []
@@ -218,7 +232,7 @@ class Checkpoint:
         if self._whole is None:
             self.log(f"loading {self.spec.spec} whole (GGUF or non-safetensors checkpoint; it cannot be streamed)")
             try:
-                full = AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype="auto", **self.spec.hf_kwargs())
+                full = AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype="auto", **self.spec.model_kwargs())
             except Exception as e:
                 raise FreelunchError(f"cannot load the model {self.spec.spec}: {str(e).splitlines()[0]}") from None
             self._whole = full.state_dict()

@@ -1,4 +1,5 @@
-"""Which reconstruction windows are done, read from their records (``windows/NNN.json``) and parameter files."""
+"""Which windows of a windowed stage (reconstruct, quantize) are done, read from their records (``windows/NNN.json``,
+``quant/records/NNN.json``) and parameter files."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.workdir.files import read_json
 
 
-def window_done(work, index: int) -> bool:
+def window_done(work, index: int, stage: str = "reconstruct") -> bool:
     """Done when its record says so and its parameter file is recorded (a damaged one was forgotten), or, once the
     stage is done and the assembled blocks hold every window, when its record says so (the file was deleted)."""
-    p = work.window_record_path(index)
+    p = work.window_record_path(index, stage)
     if not p.exists():
         return False
     try:
@@ -18,20 +19,20 @@ def window_done(work, index: int) -> bool:
         return False
     if status != "done":
         return False
-    if work.is_recorded(work.window_params_path(index)):
+    if work.is_recorded(work.window_params_path(index, stage)):
         return True
-    st = work.stage("reconstruct")
+    st = work.stage(stage)
     return st is not None and st.status == "done"
 
 
-def missing_windows(work) -> str:
+def missing_windows(work, stage: str = "reconstruct") -> str:
     """Indices of windows without a finished record, for error messages ("unknown" before the stage planned them)."""
-    total = work.progress("reconstruct").get("windows_total")
+    total = work.progress(stage).get("windows_total")
     if total is None:
         return "unknown"
     missing = []
     for i in range(total):
-        p = work.window_record_path(i)
+        p = work.window_record_path(i, stage)
         if not p.exists() or read_json(p).get("status") != "done":
             missing.append(str(i))
     if len(missing) > 12:

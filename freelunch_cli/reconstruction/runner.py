@@ -1,9 +1,10 @@
-"""Running one reconstruction window: its modules, data, training, outputs and the chained stream.
+"""Running one window of a windowed stage: its modules, data, training, outputs and the chained stream.
 
-Each window trains a copy of its pruned modules (initialised from the pruned shards) to match the dense
-model at its end. It writes only its own files: ``recon/windows/NNN.safetensors`` (the parameters it
-changed) and ``windows/NNN.json`` (its record; ``status: done`` marks it finished). Once every window is
-done, the blocks are assembled into ``recon/block_NNN.safetensors``.
+Each window trains a copy of its modules (initialised from the source model's shards: the pruned model for
+reconstruct, any model for quantize) to match the dense model at its end. It writes only its own files:
+``recon/windows/NNN.safetensors`` (the parameters it changed) and ``windows/NNN.json`` (its record; ``status:
+done`` marks it finished). Once every window is done, the blocks are assembled into ``recon/block_NNN.safetensors``.
+What a stage trains and where its files live is its ``WindowJob`` (quantize: ``quant/...``, through fake-quantizers).
 
 With ``--inputs sparse`` a window reads the output of the already-reconstructed windows before it (the
 chained stream ``acts/recon``, stored so that a resumed run computes the same numbers); targets always
@@ -13,7 +14,9 @@ stay the dense model's activations. What differs between window kinds is in ``re
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 import torch.utils.checkpoint
@@ -31,8 +34,10 @@ from freelunch_cli.reconstruction.records import window_done
 from freelunch_cli.reconstruction.windows import Window
 from freelunch_cli.training.loop import train_window
 from freelunch_cli.training.peft import prepare, qualify
+from freelunch_cli.workdir.directory import WINDOW_STAGES
 from freelunch_cli.workdir.files import TensorRows, load_tensors, save_tensors_atomic, write_json_atomic
 
+QPARAMS = "qparams:"  # prefix of a window's extra tensors (quantization scales, zero points) in its parameter file
 KL_CHUNK = 512  # positions per chunk of the head under --kl-weight
 RESIDENT_SHARE = 0.4  # of the memory free when a window begins: its activation files held there, read once
 
@@ -62,18 +67,42 @@ class _Batches:
         self.batch = fn
 
 
+@dataclass(frozen=True)
+class WindowJob:
+    """What a windowed stage does: which model its windows start from, where its files live, and what trains.
+
+    ``prepare(scope, masks, window_index, storage_dtype)`` makes the window's parameters trainable and returns an object
+    with ``params`` (``MaskedParams``) and ``finalize()``, which leaves plain weights behind and returns extra tensors to
+    store beside them (quantization parameters) or None. The default trains as ``--peft`` says.
+    """
+
+    stage: str = "reconstruct"
+    source: str = "pruned"
+    stream: str = "recon"
+    masks: bool = True  # prune's keep-masks hold (not when quantizing the dense model)
+    prepare: Callable | None = None
+
+    @property
+    def output(self) -> str:
+        return WINDOW_STAGES[self.stage]
+
+
+RECONSTRUCT = WindowJob()
+
+
 class WindowRunner:
     """Everything one window needs: shards, caches, the dense reference and the chained stream."""
 
-    def __init__(self, work, cfg, windows: list[Window], device, compute):
+    def __init__(self, work, cfg, windows: list[Window], device, compute, job: WindowJob = RECONSTRUCT):
         self.work, self.cfg, self.windows, self.device, self.compute = work, cfg, windows, device, compute
+        self.job, self.stream = job, job.stream
         # the final norm and head join the blocks on the device only when the last window needs them (--kl-weight)
-        self.sk = Skeleton.from_work(work, "pruned", device, compute, rest_device=device if cfg.kl_weight > 0 else "cpu")
+        self.sk = Skeleton.from_work(work, job.source, device, compute, rest_device=device if cfg.kl_weight > 0 else "cpu")
         calib = work.stage("calibrate")
         self.cache_dtype = parse_dtype(calib.signature["cache_dtype"])
         self.samples = calib.summary["samples"]
         self.storage_dtype = next(
-            v.dtype for v in load_tensors(work.stage_block_path("pruned", 0)).values() if v.is_floating_point()
+            v.dtype for v in load_tensors(work.stage_block_path(job.source, 0)).values() if v.is_floating_point()
         )
         self.sparse_inputs = cfg.inputs == "sparse"
         self._dense: tuple[int, nn.Module] | None = None
@@ -98,12 +127,25 @@ class WindowRunner:
             self._dense = (i, self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i))))
         return self._dense[1]
 
+    def done(self, win: Window) -> bool:
+        return window_done(self.work, win.index, self.job.stage)
+
+    def params_path(self, win: Window):
+        return self.work.window_params_path(win.index, self.job.stage)
+
+    def source_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i`` of the model the windows start from."""
+        return load_tensors(self.work.stage_block_path(self.job.source, i))
+
+    def window_params(self, win: Window) -> dict[str, torch.Tensor]:
+        return load_tensors(self.work.check_file(self.params_path(win)))
+
     def current_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Block ``i``: the pruned shard, with the parameters of every finished window that touched it."""
-        state = load_tensors(self.work.stage_block_path("pruned", i))
+        """Block ``i``: the source shard, with the parameters of every finished window that touched it."""
+        state = self.source_state(i)
         for w in self.windows:
-            if i in w.blocks and window_done(self.work, w.index):
-                apply_params(state, load_tensors(self.work.check_file(self.work.window_params_path(w.index))), i)
+            if i in w.blocks and self.done(w):
+                apply_params(state, self.window_params(w), i)
         return state
 
     def call(self, i: int, x: torch.Tensor):
@@ -131,7 +173,7 @@ class WindowRunner:
 
     def input_stream(self, b: int) -> str:
         """The stream a window starting at block ``b`` reads: the chained one, except at the embeddings."""
-        return "recon" if self.sparse_inputs and b > 0 else "dense"
+        return self.stream if self.sparse_inputs and b > 0 else "dense"
 
     def load(self, rows: TensorRows | ResidentRows, idx) -> torch.Tensor:
         """Rows ``idx`` as float32 on the device; the cast happens there, a streamed batch arrives by a pinned,
@@ -183,19 +225,22 @@ class WindowRunner:
         if self.sparse_inputs:
             self.ensure_chained_input(win)
         rec = {"window": win.as_dict(), "status": "running", "started": t0, "worker": worker_id(), "attempt": attempt}
-        write_json_atomic(work.window_record_path(win.index), rec)
+        record = work.window_record_path(win.index, self.job.stage)
+        write_json_atomic(record, rec)
         blocks = {}
         for i in win.blocks:
-            state = win.start_state(load_tensors(work.stage_block_path("pruned", i)), lambda i=i: self.current_state(i), self)
+            state = win.start_state(self.source_state(i), lambda i=i: self.current_state(i), self)
             blocks[i] = self.sk.build_block(i, state, dtype=torch.float32)
         masks = {}
-        for i in win.blocks:
+        for i in win.blocks if self.job.masks else ():
             for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=self.device).items():
                 masks[f"{i}/{name}"] = keep
         scope = win.trained_modules(blocks, self)
-        trainable = prepare(
-            scope, {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}, cfg.peft_config(win.index)
-        )
+        masks = {k: v for k, v in masks.items() if any(in_prefix(k, p) for p in scope)}
+        if self.job.prepare is not None:
+            trainable = self.job.prepare(scope, masks, win.index, self.storage_dtype)
+        else:
+            trainable = prepare(scope, masks, cfg.peft_config(win.index))
         total, free = trainable.params.count()
         extra = (
             self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
@@ -213,23 +258,23 @@ class WindowRunner:
         )
         if extra is not None:
             result["kl_weight"] = cfg.kl_weight
-        trainable.finalize()
-        params = {}
+        extra = trainable.finalize() or {}
+        params = {QPARAMS + k: v for k, v in extra.items()}
         for prefix, module in scope.items():
             for k, v in module.state_dict().items():
                 params[qualify(prefix, k)] = v.detach().to(self.storage_dtype) if v.is_floating_point() else v.detach()
         del blocks, scope, trainable
         if claims is not None and not claims.still_mine(win.index, attempt):
             return None  # declared dead and taken over meanwhile: the new owner writes this window
-        path = work.window_params_path(win.index)
+        path = self.params_path(win)
         work.record_file(path, save_tensors_atomic(path, params))
         if self.sparse_inputs:
             self.write_chained_output(win, params)
         rec.update(result, status="done", seconds=time.time() - t0, trainable_params=total, trainable_nonzero=free)
-        write_json_atomic(work.window_record_path(win.index), rec)
+        write_json_atomic(record, rec)
         if self.sparse_inputs and not cfg.keep_cache:
             for name in win.chained_release():
-                work.forget_file(work.act_path("recon", name))
+                work.forget_file(work.act_path(self.stream, name))
         self._resident = {}
         free_memory(torch.device(self.device))
         return rec
@@ -252,7 +297,7 @@ class WindowRunner:
 
         write_activations(
             self.work,
-            self.work.act_path("recon", name),
+            self.work.act_path(self.stream, name),
             producer,
             self.samples,
             src.shape[1],
@@ -265,23 +310,44 @@ class WindowRunner:
     def ensure_chained_input(self, win: Window) -> None:
         """Recreate a deleted chained input by replaying the finished windows that produce it, as stored."""
         needed = win.chained_input()
-        if needed is None or self.work.is_recorded(self.work.act_path("recon", needed)):
+        if needed is None or self.work.is_recorded(self.work.act_path(self.stream, needed)):
             return
         producer = next(w for w in reversed(self.windows[: win.index]) if w.chained_output(self.sk.num_blocks) == needed)
         self.ensure_chained_input(producer)
-        self.write_chained_output(producer, load_tensors(self.work.check_file(self.work.window_params_path(producer.index))))
+        self.write_chained_output(producer, self.window_params(producer))
 
     # ---- assembly ----------------------------------------------------------------------------------
     def assemble(self) -> None:
-        """Write every reconstructed block: the pruned shard with its windows' parameters."""
+        """Write every block of the stage's model: the source shard with its windows' parameters (and, where windows
+        stored extra tensors, the block's quantization parameters beside it)."""
         for i in range(self.sk.num_blocks):
-            path = self.work.block_path("reconstructed", i)
+            path = self.work.block_path(self.job.output, i)
             self.work.record_file(path, save_tensors_atomic(path, self.current_state(i)))
+            extra = {}
+            for w in self.windows:
+                if i in w.blocks:
+                    extra.update(window_extra(self.window_params(w), i))
+            if extra:
+                path = self.work.qparams_path(i)
+                self.work.record_file(path, save_tensors_atomic(path, extra))
+
+
+def window_extra(params: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
+    """The extra tensors (``QPARAMS`` keys) a window stored for block ``block``, by their name in the block."""
+    out = {}
+    for key, value in params.items():
+        if key.startswith(QPARAMS):
+            b, _, name = key[len(QPARAMS) :].partition("/")
+            if int(b) == block:
+                out[name] = value
+    return out
 
 
 def apply_params(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
-    """Block ``block``'s state with a window's parameters (keyed "block/name") in place of the pruned ones."""
+    """Block ``block``'s state with a window's parameters (keyed "block/name") in place of the source ones."""
     for key, value in params.items():
+        if key.startswith(QPARAMS):
+            continue
         b, _, name = key.partition("/")
         if int(b) == block:
             put_tensor(state, name, value)

@@ -194,7 +194,7 @@ class MlpHalf(Window):
         i = self.first
         tgt = runner.rows("dense", boundary(i + 1))
         if runner.sparse_inputs:  # the reconstructed attention's output, as stored
-            src = runner.rows("recon", mid(i))
+            src = runner.rows(runner.stream, mid(i))
             return lambda idx: (runner.load(src, idx), runner.load(tgt, idx))
         dense_in = runner.rows("dense", boundary(i))
         return lambda idx: (runner.dense_mid(i, runner.load(dense_in, idx)), runner.load(tgt, idx))
@@ -206,7 +206,7 @@ class MlpHalf(Window):
         return [mid(self.first)] + super().chained_release()
 
     def replay(self, blocks, runner):
-        return "recon", mid(self.first), self.forward(blocks, runner)
+        return runner.stream, mid(self.first), self.forward(blocks, runner)
 
 
 @dataclass(frozen=True)

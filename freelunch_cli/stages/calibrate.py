@@ -191,3 +191,15 @@ def _dense_block_pass(
         tokens = {name: st.tokens for name, st in collector.stats.items()}
         path = work.input_stats_path(i)
         work.record_file(path, save_tensors_atomic(path, stats, {"tokens": json.dumps(tokens)}))
+
+
+def restore_dense_boundaries(work: WorkDir, boundaries, device: str, rep: Reporter) -> None:
+    """Recompute dense activation files an earlier windowed stage deleted once it no longer needed them (reconstruct
+    or quantize without ``--keep-cache``), so that a later one (quantize after reconstruct) just runs: the same as
+    ``calibrate --resume`` with the recorded options, the same numbers."""
+    missing = [b for b in sorted(boundaries) if work.problem(work.boundary_path("dense", b)) == "missing"]
+    if not missing:
+        return
+    rep.info(f"recomputing {len(missing)} dense activation file(s) an earlier stage deleted (as calibrate --resume)")
+    recorded = work.stage("calibrate").summary["config"]
+    calibrate(work, replace(CalibrateConfig(**recorded), device=device), rep, resume=True)

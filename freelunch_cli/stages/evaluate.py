@@ -69,7 +69,7 @@ class _Target:
                 self._sk = Skeleton.from_checkpoint(checkpoint, self.config, self.device, self.compute)
             else:  # GGUF or .bin: transformers loads it whole
                 whole = AutoModelForCausalLM.from_pretrained(
-                    self.spec.folder, dtype=self.compute, config=self.config, **self.spec.hf_kwargs()
+                    self.spec.folder, dtype=self.compute, config=self.config, **self.spec.model_kwargs()
                 )
                 self._sk = Skeleton.from_model(whole, self.device, self.compute)
         return self._sk
@@ -81,7 +81,7 @@ class _Target:
 
             if self.stage is None:
                 lm = AutoModelForCausalLM.from_pretrained(
-                    self.spec.folder, dtype=self.compute, config=self.config, **self.spec.hf_kwargs()
+                    self.spec.folder, dtype=self.compute, config=self.config, **self.spec.model_kwargs()
                 )
             else:
                 lm = materialize(self.work, self.stage, "cpu", self.compute)

@@ -1,4 +1,5 @@
-"""Stage 5: a standard Hugging Face folder (sharded safetensors, zeros stored) and a model card."""
+"""Stage 5: a standard Hugging Face folder (sharded safetensors, zeros stored) and a model card; with ``--format
+compressed-tensors``, the quantized model packed by the compressed-tensors library (``quantization.compressed``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from freelunch_cli.core.units import parse_size
 from freelunch_cli.model.arch import find_arch
 from freelunch_cli.model.build import meta_model
 from freelunch_cli.model.source import trusts_remote_code, work_config
+from freelunch_cli.quantization.compressed import ct_config, pack_block
 from freelunch_cli.stages.models import require_model
-from freelunch_cli.stages.options import ExportConfig
+from freelunch_cli.stages.options import ExportConfig, QuantizeConfig
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
 from freelunch_cli.workdir.files import (
     load_tensors,
@@ -40,6 +42,13 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     cfg.validate()
     out = Path(cfg.out)
     stage = require_model(work, cfg.stage)
+    packed = cfg.format == "compressed-tensors"
+    if packed and stage != "quantized":
+        raise FreelunchError(
+            f"--format compressed-tensors packs a quantized model, but the {stage} model is not one; run "
+            f"`freelunch quantize --work {work.root}` first"
+        )
+    scheme = QuantizeConfig(**_scheme_options(work)).quant_scheme() if packed else None
     target = parse_dtype(cfg.dtype) if cfg.dtype else None
     limit = parse_size(cfg.max_shard_size, "--max-shard-size")
     signature = cfg.signature(str(work.root.resolve()), stage, work.stage(STAGE_OF[stage]).run_id)
@@ -82,13 +91,18 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
             tensors, zeros, numel = {}, 0, 0
             for part, path in shard:
                 prefix = "" if part == "rest" else arch.block_prefix(part)
-                for k, v in load_tensors(path).items():
+                state = load_tensors(path)
+                if part != "rest":
+                    for v in state.values():
+                        if v.dim() >= 2 and v.is_floating_point():  # block weights, experts' 3-D ones too
+                            zeros += int((v == 0).sum())
+                            numel += v.numel()
+                    if packed:
+                        state = pack_block(state, load_tensors(work.check_file(work.qparams_path(part))), scheme)
+                for k, v in state.items():
                     if target is not None and v.is_floating_point():
                         v = v.to(target)
                     tensors[prefix + k] = v
-                    if part != "rest" and v.dim() >= 2 and v.is_floating_point():  # block weights, experts' 3-D ones too
-                        zeros += int((v == 0).sum())
-                        numel += v.numel()
                 bar.advance()
             info = save_tensors_atomic(out / name, tensors, {"format": "pt"})
             done[name] = {
@@ -108,10 +122,14 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     if target is not None:
         config.dtype = dtype_name(target)
     save_pretrained_atomic(config, out)
+    if packed:  # the quantization_config in config.json, written by the library
+        from compressed_tensors.compressors import ModelCompressor
+
+        ModelCompressor(quantization_config=ct_config(scheme, ignore=["lm_head"])).update_config(str(out))
     for f in dense.iterdir():  # tokenizer files and the model's own code
         if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" and not f.name.startswith("."):
             write_bytes_atomic(out / f.name, f.read_bytes())
-    write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity).encode())
+    write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity, cfg.format).encode())
     write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done"})
     summary = {
         "out": str(out),
@@ -119,9 +137,14 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
         "shards": len(shards),
         "bytes": total,
         "block_sparsity": sparsity,
+        "format": cfg.format,
         "seconds": round(time.time() - t0, 2),
     }
-    rep.summary(f"exported the {stage} model to {out} ({len(shards)} shard(s), block weight sparsity {sparsity:.4f})", summary)
+    rep.summary(
+        f"exported the {stage} model to {out} as {cfg.format} ({len(shards)} shard(s), {total / 1e6:.1f} MB, "
+        f"block weight sparsity {sparsity:.4f})",
+        summary,
+    )
     return summary
 
 
@@ -160,11 +183,18 @@ def _itemsize(st_dtype: str) -> int:
     return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(st_dtype, 4)
 
 
-def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
+def _scheme_options(work: WorkDir) -> dict:
+    """The quantize stage's scheme options, as recorded in its signature."""
+    sig = work.stage("quantize").signature
+    return {"scheme": sig["scheme"], "group_size": sig["group_size"], "symmetric": sig["symmetric"]}
+
+
+def model_card(work: WorkDir, stage: str, sparsity: float, fmt: str = "hf") -> str:
     """A short README recording where the model came from and how it was made."""
     calib = work.stage("calibrate")
     steps = work.lineage(stage)
     prune, recon, retrain = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain")
+    quant = steps.get("quantize")
     source = calib.signature.get("model")
     lines = [
         "---",
@@ -196,11 +226,29 @@ def model_card(work: WorkDir, stage: str, sparsity: float) -> str:
         lines.append(
             f"- {kind} ({c.get('peft') or 'full'}): {retrain.summary['tokens']} tokens, lr {c['lr']}, batch {c['batch_size']}"
         )
+    if quant is not None:
+        c = quant.summary["config"]
+        scheme = QuantizeConfig(**_scheme_options(work)).quant_scheme()
+        how = (
+            "round-to-nearest"
+            if c.get("steps") == 0
+            else f"quantization-aware local reconstruction, window {c['window']}, lr {c['lr']}, "
+            f"{c['steps'] or c['epochs']} {'steps' if c['steps'] else 'epoch(s)'}"
+            + (", learned scales" if c.get("learn_scales") else "")
+        )
+        lines.append(f"- Quantization: {scheme.describe()} ({how}) of the {quant.signature['from']} model")
+        if fmt == "compressed-tensors":
+            lines.append(
+                "- Format: compressed-tensors pack-quantized (loads in vLLM and in transformers with compressed-tensors)"
+            )
     evals = work.eval_results("*")
     runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
     rows = [r for r in (read_json(p) for p in evals) if r.get("key", {}).get("run") == runs.get(r.get("model"))]
     if rows:
         lines += ["", "## Metrics", "", "| model | data | seqlen | tokens | perplexity |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['data']} | {r['seqlen']} | {r['tokens']} | {r['ppl']:.3f} |" for r in rows if "ppl" in r]
-    lines += ["", "Pruned weights are stored as zeros; the model loads with plain `transformers`.", ""]
+    if fmt == "compressed-tensors":
+        lines += ["", "Pruned weights are zero codes; embeddings and the head are not quantized.", ""]
+    else:
+        lines += ["", "Pruned weights are stored as zeros; the model loads with plain `transformers`.", ""]
     return "\n".join(lines)

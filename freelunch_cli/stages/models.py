@@ -14,12 +14,21 @@ def _unfinished_reconstruction(work: WorkDir) -> FreelunchError:
     )
 
 
-def latest_model(work: WorkDir) -> str:
-    """The most processed model the directory holds: retrained > reconstructed > pruned > dense.
+def latest_model(work: WorkDir, quantized: bool = True) -> str:
+    """The most processed model the directory holds: quantized > retrained > reconstructed > pruned > dense
+    (``quantized=False``: the latest before quantization).
 
     Raises FreelunchError when the latest stage did not finish (naming the command that finishes it).
     """
     work.require_done("calibrate", "this command")
+    quant = work.stage("quantize") if quantized else None
+    if quant is not None:
+        if quant.status != "done":
+            raise FreelunchError(
+                f"quantize did not finish in {work.root} (missing windows: {missing_windows(work, 'quantize')}); rerun "
+                f"`freelunch quantize --work {work.root} --resume`, or pass --stage"
+            )
+        return "quantized"
     ret = work.stage("retrain")
     if ret is not None:
         if ret.status != "done":

@@ -21,12 +21,15 @@ DTYPE_HELP = "Compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), float3
 INPUT_MODES = ("dense", "sparse")
 STATS_MODES = ("sparse", "dense")
 RETRAIN_STARTS = ("latest", "pruned", "reconstructed", "dense")
-MODEL_CHOICES = "latest, dense, pruned, reconstructed or retrained."
+EXPORT_FORMATS = ("hf", "compressed-tensors")
+QUANTIZE_STARTS = ("latest", "dense", "pruned", "reconstructed", "retrained")
+MODEL_CHOICES = "latest, dense, pruned, reconstructed, retrained or quantized."
 
 # Defaults that follow what trains (docs/results.md, sweep groups "peft" and "gap"): after a reconstruction, sparse
 # adapters at 1e-3 with recomputation were the best pipeline measured; from the pruned model full retraining stays
 # the baseline. Adapters want 10x full training's rate, and biases and norms take 1e-3 as well.
 PEFT_AFTER_RECONSTRUCTION = "masked-lora"
+QUANTIZE_LR = {"pruned": 1e-3}  # quantization-aware reconstruction of the pruned model repairs pruning too: reconstruct's rate
 LR_BY_PEFT = {"full": 1e-4, "bias-norm": 1e-3, "lora": 1e-3, "masked-lora": 1e-3}
 
 
@@ -297,6 +300,97 @@ class RetrainConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    start: str = option(
+        "latest", "Model to quantize: latest (before quantization), dense, pruned, reconstructed or retrained.", "--from"
+    )
+    scheme: str = option("w4a16", "w4a16 (4-bit weights) or w8a16 (8-bit weights); activations stay 16-bit.")
+    group_size: int = option(128, "Inputs per scale (and zero point) along each row; must divide every matrix's inputs.")
+    symmetric: bool = option(
+        True, "Symmetric (no zero point) or asymmetric (an integer zero point per group).", "--symmetric/--asymmetric"
+    )
+    steps: int | None = option(
+        None, "Optimizer steps per window (overrides --epochs); 0: round-to-nearest, no training (the baseline)."
+    )
+    epochs: int = option(2, "Passes over the calibration sequences of quantization-aware reconstruction.")
+    learn_scales: bool = option(
+        False, "Train each group's scale too (in log space, LSQ gradient), not only the weights.", "--learn-scales"
+    )
+    window: str = option("block", "matrix, submodule, block, blocks:K or model.")
+    inputs: str = option("dense", "dense (windows read dense activations, independent) or sparse (chained).")
+    lr: float | None = option(
+        None,
+        "Peak AdamW learning rate, linear decay to 0 (default: 1e-3 from the pruned model, repairing pruning too, as "
+        "reconstruct; 1e-4 from a dense, reconstructed or retrained one).",
+    )
+    batch_size: int = option(4, "Samples per step.")
+    loss: str = option("mse", "mse, nmse or cosine.")
+    loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
+    seed: int = option(0, "Seed of the data order.")
+    keep_cache: bool = option(
+        False, "Keep activation files no unfinished window needs, and each window's parameters after assembly.", "--keep-cache"
+    )
+    shard: str | None = option(None, "Take share I of N windows (I/N); default from torchrun or a Slurm array.")
+    stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed window is taken over.")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
+
+    # what the window runner reads of a reconstruction's options, fixed here
+    kl_weight = 0.0
+    val_fraction = 0.0
+    prepare = False
+
+    def quant_scheme(self):
+        from freelunch_cli.quantization.schemes import parse_scheme
+
+        return parse_scheme(self.scheme, self.group_size, self.symmetric)
+
+    def train_config(self, window_index: int):
+        from freelunch_cli.training.loop import TrainConfig
+
+        return TrainConfig(
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed * 100_003 + window_index,
+            loss=self.loss,
+            steps=self.steps,
+            loss_samples=self.loss_samples or None,
+        )
+
+    def validate(self) -> None:
+        from freelunch_cli.reconstruction.windows import parse_granularity
+
+        if self.start not in QUANTIZE_STARTS:
+            raise FreelunchError(f"--from must be one of {', '.join(QUANTIZE_STARTS)}, got {self.start!r}")
+        self.quant_scheme()
+        parse_granularity(self.window)
+        if self.steps is not None and self.steps < 0:
+            raise FreelunchError(f"--steps must be at least 0, got {self.steps}")
+        if self.steps != 0:
+            replace(self, lr=self.lr or 1e-3).train_config(0).validate()
+        if self.inputs not in INPUT_MODES:
+            raise FreelunchError(f"--inputs must be dense or sparse, got {self.inputs!r}")
+        if self.stale_after <= 0:
+            raise FreelunchError("--stale-after must be positive")
+
+    def resolved(self, start: str) -> QuantizeConfig:
+        """The options as run from model ``start``: an unset --lr takes the default for that model."""
+        return replace(self, lr=self.lr if self.lr is not None else QUANTIZE_LR.get(start, 1e-4))
+
+    def signature(self, start: str, start_run: str) -> dict:
+        """What the stage computes from model ``start`` (of run ``start_run``); training options only when it trains."""
+        sig = asdict(self)
+        for k in ("device", "keep_cache", "shard", "stale_after", "loss_samples", "start"):
+            sig.pop(k)
+        sig["scheme"] = self.quant_scheme().name
+        if self.steps == 0:
+            for k in ("epochs", "learn_scales", "lr", "batch_size", "loss", "seed", "inputs", "window", "dtype"):
+                sig.pop(k)
+        return {"from": start, "from_run": start_run, **sig}
+
+
+@dataclass
 class EvalConfig:
     ppl: list[str] = option(
         REQUIRED, "Perplexity text: a file, wikitext2, or datasets NAME:CONFIG:SPLIT (repeatable).", factory=list
@@ -339,13 +433,23 @@ class EvalConfig:
 class ExportConfig:
     out: str = option(REQUIRED, "Folder for the Hugging Face checkpoint.", "--out", "-o")
     stage: str = option("latest", MODEL_CHOICES)
-    dtype: str | None = option(None, "Cast floating-point weights (default: as stored).")
+    format: str = option(
+        "hf", "hf (float weights, zeros stored) or compressed-tensors (the quantized model packed for vLLM and transformers)."
+    )
+    dtype: str | None = option(None, "Cast floating-point weights (default: as stored; hf only).")
     max_shard_size: str = option("2GB", "Largest safetensors shard (GB = 10^9 bytes, GiB = 2^30).")
 
     def validate(self) -> None:
         from freelunch_cli.core.units import parse_size
 
         parse_size(self.max_shard_size, "--max-shard-size")
+        if self.format not in EXPORT_FORMATS:
+            raise FreelunchError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.format == "compressed-tensors" and self.dtype:
+            raise FreelunchError(
+                "--dtype cannot be combined with --format compressed-tensors: scales stay in the dtype they were computed "
+                "in, so the packed weights equal the quantized model's; calibrate with --storage-dtype for 16-bit weights"
+            )
 
     def signature(self, work: str, stage: str, run: str) -> dict:
         from freelunch_cli.core.units import parse_size
@@ -355,5 +459,6 @@ class ExportConfig:
             "stage": stage,
             "run": run,
             "dtype": self.dtype,
+            "format": None if self.format == "hf" else self.format,
             "max_shard_size": parse_size(self.max_shard_size, "--max-shard-size"),
         }

@@ -21,8 +21,9 @@ from freelunch_cli.model.skeleton import Skeleton
 from freelunch_cli.reconstruction.claims import Claims, detect_shard
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, parse_memory
 from freelunch_cli.reconstruction.records import window_done
-from freelunch_cli.reconstruction.runner import WindowRunner
+from freelunch_cli.reconstruction.runner import RECONSTRUCT, WindowJob, WindowRunner
 from freelunch_cli.reconstruction.windows import Window, enumerate_windows
+from freelunch_cli.stages.calibrate import restore_dense_boundaries
 from freelunch_cli.stages.options import ReconstructConfig
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import TensorRows, read_json
@@ -68,13 +69,41 @@ def reconstruct(
     pruned = work.require_done("prune", "reconstruct")
     cfg = resolve_auto_window(work, cfg, device, rep)
     windows = plan_windows(work, cfg.window)
-    pending = windows if force else [w for w in windows if not window_done(work, w.index)]
-    for b in sorted(set().union(*(w.dense_boundaries() for w in pending))):  # before --force discards anything
+    what = (
+        f"{cfg.peft}; lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
+        f"loss {cfg.loss}"
+    )
+    return run_windows(
+        work, cfg, RECONSTRUCT, windows, cfg.signature(pruned.run_id), (device, compute), shard, what, rep, resume, force
+    )
+
+
+def run_windows(
+    work: WorkDir,
+    cfg,
+    job: WindowJob,
+    windows: list[Window],
+    signature: dict,
+    placement: tuple,
+    shard,
+    what: str,
+    rep: Reporter,
+    resume: bool,
+    force: bool,
+) -> dict:
+    """Run (this process's share of) the windows of a windowed stage (reconstruct, quantize), shared with any number of
+    workers through window claims; the worker that sees every window done assembles the model. ``placement``:
+    (device, compute dtype); ``what``: what trains, for the log."""
+    device, compute = placement
+    pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)]
+    needed = set().union(*(w.dense_boundaries() for w in pending))
+    restore_dense_boundaries(work, needed, cfg.device, rep)
+    for b in sorted(needed):  # before --force discards anything
         work.check_file(work.boundary_path("dense", b))
     with open_stage(
         work,
-        "reconstruct",
-        cfg.signature(pruned.run_id),
+        job.stage,
+        signature,
         rep,
         resume=resume or shard is not None,
         force=force,
@@ -82,29 +111,27 @@ def reconstruct(
     ) as run:
         if run.done:
             return run.summary
-        work.set_progress("reconstruct", "windows_total", len(windows))
+        work.set_progress(job.stage, "windows_total", len(windows))
         if cfg.prepare:
             return run.report(
-                f"reconstruct prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
+                f"{job.stage} prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
                 {"windows": len(windows), "prepared": True},
             )
-        runner = WindowRunner(work, cfg, windows, device, compute)
-        claims = Claims(work.windows_dir, cfg.stale_after if shard is not None else 0.0)
+        runner = WindowRunner(work, cfg, windows, device, compute, job)
+        claims = Claims(work.windows_dir(job.stage), cfg.stale_after if shard is not None else 0.0)
         mine = [w for w in windows if shard is None or shard.owns(w.index)]
         order = mine + [w for w in windows if w not in mine]  # then help with the rest (dead or slow workers)
-        done_before = sum(window_done(work, w.index) for w in windows)
+        done_before = sum(runner.done(w) for w in windows)
         who = f"shard {shard.index}/{shard.count} ({shard.source}), " if shard else ""
         rep.info(
-            f"reconstruct: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, "
-            f"{cfg.peft}; lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
-            f"loss {cfg.loss}"
+            f"{job.stage}: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, {what}"
         )
         ran = []
-        with rep.progress("reconstruct", total=len(windows), completed=done_before) as bar:
+        with rep.progress(job.stage, total=len(windows), completed=done_before) as bar:
             while True:
                 progressed = False
                 for win in order:
-                    if window_done(work, win.index):
+                    if runner.done(win):
                         continue
                     attempt = claims.try_claim(win.index)
                     if attempt is None:
@@ -120,32 +147,31 @@ def reconstruct(
                         f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
                         f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "")
                     )
-                    kill_point("reconstruct.window")
+                    kill_point(f"{job.stage}.window")
                     bar.advance()
                     if not cfg.keep_cache:
-                        drop_unneeded_boundaries(work, windows)
-                if all(window_done(work, w.index) for w in windows):
+                        drop_unneeded_boundaries(work, windows, job.stage)
+                if all(runner.done(w) for w in windows):
                     break
                 if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
                     time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
-        return finish_reconstruct(run, runner, windows, cfg, ran)
+        return finish_windows(run, runner, windows, cfg, ran)
 
 
-def finish_reconstruct(
-    run: StageRun, runner: WindowRunner, windows: list[Window], cfg: ReconstructConfig, ran: list[int]
-) -> dict:
+def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], cfg, ran: list[int]) -> dict:
     """Assemble the blocks and mark the stage done, once: the first worker to get here does it; the others report
     the windows they ran."""
-    work = run.work
+    work, job = run.work, runner.job
     try:
-        with locked_file(work.lock_path("assemble"), blocking=False):
-            if work.stage("reconstruct").status == "done":
-                summary = work.stage("reconstruct").summary
+        with locked_file(work.lock_path("assemble" if job.stage == "reconstruct" else f"assemble-{job.stage}"), blocking=False):
+            if work.stage(job.stage).status == "done":
+                summary = work.stage(job.stage).summary
                 return run.report(_summary_line(summary), summary)
             runner.assemble()
-            records = [read_json(work.window_record_path(w.index)) for w in windows]
+            records = [read_json(work.window_record_path(w.index, job.stage)) for w in windows]
             summary = {
                 "work": str(work.root),
+                "stage": job.stage,
                 "window": cfg.window,
                 "windows": len(windows),
                 "loss_before": sum(r["loss_before"] for r in records),
@@ -157,10 +183,10 @@ def finish_reconstruct(
                 "ran_here": ran,
             }
             if cfg.inputs == "sparse" and not cfg.keep_cache:
-                shutil.rmtree(work.acts_dir / "recon", ignore_errors=True)
+                shutil.rmtree(work.acts_dir / job.stream, ignore_errors=True)
             summary = run.finish(summary, _summary_line(summary), config=cfg)
             if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight
-                work.forget([work.rel(work.window_params_path(w.index)) for w in windows])
+                work.forget([work.rel(runner.params_path(w)) for w in windows])
             return summary
     except Busy:
         return run.report(
@@ -169,16 +195,17 @@ def finish_reconstruct(
 
 
 def _summary_line(summary: dict) -> str:
+    done = "quantized" if summary.get("stage") == "quantize" else "reconstructed"
     return (
-        f"reconstructed {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
+        f"{done} {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
         f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s"
     )
 
 
-def drop_unneeded_boundaries(work: WorkDir, windows: list[Window]) -> None:
+def drop_unneeded_boundaries(work: WorkDir, windows: list[Window], stage: str = "reconstruct") -> None:
     """Delete dense activation files no unfinished window needs. Their manifest records stay, so a later
-    `calibrate --resume` recomputes them if another reconstruction needs them."""
-    needed = set().union(*(w.dense_boundaries() for w in windows if not window_done(work, w.index)))
+    `calibrate --resume` recomputes them if another windowed stage needs them."""
+    needed = set().union(*(w.dense_boundaries() for w in windows if not window_done(work, w.index, stage)))
     for b in range(max(w.last for w in windows) + 2):
         if b not in needed:
             work.boundary_path("dense", b).unlink(missing_ok=True)
@@ -225,7 +252,7 @@ def reconstruct_status(work: WorkDir, stale_after: float = 300.0) -> dict:
     if st is None:
         return {"status": "not started", "done": [], "running": [], "stale": [], "pending": []}
     total = work.progress("reconstruct").get("windows_total", 0)
-    claims = Claims(work.windows_dir, stale_after)
+    claims = Claims(work.windows_dir(), stale_after)
     out = {"status": st.status, "window": st.signature.get("window"), "done": [], "running": [], "stale": [], "pending": []}
     for i in range(total):
         if window_done(work, i):

@@ -21,22 +21,25 @@ from freelunch_cli.workdir.locks import locked_file
 
 _VERIFIED: set[tuple] = set()  # files whose hash this process checked: (path, size, mtime, hash)
 
-STAGES = ("calibrate", "prune", "reconstruct", "retrain")
+STAGES = ("calibrate", "prune", "reconstruct", "retrain", "quantize")
 # What each stage writes, relative to the work directory; cleared when the stage starts over.
 STAGE_OUTPUTS = {
     "calibrate": ["calib", "acts", "dense"],
     "prune": ["prune", "pruned", "acts/pruned"],
     "reconstruct": ["windows", "recon", "acts/recon"],
     "retrain": ["retrain"],
+    "quantize": ["quant", "acts/quant"],
 }
-MODEL_STAGES = ("dense", "pruned", "reconstructed", "retrained")
+MODEL_STAGES = ("dense", "pruned", "reconstructed", "retrained", "quantized")
 STAGE_OF = {
     "dense": "calibrate",
     "pruned": "prune",
     "reconstructed": "reconstruct",
     "retrained": "retrain",
+    "quantized": "quantize",
 }  # who makes each model
-_MODEL_FOLDERS = {"dense": "dense", "pruned": "pruned", "reconstructed": "recon", "retrained": "retrain"}
+_MODEL_FOLDERS = {"dense": "dense", "pruned": "pruned", "reconstructed": "recon", "retrained": "retrain", "quantized": "quant"}
+WINDOW_STAGES = {"reconstruct": "reconstructed", "quantize": "quantized"}  # stages that run windows, and their model
 
 
 @dataclass
@@ -77,7 +80,10 @@ class WorkDir:
         return self.model_dir(stage) / "rest.safetensors"
 
     def rest_path(self, stage: str) -> Path:
-        """Embeddings, final norm and head of a model stage (only global retraining changes them)."""
+        """Embeddings, final norm and head of a model stage (only global retraining changes them; the quantized model
+        keeps those of the model it quantized)."""
+        if stage == "quantized":
+            stage = self.quantized_from()
         own = self.own_rest_path("retrained")
         return own if stage == "retrained" and own.exists() else self.own_rest_path("dense")
 
@@ -102,18 +108,28 @@ class WorkDir:
     def prune_report_path(self) -> Path:
         return self.root / "prune" / "report.json"
 
-    # ---- paths: reconstruct and retrain ----------------------------------------------------------------
-    @property
-    def windows_dir(self) -> Path:
-        """Window records and sharded workers' claims."""
-        return self.root / "windows"
+    # ---- paths: reconstruct, quantize and retrain ------------------------------------------------------
+    def windows_dir(self, stage: str = "reconstruct") -> Path:
+        """Window records and sharded workers' claims of a windowed stage (reconstruct, quantize)."""
+        return self.root / "windows" if stage == "reconstruct" else self.model_dir(WINDOW_STAGES[stage]) / "records"
 
-    def window_record_path(self, index: int) -> Path:
-        return self.windows_dir / f"{index:03d}.json"
+    def window_record_path(self, index: int, stage: str = "reconstruct") -> Path:
+        return self.windows_dir(stage) / f"{index:03d}.json"
 
-    def window_params_path(self, index: int) -> Path:
-        """The parameters one reconstruction window trained (deleted once assembled, unless --keep-cache)."""
-        return self.model_dir("reconstructed") / "windows" / f"{index:03d}.safetensors"
+    def window_params_path(self, index: int, stage: str = "reconstruct") -> Path:
+        """The parameters one window trained (deleted once assembled, unless --keep-cache)."""
+        return self.model_dir(WINDOW_STAGES[stage]) / "windows" / f"{index:03d}.safetensors"
+
+    def qparams_path(self, i: int) -> Path:
+        """Scales and zero points of block ``i``'s quantized matrices (``name.weight_scale``, ``name.weight_zero_point``)."""
+        return self.model_dir("quantized") / "qparams" / f"block_{i:03d}.safetensors"
+
+    def quantized_from(self) -> str:
+        """The model the quantize stage started from (dense, pruned, reconstructed or retrained)."""
+        st = self.stage("quantize")
+        if st is None:
+            raise FreelunchError(f"no quantize stage in {self.root}")
+        return st.signature["from"]
 
     @property
     def retrain_checkpoint_path(self) -> Path:
@@ -297,6 +313,8 @@ class WorkDir:
         Retraining holds what it started from: `--from dense` neither pruning nor reconstruction, `--from pruned`
         not a reconstruction that may also exist in the directory. Model cards and run descriptions read this.
         """
+        if model == "quantized":
+            return {**self.lineage(self.quantized_from()), "quantize": self.stage("quantize")}
         steps = {"dense": [], "pruned": ["prune"], "reconstructed": ["prune", "reconstruct"], "retrained": []}[model]
         if model == "retrained":
             ret = self.stage("retrain")
@@ -321,6 +339,8 @@ class WorkDir:
 
     def stage_block_path(self, model: str, i: int) -> Path:
         """The checked shard of block ``i`` of a model (blocks a stage did not change come from the model before)."""
+        if model == "quantized":  # every block is written; no fallback to another model
+            return self.check_file(self.block_path(model, i))
         order = MODEL_STAGES[: MODEL_STAGES.index(model) + 1]
         for st in reversed(order):
             p = self.block_path(st, i)

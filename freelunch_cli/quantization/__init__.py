@@ -1,0 +1,1 @@
+"""Weight quantization: schemes, exact quantize/dequantize, and the straight-through fake-quantizer that windows train through."""
