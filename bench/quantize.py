@@ -5,8 +5,8 @@ Wanda 50%, against llm-compressor's GPTQ W4A16 on the same calibration windows (
 
 Calibration: 128 x 512 tokens of calib.txt; perplexity: 40 x 512 tokens of held-out WikiText and of Tiny Shakespeare
 (as the paper benchmark). Cells run in one work directory, one after another, each recorded in
-bench/out/quantize.json as soon as it finishes (a rerun skips recorded cells); the table goes to docs/results.md's
-section and bench/out/quantize.md. Group size 64: SmolLM2's hidden size, 576, is not a multiple of 128.
+bench/out/quantize.json as soon as it finishes (a rerun skips recorded cells); the table goes to bench/out/quantize.md,
+the README's headline section and docs/results.md's. Group size 64: SmolLM2's hidden size, 576, is not a multiple of 128.
 """
 
 from __future__ import annotations
@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HELDOUT, ROOT, SHAKESPEARE, calibrate_args, machine, markdown_table, run_stage, write_json  # noqa: E402
+from common import (  # noqa: E402
+    HELDOUT,
+    ROOT,
+    SHAKESPEARE,
+    calibrate_args,
+    machine,
+    markdown_table,
+    run_stage,
+    write_json,
+    write_section,
+)
 
 OUT = ROOT / "bench" / "out" / "quantize.json"
 
@@ -92,6 +102,11 @@ def main() -> None:
     cell("wanda+reconstruct+w4a16-qar", (*quant, "--from", "reconstructed"), "quantized")
     table = results_table(done)
     (ROOT / "bench" / "out" / "quantize.md").write_text(table + "\n")
+    stamp = (
+        f"Written by `python bench/quantize.py` on {time.strftime('%Y-%m-%d %H:%M')} (2 CPU cores), group size {a.group_size}."
+    )
+    write_section(ROOT / "README.md", "quantize-headline", f"{stamp}\n\n{table}")
+    write_section(ROOT / "docs" / "results.md", "quantize", f"{stamp}\n\n{table}")
     print(table)
 
 

@@ -195,14 +195,21 @@ def model_card(work: WorkDir, stage: str, sparsity: float, fmt: str = "hf") -> s
     steps = work.lineage(stage)
     prune, recon, retrain = steps.get("prune"), steps.get("reconstruct"), steps.get("retrain")
     quant = steps.get("quantize")
+    kinds = (["sparse"] if prune is not None else []) + (["quantized"] if quant is not None else []) or ["fine-tuned"]
+    tags = (
+        (["sparse", "pruned"] if prune is not None else [])
+        + (["quantized", quant.signature["scheme"]] if quant is not None else [])
+        + (["compressed-tensors"] if fmt == "compressed-tensors" else [])
+        + ["freelunch"]
+    )
     source = calib.signature.get("model")
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [sparse, pruned, freelunch]",
+        "tags: [" + ", ".join(tags) + "]",
         "---",
         "",
-        f"# Sparse model made with freelunch {__version__}",
+        f"# {' and '.join(kinds).capitalize()} model made with freelunch {__version__}",
         "",
         f"- Source model: `{source}`" + (f" (GGUF `{calib.signature['gguf_file']}`)" if calib.signature.get("gguf_file") else ""),
         f"- Calibration: {calib.summary['samples']} x {calib.summary['seqlen']} tokens from `{calib.signature['data']}`, seed {calib.signature['seed']}",

@@ -283,8 +283,9 @@ def train_window(
         del opt
     if best is not None:
         params.restore(best[2])
-    after = mean_loss(forward, data, probe, loss, eval_bs, autocast)
-    val_after = mean_loss(forward, data, val_idx, loss, eval_bs, autocast)
+    trained = step > 0
+    after = mean_loss(forward, data, probe, loss, eval_bs, autocast) if trained else before  # no step: the same model
+    val_after = mean_loss(forward, data, val_idx, loss, eval_bs, autocast) if trained else val_before
     out = {"loss_before": before, "loss_after": after, "loss_samples": len(probe), "steps": step}
     if val_idx:
         out.update(val_loss_before=val_before, val_loss_after=val_after)

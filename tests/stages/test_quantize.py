@@ -2,6 +2,9 @@
 checked against compressed-tensors' own arithmetic and against transformers loading the exported checkpoint."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,8 +24,6 @@ from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.files import load_tensors, read_json
 
 from helpers import HELDOUT, streamed_logits
-
-LINEAR = "mlp.up_proj"
 
 
 def _pruned(fresh_work, arch="llama"):
@@ -155,24 +156,32 @@ def test_compressed_tensors_export_loads_in_transformers_bit_for_bit(symmetric, 
     assert by_path["results"][0]["ppl"] == pytest.approx(by_work["results"][0]["ppl"], rel=1e-5)
 
 
-def test_quantize_resumes_per_window(fresh_work):
-    work = _pruned(fresh_work)
-    ref = _pruned(fresh_work)
+def test_quantize_killed_mid_way_resumes_to_the_same_model(fresh_work):
+    work, ref = _pruned(fresh_work), _pruned(fresh_work)
     quantize(ref, QuantizeConfig(group_size=32, steps=3, device="cpu"))
-    quantize(work, QuantizeConfig(group_size=32, steps=3, device="cpu", keep_cache=True))
-    record = read_json(work.window_record_path(1, "quantize"))
-    assert record["status"] == "done" and record["steps"] == 3
-    # forget window 1 as if the run had been killed after window 0, then resume: the same model
-    work.window_record_path(1, "quantize").unlink()
-    with work.update() as m:
-        m["stages"]["quantize"]["status"] = "running"
-    with pytest.raises(FreelunchError, match="--resume"):
-        quantize(work, QuantizeConfig(group_size=32, steps=3, device="cpu"))
-    quantize(work, QuantizeConfig(group_size=32, steps=3, device="cpu"), resume=True)
+    args = [sys.executable, "-m", "freelunch_cli", "quantize", "--work", str(work.root), "--group-size", "32", "--steps", "3"]
+    args += ["--device", "cpu", "--quiet"]
+    killed = subprocess.run(args, env={**os.environ, "FREELUNCH_KILL_AT": "quantize.window:1"}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert read_json(work.window_record_path(0, "quantize"))["status"] == "done"
+    assert not work.window_record_path(1, "quantize").exists()
+    refused = subprocess.run(args, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
     for i in range(2):
-        a, b = load_tensors(ref.block_path("quantized", i)), load_tensors(work.block_path("quantized", i))
+        for path in (work.block_path("quantized", i), work.qparams_path(i)):
+            a, b = load_tensors(path), load_tensors(ref.root / path.relative_to(work.root))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+
+
+def test_two_sharded_workers_give_the_single_process_model(fresh_work):
+    work, ref = _pruned(fresh_work), _pruned(fresh_work)
+    quantize(ref, QuantizeConfig(group_size=32, steps=3, device="cpu"))
+    args = [sys.executable, "-m", "freelunch_cli", "quantize", "--work", str(work.root), "--group-size", "32", "--steps", "3"]
+    workers = [subprocess.Popen([*args, "--shard", f"{k}/2", "--device", "cpu", "--quiet"]) for k in range(2)]
+    assert [w.wait() for w in workers] == [0, 0]
+    assert work.stage("quantize").status == "done"
+    for i in range(2):
+        a, b = load_tensors(work.block_path("quantized", i)), load_tensors(ref.block_path("quantized", i))
         assert all(torch.equal(a[k], b[k]) for k in a)
-        assert torch.equal(
-            load_tensors(ref.qparams_path(i))[f"{LINEAR}.weight_scale"],
-            load_tensors(work.qparams_path(i))[f"{LINEAR}.weight_scale"],
-        )
