@@ -185,3 +185,17 @@ def test_two_sharded_workers_give_the_single_process_model(fresh_work):
     for i in range(2):
         a, b = load_tensors(work.block_path("quantized", i)), load_tensors(ref.block_path("quantized", i))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("window", ["submodule", "matrix"])
+def test_chained_inputs_and_smaller_windows(window, fresh_work):
+    work = _pruned(fresh_work)
+    s = quantize(work, QuantizeConfig(group_size=32, steps=2, inputs="sparse", window=window, device="cpu"))
+    assert s["windows"] == (4 if window == "submodule" else 14) and s["loss_after"] < s["loss_before"]
+    assert not (work.acts_dir / "quant").exists()  # the chained stream is deleted once the stage is done
+    for i in range(2):
+        quant, masks = load_tensors(work.block_path("quantized", i)), load_tensors(work.mask_path(i))
+        assert all(bool((quant[f"{n}.weight"][~keep] == 0).all()) for n, keep in masks.items())
+        assert set(load_tensors(work.qparams_path(i))) == {
+            f"{n}.{k}" for n in masks for k in ("weight_scale", "weight_zero_point")
+        }
