@@ -199,3 +199,10 @@ def test_chained_inputs_and_smaller_windows(window, fresh_work):
         assert set(load_tensors(work.qparams_path(i))) == {
             f"{n}.{k}" for n in masks for k in ("weight_scale", "weight_zero_point")
         }
+
+
+def test_mixture_of_experts_is_refused_before_anything_is_written(fresh_work):
+    work = fresh_work("mixtral")
+    with pytest.raises(FreelunchError, match="quantize does not support 3-D expert weights yet"):
+        quantize(work, QuantizeConfig(group_size=32, steps=0, device="cpu"))
+    assert work.stage("quantize") is None
