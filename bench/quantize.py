@@ -100,6 +100,7 @@ def main() -> None:
     cell("wanda+reconstruct", ("reconstruct",), "reconstructed", export=False)
     llmc(a, work, "wanda+gptq", a.out / "pruned-hf", done, record)
     cell("wanda+reconstruct+w4a16-qar", (*quant, "--from", "reconstructed"), "quantized")
+    cell("wanda+reconstruct+w4a16-qar-ls", (*quant, "--from", "reconstructed", "--learn-scales"), "quantized")
     table = results_table(done)
     (ROOT / "bench" / "out" / "quantize.md").write_text(table + "\n")
     stamp = (
@@ -160,6 +161,7 @@ LABELS = [
     ("wanda+w4a16-qar", "Wanda 50% + W4A16 quantization-aware reconstruction"),
     ("wanda+gptq", "Wanda 50% + llm-compressor GPTQ W4A16"),
     ("wanda+reconstruct+w4a16-qar", "Wanda 50% + reconstruct + W4A16 quantization-aware reconstruction"),
+    ("wanda+reconstruct+w4a16-qar-ls", "Wanda 50% + reconstruct + W4A16 quantization-aware reconstruction, learned scales"),
 ]
 
 

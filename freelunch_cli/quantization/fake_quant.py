@@ -94,9 +94,11 @@ def prepare_qat(
     scheme: QuantScheme,
     learn_scales: bool = False,
     storage_dtype: torch.dtype = torch.float32,
+    scale_lr_factor: float = 1.0,
 ) -> QuantTrainable:
     """``modules``: the window's trained scope by qualified name; ``masks``: keep-masks (bool ``[out, in]``) by
-    qualified linear name; ``storage_dtype``: the dtype of the stored weights and scales. Raises FreelunchError for a matrix that does not split into whole groups, or for weights
+    qualified linear name; ``storage_dtype``: the dtype of the stored weights and scales; ``scale_lr_factor``: the learned
+    scales' learning rate as a multiple of the weights'. Raises FreelunchError for a matrix that does not split into whole groups, or for weights
     that are not linear layers (mixture-of-experts tensors)."""
     for m in modules.values():
         for p in m.parameters():
@@ -112,6 +114,7 @@ def prepare_qat(
                 seen.add(id(p))
                 params.append(p)
     by_id: dict[int, torch.Tensor] = {}
+    factors: dict[int, float] = {}
     for name, lin in linears.items():
         scheme.check_shape(name.split("/", 1)[-1], lin.weight)
         keep = masks.get(name)
@@ -128,6 +131,7 @@ def prepare_qat(
         quantizer = lin.parametrizations.weight[0]
         if learn_scales:
             params.append(quantizer.log_factor)
+            factors[id(quantizer.log_factor)] = scale_lr_factor
     for p in params:
         p.requires_grad_(True)
-    return QuantTrainable(MaskedParams(params, by_id), linears, masks, scheme, storage_dtype)
+    return QuantTrainable(MaskedParams(params, by_id, factors), linears, masks, scheme, storage_dtype)

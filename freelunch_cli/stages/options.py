@@ -316,6 +316,7 @@ class QuantizeConfig:
     learn_scales: bool = option(
         False, "Train each group's scale too (in log space, LSQ gradient), not only the weights.", "--learn-scales"
     )
+    scale_lr: float = option(1e-2, "Peak learning rate of the scales' log factors (--learn-scales).")
     window: str = option("block", "matrix, submodule, block, blocks:K or model.")
     inputs: str = option("dense", "dense (windows read dense activations, independent) or sparse (chained).")
     lr: float | None = option(
@@ -373,6 +374,8 @@ class QuantizeConfig:
             raise FreelunchError(f"--inputs must be dense or sparse, got {self.inputs!r}")
         if self.stale_after <= 0:
             raise FreelunchError("--stale-after must be positive")
+        if self.scale_lr <= 0:
+            raise FreelunchError(f"--scale-lr must be positive, got {self.scale_lr}")
 
     def resolved(self, start: str) -> QuantizeConfig:
         """The options as run from model ``start``: an unset --lr takes the default for that model."""
@@ -387,6 +390,8 @@ class QuantizeConfig:
         if self.steps == 0:
             for k in ("epochs", "learn_scales", "lr", "batch_size", "loss", "seed", "inputs", "window", "dtype"):
                 sig.pop(k)
+        if self.steps == 0 or not self.learn_scales:
+            sig.pop("scale_lr")
         return {"from": start, "from_run": start_run, **sig}
 
 

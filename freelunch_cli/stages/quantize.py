@@ -47,7 +47,7 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
     windows = plan_windows(work, cfg.window)
 
     def prepare(scope, masks, index, storage_dtype):
-        return prepare_qat(scope, masks, scheme, cfg.learn_scales, storage_dtype)
+        return prepare_qat(scope, masks, scheme, cfg.learn_scales, storage_dtype, cfg.scale_lr / cfg.lr)
 
     job = WindowJob(stage="quantize", source=source, stream="quant", masks=source != "dense", prepare=prepare)
     trains = (
@@ -55,7 +55,7 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
         if cfg.steps == 0
         else (
             f"quantization-aware, lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, "
-            f"batch {cfg.batch_size}, loss {cfg.loss}" + (", learned scales" if cfg.learn_scales else "")
+            f"batch {cfg.batch_size}, loss {cfg.loss}" + (f", learned scales (lr {cfg.scale_lr})" if cfg.learn_scales else "")
         )
     )
     what = f"{scheme.describe()} of the {source} model; {trains}"

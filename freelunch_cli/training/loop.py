@@ -54,11 +54,20 @@ def loss_fn(name: str):
 
 
 class MaskedParams:
-    """Trainable parameters, some of them with a keep-mask that must stay exactly zero where False."""
+    """Trainable parameters, some of them with a keep-mask that must stay exactly zero where False, and some with their
+    own learning rate (``lr_factors``: id(param) -> multiple of the run's rate, e.g. quantization scales)."""
 
-    def __init__(self, params: list[nn.Parameter], masks: dict[int, torch.Tensor]):
+    def __init__(self, params: list[nn.Parameter], masks: dict[int, torch.Tensor], lr_factors: dict[int, float] | None = None):
         self.params = params
         self.masks = masks  # id(param) -> bool mask on the param's device
+        self.lr_factors = lr_factors or {}
+
+    def groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups: one per learning rate."""
+        by_factor: dict[float, list] = {}
+        for p in self.params:
+            by_factor.setdefault(self.lr_factors.get(id(p), 1.0), []).append(p)
+        return [{"params": ps, "lr": lr * f} for f, ps in by_factor.items()]
 
     def mask_grads(self) -> None:
         for p in self.params:
@@ -157,7 +166,7 @@ class MaskedOptimizer:
     ):
         device = torch.device(device)
         self.params, self.grad_clip, self.what = params, grad_clip, what
-        self.opt = torch.optim.AdamW(params.params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda" or None)
+        self.opt = torch.optim.AdamW(params.groups(lr), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda" or None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_schedule(warmup, total))
         self.scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
         self.steps = 0

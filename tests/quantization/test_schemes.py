@@ -88,9 +88,11 @@ def test_qat_keeps_pruned_weights_zero_and_ends_on_the_grid():
     lin = torch.nn.Linear(64, 32)
     keep = torch.rand(32, 64) > 0.5
     s = QuantScheme(4, 32, False)
-    t = prepare_qat({"0/": torch.nn.Sequential(lin)}, {"0/0": keep}, s, learn_scales=True)
+    t = prepare_qat({"0/": torch.nn.Sequential(lin)}, {"0/0": keep}, s, learn_scales=True, scale_lr_factor=10.0)
     assert isinstance(lin.parametrizations.weight[0], FakeQuantizer)
-    opt = torch.optim.AdamW(t.params.params, lr=1e-2)
+    groups = t.params.groups(1e-3)  # scales train at their own rate
+    assert sorted(g["lr"] for g in groups) == [1e-3, 1e-2] and sum(len(g["params"]) for g in groups) == 3
+    opt = torch.optim.AdamW(groups, lr=1e-3)
     x, target = torch.randn(16, 64), torch.randn(16, 32)
     for _ in range(5):
         loss = torch.mean((lin(x) - target) ** 2)
