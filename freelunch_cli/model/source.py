@@ -57,9 +57,13 @@ class ModelSpec:
         except (OSError, ValueError):
             quant = {}
         if quant.get("quant_method") == "compressed-tensors":
+            import warnings
+
             from transformers import CompressedTensorsConfig
 
             kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+            # transformers warns that the folder's own config wins except for the loading options: what is wanted here
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return kwargs
 
     def code_files(self) -> list[Path]:
