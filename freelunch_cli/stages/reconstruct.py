@@ -1,7 +1,8 @@
 """Stage 3: local reconstruction, one window at a time, resumable per window, shared by any number of workers.
 
-Scheduling lives here (shards, claims, assembly, cache cleanup, ``--window auto``, ``--status``); what a
-window does is in ``reconstruction.runner`` and ``reconstruction.windows``.
+Scheduling lives here (shards, claims, assembly, cache cleanup, ``--window auto``, ``--status``); ``run_windows`` is
+the engine of every windowed stage (reconstruct, and quantize with its own ``WindowJob``). What a window does is in
+``reconstruction.runner`` and ``reconstruction.windows``.
 """
 
 from __future__ import annotations
