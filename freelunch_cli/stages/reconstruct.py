@@ -98,7 +98,7 @@ def run_windows(
     device, compute = placement
     pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)]
     needed = set().union(*(w.dense_boundaries() for w in pending))
-    restore_dense_boundaries(work, needed, cfg.device, rep)
+    restore_dense_boundaries(work, needed, cfg.device, rep)  # deleted by an earlier windowed stage: recomputed
     for b in sorted(needed):  # before --force discards anything
         work.check_file(work.boundary_path("dense", b))
     with open_stage(

@@ -96,9 +96,8 @@ def test_quantize_from_each_model_and_latest(fresh_work):
     # the quantized model reads as any model: eval's latest is it, and its rest is the reconstructed model's
     assert evaluate(work, EvalConfig(ppl=[str(HELDOUT)], limit_sequences=2, device="cpu"))["results"][0]["model"] == "quantized"
     assert not torch.equal(streamed_logits(work, "quantized", ids), streamed_logits(work, "reconstructed", ids))
-    rows = compare([work.root])["rows"]
-    assert [r["model"] for r in rows] == ["quantized"]
-    assert "w4a16 g32" in rows[0]["what"] and "reconstruction" in rows[0]["what"]
+    rows = [r for r in compare([work.root])["rows"] if r["model"] == "quantized"]
+    assert len(rows) == 1 and "w4a16 g32" in rows[0]["what"] and "reconstruction" in rows[0]["what"]
 
 
 def test_bad_options_are_refused_with_one_line(fresh_work):
