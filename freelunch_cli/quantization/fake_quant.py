@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.quantization.schemes import QuantScheme, dequantize, minmax_qparams, quantize, ste_fake_quantize
 from freelunch_cli.training.loop import MaskedParams
+from freelunch_cli.training.peft import linears_of, qualify
 
 SCALE_SUFFIX, ZERO_SUFFIX = "weight_scale", "weight_zero_point"  # compressed-tensors' names
 
@@ -39,19 +40,6 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return ste_fake_quantize(weight.float(), self.scale, self.zero, self.scheme).to(weight.dtype)
-
-
-def linears_of(modules: dict[str, nn.Module]) -> dict[str, nn.Linear]:
-    """The linear layers of a window's trained modules, by qualified name ("3/mlp.up_proj")."""
-    out: dict[str, nn.Linear] = {}
-    for prefix, m in modules.items():
-        if isinstance(m, nn.Linear):
-            out[prefix] = m
-            continue
-        for n, sub in m.named_modules():
-            if isinstance(sub, nn.Linear):
-                out[prefix + n if prefix.endswith("/") else f"{prefix}.{n}"] = sub
-    return out
 
 
 @dataclass
@@ -97,13 +85,14 @@ def prepare_qat(
     scale_lr_factor: float = 1.0,
 ) -> QuantTrainable:
     """``modules``: the window's trained scope by qualified name; ``masks``: keep-masks (bool ``[out, in]``) by
-    qualified linear name; ``storage_dtype``: the dtype of the stored weights and scales; ``scale_lr_factor``: the learned
-    scales' learning rate as a multiple of the weights'. Raises FreelunchError for a matrix that does not split into whole groups, or for weights
-    that are not linear layers (mixture-of-experts tensors)."""
+    qualified linear name; ``storage_dtype``: the dtype of the stored weights and scales; ``scale_lr_factor``: the
+    learned scales' learning rate as a multiple of the weights'. Raises FreelunchError for a matrix that does not split
+    into whole groups, or for weights that are not linear layers (mixture-of-experts tensors)."""
     for m in modules.values():
         for p in m.parameters():
             p.requires_grad_(False)
-        scheme.check_block(dict(m.named_parameters()))
+    for prefix, m in modules.items():  # by qualified name: a matrix window's own parameter is "3/mlp.up_proj.weight"
+        scheme.check_block({qualify(prefix, n): p for n, p in m.named_parameters()})
     linears = linears_of(modules)
     weights = {id(lin.weight) for lin in linears.values()}
     params: list[nn.Parameter] = []  # biases and norms train as they are, as in full reconstruction
@@ -115,16 +104,13 @@ def prepare_qat(
                 params.append(p)
     by_id: dict[int, torch.Tensor] = {}
     factors: dict[int, float] = {}
-    for name, lin in linears.items():
-        scheme.check_shape(name.split("/", 1)[-1], lin.weight)
+    for name, lin in linears.items():  # shapes were checked above, with the block's other tensors
         keep = masks.get(name)
         if keep is not None:
             with torch.no_grad():
                 lin.weight.mul_(keep.to(lin.weight.dtype))
-        weight = lin.weight
-        parametrize.register_parametrization(lin, "weight", FakeQuantizer(weight.detach(), scheme, learn_scales))
+        parametrize.register_parametrization(lin, "weight", FakeQuantizer(lin.weight.detach(), scheme, learn_scales))
         weight = lin.parametrizations.weight.original
-        weight.requires_grad_(True)
         params.append(weight)
         if keep is not None:
             by_id[id(weight)] = keep

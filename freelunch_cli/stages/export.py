@@ -18,7 +18,7 @@ from freelunch_cli.model.source import trusts_remote_code, work_config
 from freelunch_cli.quantization.compressed import ct_config, pack_block
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import ExportConfig, QuantizeConfig
-from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
+from freelunch_cli.workdir.directory import STAGE_OF, StageRecord, WorkDir
 from freelunch_cli.workdir.files import (
     load_tensors,
     read_json,
@@ -48,7 +48,7 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
             f"--format compressed-tensors packs a quantized model, but the {stage} model is not one; run "
             f"`freelunch quantize --work {work.root}` first"
         )
-    scheme = QuantizeConfig(**_scheme_options(work)).quant_scheme() if packed else None
+    scheme = _scheme_of(work.stage("quantize")) if packed else None
     target = parse_dtype(cfg.dtype) if cfg.dtype else None
     limit = parse_size(cfg.max_shard_size, "--max-shard-size")
     signature = cfg.signature(str(work.root.resolve()), stage, work.stage(STAGE_OF[stage]).run_id)
@@ -183,10 +183,10 @@ def _itemsize(st_dtype: str) -> int:
     return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(st_dtype, 4)
 
 
-def _scheme_options(work: WorkDir) -> dict:
-    """The quantize stage's scheme options, as recorded in its signature."""
-    sig = work.stage("quantize").signature
-    return {"scheme": sig["scheme"], "group_size": sig["group_size"], "symmetric": sig["symmetric"]}
+def _scheme_of(quantize: StageRecord):
+    """The quantization scheme a quantize stage recorded in its signature."""
+    sig = quantize.signature
+    return QuantizeConfig(scheme=sig["scheme"], group_size=sig["group_size"], symmetric=sig["symmetric"]).quant_scheme()
 
 
 def model_card(work: WorkDir, stage: str, sparsity: float, fmt: str = "hf") -> str:
@@ -235,7 +235,7 @@ def model_card(work: WorkDir, stage: str, sparsity: float, fmt: str = "hf") -> s
         )
     if quant is not None:
         c = quant.summary["config"]
-        scheme = QuantizeConfig(**_scheme_options(work)).quant_scheme()
+        scheme = _scheme_of(quant)
         how = (
             "round-to-nearest"
             if c.get("steps") == 0

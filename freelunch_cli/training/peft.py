@@ -69,6 +69,17 @@ def qualify(prefix: str, name: str) -> str:
     return prefix + name if prefix.endswith("/") or not prefix else f"{prefix}.{name}"
 
 
+def linears_of(modules: dict[str, nn.Module]) -> dict[str, nn.Linear]:
+    """The linear layers of a window's trained modules, by qualified name ("3/mlp.up_proj")."""
+    linears: dict[str, nn.Linear] = {}
+    for prefix, m in modules.items():
+        if isinstance(m, nn.Linear):
+            linears[prefix] = m
+        else:
+            linears.update({qualify(prefix, n): sub for n, sub in m.named_modules() if isinstance(sub, nn.Linear)})
+    return linears
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
 
@@ -103,12 +114,7 @@ def prepare(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], cfg: 
     for m in modules.values():
         for p in m.parameters():
             p.requires_grad_(False)
-    linears: dict[str, nn.Linear] = {}
-    for prefix, m in modules.items():
-        if isinstance(m, nn.Linear):
-            linears[prefix] = m
-        else:
-            linears.update({qualify(prefix, n): sub for n, sub in m.named_modules() if isinstance(sub, nn.Linear)})
+    linears = linears_of(modules)
     params: list[nn.Parameter] = []
     by_id: dict[int, torch.Tensor] = {}
     if cfg.variant == "full":
