@@ -321,12 +321,14 @@ class WindowRunner:
         """Write every block of the stage's model: the source shard with its windows' parameters (and, where windows
         stored extra tensors, the block's quantization parameters beside it)."""
         for i in range(self.sk.num_blocks):
-            path = self.work.block_path(self.job.output, i)
-            self.work.record_file(path, save_tensors_atomic(path, self.current_state(i)))
-            extra = {}
-            for w in self.windows:
+            state, extra = self.source_state(i), {}
+            for w in self.windows:  # every window is done here: each file read once per block it touches
                 if i in w.blocks:
-                    extra.update(window_extra(self.window_params(w), i))
+                    params = self.window_params(w)
+                    apply_params(state, params, i)
+                    extra.update(window_extra(params, i))
+            path = self.work.block_path(self.job.output, i)
+            self.work.record_file(path, save_tensors_atomic(path, state))
             if extra:
                 path = self.work.qparams_path(i)
                 self.work.record_file(path, save_tensors_atomic(path, extra))
