@@ -106,6 +106,11 @@ class PruneConfig:
     owl: float = option(0.0, "OWL non-uniform sparsity: spread block sparsities by +-OWL by outlier ratio (e.g. 0.08).")
     owl_m: float = option(5.0, "OWL outlier threshold: scores above M x the block mean.")
     batch_size: int = option(8, "Samples per forward batch for statistics.")
+    shard: str | None = option(
+        None, "Take share I of N blocks (I/N; --stats dense only); default from torchrun or a Slurm array."
+    )
+    stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed block is taken over.")
+    prepare: bool = option(False, "Only set the stage up (and OWL's plan) before starting sharded workers.", "--prepare")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
 
@@ -124,6 +129,8 @@ class PruneConfig:
             raise FreelunchError("--damp must be in (0, 1) and --block-size at least 1")
         if self.owl < 0 or (self.owl and self.pattern not in (None, "unstructured")):
             raise FreelunchError("--owl needs unstructured sparsity and a non-negative value (e.g. 0.08)")
+        if self.stale_after <= 0:
+            raise FreelunchError("--stale-after must be positive")
         _at_least(1, batch_size=self.batch_size)
         self.resolved()
 

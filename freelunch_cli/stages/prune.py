@@ -4,6 +4,8 @@ the sparsity counted from the weights."""
 from __future__ import annotations
 
 import json
+import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -23,6 +25,7 @@ from freelunch_cli.pruning.owl import layer_sparsities, outlier_ratio
 from freelunch_cli.pruning.selection import parse_blocks, skipped_matrices
 from freelunch_cli.pruning.sparsegpt import SingularHessian, SparseGPT
 from freelunch_cli.pruning.stats import LinearStats, StatsCollector
+from freelunch_cli.reconstruction.claims import Claims, detect_shard, worker_id
 from freelunch_cli.stages.options import PruneConfig
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import (
@@ -34,7 +37,8 @@ from freelunch_cli.workdir.files import (
     tensor_metadata,
     write_json_atomic,
 )
-from freelunch_cli.workdir.stage import open_stage
+from freelunch_cli.workdir.locks import Busy, locked_file
+from freelunch_cli.workdir.stage import StageRun, open_stage
 
 RECALIBRATE = "recalibrate with --dtype bfloat16 or float32 (`freelunch calibrate --force ...`)"
 
@@ -44,13 +48,26 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
     keep-masks and ``prune/report.json``; return the summary.
 
     Everything the stage reads is checked before anything is discarded (``--force`` clears this stage and the later
-    ones only once the inputs are known to be there).
+    ones only once the inputs are known to be there). With ``--shard`` (or torchrun, or a Slurm array) any number of
+    workers share the blocks through claim files, as reconstruct's windows; the worker that sees every block done writes
+    the report. Returns the stage summary, or, for a worker that finished while another writes the report, what it ran.
     """
     rep = rep or Reporter(quiet=True)
     cfg.validate()
     pattern, crit = cfg.resolved()
     device, compute = resolve(cfg.device, cfg.dtype)
     cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
+    shard = detect_shard(cfg.shard)
+    if shard is not None and crit.needs is not None and cfg.stats == "sparse":
+        raise FreelunchError(
+            "--stats sparse feeds each block the output of the blocks pruned before it, so blocks run in order and "
+            "cannot be sharded; use --stats dense with --shard (or run prune in one process)"
+        )
+    if shard is not None and force:
+        raise FreelunchError(
+            "--force cannot be combined with sharded workers (each would start over); run "
+            "`freelunch prune --prepare --force ...` once, then start the workers"
+        )
     calib = work.require_done("calibrate", "prune")
     sk = Skeleton.from_work(work, "dense", device, compute, rest_device="cpu")
     n = sk.num_blocks
@@ -63,41 +80,88 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
     pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute, skipped, rep)
     for path in pruner.inputs_needed():
         work.check_file(path)
-    with open_stage(work, "prune", cfg.signature(calib.run_id), rep, resume=resume, force=force) as run:
+    signature = cfg.signature(calib.run_id)
+    with open_stage(
+        work, "prune", signature, rep, resume=resume or shard is not None, force=force, shared=shard is not None
+    ) as run:
         if run.done:
             return run.summary
-        todo = [i for i in range(n) if not pruner.block_done(i)]
+        if cfg.owl:  # every block's outlier ratio first: computed once, by whichever worker comes first
+            with locked_file(work.lock_path("prune-owl"), blocking=True):
+                pruner.block_sparsity = pruner.owl_plan()
+        if cfg.prepare:
+            return run.report(f"prune prepared in {work.root}: {n} blocks; start the workers", {"blocks": n, "prepared": True})
+        done_before = sum(pruner.block_done(i) for i in range(n))
+        who = f"shard {shard.index}/{shard.count} ({shard.source}), " if shard else ""
         rep.info(
-            f"prune: {crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} stream, "
-            f"{n} blocks ({n - len(todo)} already done)"
+            f"prune: {who}{crit.name}, {pattern.describe()}, statistics from the {cfg.stats if crit.needs else 'no'} "
+            f"stream, {n} blocks ({done_before} already done)"
         )
         if skipped:
             rep.info(f"left dense: {len(skipped)} of {sum(len(v) for v in matrices.values())} matrices (--skip, --skip-blocks)")
-        if cfg.owl:
-            pruner.block_sparsity = pruner.owl_plan()
-        with rep.progress("prune", total=n, completed=n - len(todo)) as bar:
-            for i in todo:
-                started = run.seconds()
-                record = pruner.prune_block(i)
-                rep.info(f"  block {i:3d}: {_describe(record)}, {run.seconds() - started:.1f}s")
-                kill_point("prune.block")
-                bar.advance()
-        report = build_report(work, n, crit.name, pattern, cfg)
-        summary = {
-            "work": str(work.root),
-            "criterion": crit.name,
-            "pattern": pattern.describe(),
-            "stats": cfg.stats if crit.needs else None,
-            "target_sparsity": pattern.sparsity,
-            "achieved_sparsity": report["sparsity_pruned"],  # over the matrices it pruned
-            "pruned_matrix_sparsity": report["sparsity_pruned"],
-            "block_weight_sparsity": report["sparsity_linear"],  # over every weight matrix of the blocks
-            "model_sparsity": report["sparsity_model"],  # over every parameter, embeddings and head included
-            "matrices_pruned": report["matrices_pruned"],
-            "matrices_dense": report["matrices_dense"],
-        }
-        line = f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {_describe(report)}, {run.seconds():.1f}s"
-        return run.finish(summary, line, config=cfg)
+        claims = Claims(work.prune_claims_dir, cfg.stale_after) if shard is not None else None
+        mine = [i for i in range(n) if shard is None or shard.owns(i)]
+        order = mine + [i for i in range(n) if i not in mine]  # then help with the rest (dead or slow workers)
+        ran = []
+        with rep.progress("prune", total=n, completed=done_before) as bar:
+            while True:
+                progressed = False
+                for i in order:
+                    if pruner.block_done(i):
+                        continue
+                    attempt = claims.try_claim(i) if claims is not None else 1
+                    if attempt is None:
+                        continue
+                    started = run.seconds()
+                    with claims.heartbeat(i, attempt) if claims is not None else nullcontext():
+                        record = pruner.prune_block(i, (lambda i=i, a=attempt: claims.still_mine(i, a)) if claims else None)
+                    progressed = True
+                    if record is None:
+                        rep.info(f"  block {i:3d} was taken over by another worker; its result is theirs")
+                        continue
+                    ran.append(i)
+                    rep.info(f"  block {i:3d}: {_describe(record)}, {run.seconds() - started:.1f}s")
+                    kill_point("prune.block")
+                    bar.advance()
+                if all(pruner.block_done(i) for i in range(n)):
+                    break
+                if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
+                    time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
+        return _finish(run, n, crit, pattern, cfg, ran)
+
+
+def _finish(run: StageRun, n: int, crit, pattern: Pattern, cfg: PruneConfig, ran: list[int]) -> dict:
+    """Write the report and mark the stage done, once: the first worker to get here does it; the others report the
+    blocks they pruned."""
+    work = run.work
+    try:
+        with locked_file(work.lock_path("prune-report"), blocking=False):
+            st = work.stage("prune")
+            if st.status == "done":
+                return run.report(f"prune already done in {work.root}", st.summary)
+            report = build_report(work, n, crit.name, pattern, cfg)
+            records = [read_json(work.prune_block_record_path(i)) for i in range(n)]
+            summary = {
+                "work": str(work.root),
+                "criterion": crit.name,
+                "pattern": pattern.describe(),
+                "stats": cfg.stats if crit.needs else None,
+                "target_sparsity": pattern.sparsity,
+                "achieved_sparsity": report["sparsity_pruned"],  # over the matrices it pruned
+                "pruned_matrix_sparsity": report["sparsity_pruned"],
+                "block_weight_sparsity": report["sparsity_linear"],  # over every weight matrix of the blocks
+                "model_sparsity": report["sparsity_model"],  # over every parameter, embeddings and head included
+                "matrices_pruned": report["matrices_pruned"],
+                "matrices_dense": report["matrices_dense"],
+                "workers": sorted({r.get("worker", "?") for r in records}),
+                "ran_here": ran,
+            }
+            line = f"pruned {n} blocks with {crit.name} ({pattern.describe()}): {_describe(report)}, {run.seconds():.1f}s"
+            return run.finish(summary, line, config=cfg)
+    except Busy:
+        return run.report(
+            f"this worker pruned blocks {ran or 'none'}; another worker is writing the report", {"ran": ran, "reported": False}
+        )
 
 
 def _describe(rec: dict) -> str:
@@ -264,8 +328,11 @@ class BlockPruner:
                 new_weights[name], masks[name] = w.cpu(), keep.cpu()
         return new_weights, masks
 
-    def prune_block(self, i: int) -> dict:
-        """Prune block ``i`` and write its shard, masks and record; returns the record (zeros counted from the weights)."""
+    def prune_block(self, i: int, still_mine=None) -> dict | None:
+        """Prune block ``i`` and write its shard, masks and record; returns the record (zeros counted from the weights).
+
+        ``still_mine()``, when given, is asked before anything is written: None is returned, and nothing written, if
+        the block was taken over by another worker meanwhile (a sharded worker declared dead)."""
         work, cfg = self.work, self.cfg
         pattern = (
             self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
@@ -302,8 +369,11 @@ class BlockPruner:
             "block": i,
             "matrices": [_matrix_row(i, name, get_matrix(state, name), name in masks) for name in everything],
             **_count_zeros(state),
+            "worker": worker_id(),
         }
         record.update(_pruned_share(record["matrices"]))
+        if still_mine is not None and not still_mine():
+            return None
         if self.sparse_stream and i + 1 < self.sk.num_blocks:
             self._write_stream(i, self.sk.build_block(i, state), inputs)
         work.record_file(work.mask_path(i), save_tensors_atomic(work.mask_path(i), masks))

@@ -108,6 +108,11 @@ class WorkDir:
     def prune_report_path(self) -> Path:
         return self.root / "prune" / "report.json"
 
+    @property
+    def prune_claims_dir(self) -> Path:
+        """Claim files of sharded prune workers (``NNN.claim.K`` per block, as reconstruct's windows)."""
+        return self.root / "prune" / "claims"
+
     # ---- paths: reconstruct, quantize and retrain ------------------------------------------------------
     def windows_dir(self, stage: str = "reconstruct") -> Path:
         """Window records and sharded workers' claims of a windowed stage (reconstruct, quantize)."""
@@ -133,7 +138,14 @@ class WorkDir:
 
     @property
     def retrain_checkpoint_path(self) -> Path:
+        """Model and optimizer of a single-process retraining, every ``--save-every`` steps."""
         return self.model_dir("retrained") / "checkpoint.pt"
+
+    @property
+    def retrain_sharded_checkpoint_dir(self) -> Path:
+        """Sharded checkpoints of a retraining under torchrun (``torch.distributed.checkpoint``, one folder per step and
+        ``checkpoint.json`` naming the last complete one)."""
+        return self.model_dir("retrained") / "checkpoint"
 
     # ---- paths: evaluation ---------------------------------------------------------------------------------
     @property
