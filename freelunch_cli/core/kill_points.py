@@ -2,8 +2,9 @@
 
 ``FREELUNCH_KILL_AT=reconstruct.window:2`` sends SIGKILL to this process the 2nd time the point
 ``reconstruct.window`` is reached (after that unit of work was written); ``...:2:INT`` sends SIGINT
-(Ctrl-C) instead, ``...:2:TERM`` SIGTERM (a batch system's time limit). Unset in normal use, when
-``kill_point`` costs one environment lookup.
+(Ctrl-C) instead, ``...:2:TERM`` SIGTERM (a batch system's time limit), and ``...:2:OOM`` raises
+``torch.OutOfMemoryError`` there (a device that ran out of memory; torch is imported only then). Unset in normal
+use, when ``kill_point`` costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ _reached: dict[str, int] = {}
 
 
 def kill_point(point: str) -> None:
-    """Count a visit to ``point``; kill this process if ``FREELUNCH_KILL_AT`` names this visit."""
+    """Count a visit to ``point``; kill this process (or raise an out-of-memory error) if ``FREELUNCH_KILL_AT``
+    names this visit."""
     spec = os.environ.get("FREELUNCH_KILL_AT")
     if not spec:
         return
@@ -25,4 +27,8 @@ def kill_point(point: str) -> None:
     nth, _, sig = rest.partition(":")
     _reached[point] = _reached.get(point, 0) + 1
     if _reached[point] == int(nth or 1):
+        if sig == "OOM":
+            import torch
+
+            raise torch.OutOfMemoryError(f"out of memory (simulated by FREELUNCH_KILL_AT={spec})")
         os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig, signal.SIGKILL))

@@ -3,7 +3,8 @@
 A window is claimed by creating ``windows/NNN.claim.K`` exclusively (K = attempt). Its owner touches the
 file every few seconds from a background thread; a claim not touched for ``stale_after`` seconds belongs
 to a dead worker and is taken over by creating attempt K+1, which only one process can do. Before writing
-its result, a worker checks that no later attempt exists, so a window is never written twice.
+its result, a worker checks that no later attempt exists, so a window is never written twice. A worker that cannot
+run a window (out of memory) releases its claim by dating it back, so another worker takes it over at once.
 """
 
 from __future__ import annotations
@@ -97,6 +98,19 @@ class Claims:
         with os.fdopen(fd, "w") as f:
             json.dump({"worker": self.me, "started": time.time(), "takes_over": cur[1].get("worker") if cur else None}, f)
         return attempt
+
+    def release(self, index: int, attempt: int) -> None:
+        """Give a claim up at once (this worker cannot run the window): it looks stale from now on, so another worker
+        takes the window over with attempt K+1 without waiting ``stale_after`` seconds."""
+        try:
+            os.utime(self.path(index, attempt), (0, 0))
+        except FileNotFoundError:
+            pass
+
+    def taken_over(self, index: int, attempt: int) -> bool:
+        """Whether a live worker holds a later attempt than ``attempt`` of the window."""
+        cur = self.current(index)
+        return cur is not None and cur[0] > attempt and cur[2] < self.stale_after
 
     def still_mine(self, index: int, attempt: int) -> bool:
         att = self._attempts(index)

@@ -13,6 +13,7 @@ stay the dense model's activations. What differs between window kinds is in ``re
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,7 @@ from torch import nn
 
 from freelunch_cli.core.device import available_memory, dtype_name, free_memory, parse_dtype
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.activations import write_activations
 from freelunch_cli.model.arch import Halves, block_halves
 from freelunch_cli.model.hooks import capture_linear_io
@@ -245,6 +247,7 @@ class WindowRunner:
         extra = (
             self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
         )
+        kill_point("window.train")  # tests: FREELUNCH_KILL_AT=window.train:1:OOM runs out of memory here
         result = train_window(
             win.forward(blocks, self),
             trainable.params,
@@ -278,6 +281,12 @@ class WindowRunner:
         self._resident = {}
         free_memory(torch.device(self.device))
         return rec
+
+    def release_memory(self) -> None:
+        """Drop what the last window held on the device (after it ran out of memory) and return it to the device."""
+        self._resident, self._dense = {}, None
+        gc.collect()
+        free_memory(torch.device(self.device))
 
     # ---- the chained stream (--inputs sparse) -------------------------------------------------------------
     def write_chained_output(self, win: Window, params: dict[str, torch.Tensor]) -> None:

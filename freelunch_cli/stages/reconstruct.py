@@ -128,18 +128,31 @@ def run_windows(
             f"{job.stage}: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, {what}"
         )
         ran = []
+        released: dict[int, int] = {}  # windows this worker ran out of memory on: the attempt it gave up
+        orphaned_since = None
         with rep.progress(job.stage, total=len(windows), completed=done_before) as bar:
             while True:
                 progressed = False
                 for win in order:
-                    if runner.done(win):
+                    if runner.done(win) or win.index in released:
                         continue
                     attempt = claims.try_claim(win.index)
                     if attempt is None:
                         continue
-                    with claims.heartbeat(win.index, attempt):
-                        rec = runner.run(win, claims, attempt)
-                    progressed = True
+                    progressed, oom = True, False
+                    try:
+                        with claims.heartbeat(win.index, attempt):
+                            rec = runner.run(win, claims, attempt)
+                    except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError too
+                        oom = True  # memory is freed below, once the exception (and the frames it holds) is gone
+                    if oom:
+                        runner.release_memory()
+                        claims.release(win.index, attempt)  # stale at once: another worker takes it over now
+                        released[win.index] = attempt
+                        rep.warn(
+                            f"window {win.index} ran out of memory on this worker ({claims.me}); released for the other workers"
+                        )
+                        continue
                     if rec is None:
                         rep.info(f"  window {win.index:3d} was taken over by another worker; its result is theirs")
                         continue
@@ -154,9 +167,26 @@ def run_windows(
                         drop_unneeded_boundaries(work, windows, job.stage)
                 if all(runner.done(w) for w in windows):
                     break
+                orphaned_since = _check_released(windows, runner, claims, released, orphaned_since)
                 if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
                     time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
         return finish_windows(run, runner, windows, cfg, ran)
+
+
+def _check_released(windows: list[Window], runner: WindowRunner, claims: Claims, released: dict, since: float | None):
+    """When every unfinished window is one this worker released (out of memory) and no live worker has taken it over
+    for ``stale_after`` seconds (at once without sharding), raise a FreelunchError naming them; else when that began."""
+    left = [w for w in windows if not runner.done(w)]
+    if not left or any(w.index not in released or claims.taken_over(w.index, released[w.index]) for w in left):
+        return None
+    since = since or time.time()
+    if time.time() - since >= claims.stale_after:
+        names = ", ".join(str(w.index) for w in left)
+        raise FreelunchError(
+            f"window(s) {names} ran out of memory on this worker and no other worker took them over; use a smaller "
+            f"--window (e.g. submodule), a smaller --batch-size or a larger device, then rerun with --resume"
+        )
+    return since
 
 
 def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], cfg, ran: list[int]) -> dict:
