@@ -21,8 +21,9 @@ from freelunch_cli.model.source import import_model, load_config, load_tokenizer
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
 from freelunch_cli.pruning.stats import StatsCollector
 from freelunch_cli.stages.options import CalibrateConfig
-from freelunch_cli.workdir.directory import WorkDir
+from freelunch_cli.workdir.directory import WorkDir, expand_cache_dir
 from freelunch_cli.workdir.files import TensorRows, check_free_space, load_tensors, save_tensors_atomic
+from freelunch_cli.workdir.locks import locked_file
 from freelunch_cli.workdir.stage import StageState, check_signature, open_stage
 
 
@@ -139,7 +140,7 @@ def _check_disk(work: WorkDir, cfg: CalibrateConfig, spec, lm, storage, cache_by
     if not force:
         model_bytes -= sum(f.stat().st_size for f in work.model_dir("dense").glob("*") if f.is_file())
         cache_bytes -= sum(f.stat().st_size for f in (work.acts_dir / "dense").glob("boundary_*.safetensors"))
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else work.root
+    cache = expand_cache_dir(cfg.cache_dir) if cfg.cache_dir else work.root
     if _device_of(cache) == _device_of(work.root):
         check_free_space(work.root, model_bytes + cache_bytes, "activation cache", " (with the model's shards)")
     else:
@@ -194,12 +195,48 @@ def _dense_block_pass(
 
 
 def restore_dense_boundaries(work: WorkDir, boundaries, device: str, rep: Reporter) -> None:
-    """Recompute dense activation files an earlier windowed stage deleted once it no longer needed them (reconstruct
-    or quantize without ``--keep-cache``), so that a later one (quantize after reconstruct) just runs: the same as
-    ``calibrate --resume`` with the recorded options, the same numbers."""
-    missing = [b for b in sorted(boundaries) if work.problem(work.boundary_path("dense", b)) == "missing"]
-    if not missing:
+    """Recompute the dense activation files among ``boundaries`` that are missing from this process's cache folder:
+    deleted by an earlier windowed stage once it no longer needed them (quantize after reconstruct), or never written
+    on this node (a ``--cache-dir`` template such as ``$TMPDIR/fl`` gives each node its own folder). Each is computed
+    from the boundary before it, as calibrate's dense pass does: the same numbers. Workers sharing the folder wait for
+    each other; calibrate's record stays done."""
+    boundaries = sorted(boundaries)
+
+    def missing() -> list[int]:
+        return [b for b in boundaries if work.problem(work.boundary_path("dense", b)) == "missing"]
+
+    if not missing():
         return
-    rep.info(f"recomputing {len(missing)} dense activation file(s) an earlier stage deleted (as calibrate --resume)")
-    recorded = work.stage("calibrate").summary["config"]
-    calibrate(work, replace(CalibrateConfig(**recorded), device=device), rep, resume=True)
+    (work.acts_dir / "dense").mkdir(parents=True, exist_ok=True)
+    with locked_file(work.acts_dir / "dense" / ".restore.lock", blocking=True):
+        todo = set()
+        for b in missing():  # and the missing ones before it, down to one that is there (or the embeddings)
+            while b >= 0 and b not in todo and work.problem(work.boundary_path("dense", b)) == "missing":
+                todo.add(b)
+                b -= 1
+        if not todo:
+            return  # another worker of this node recomputed them meanwhile
+        rep.info(f"recomputing {len(todo)} dense activation file(s) missing from {work.acts_dir / 'dense'}")
+        cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
+        dev, compute = resolve(device, cfg.dtype)
+        cache_dtype = parse_dtype(cfg.cache_dtype)
+        sk = Skeleton.from_work(work, "dense", dev, compute, rest_device="cpu")
+        ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
+        samples, seqlen = ids.shape
+        with torch.no_grad():
+            for b in sorted(todo):
+                if b == 0:
+                    write_activations(
+                        work,
+                        work.boundary_path("dense", 0),
+                        lambda rows: sk.embed(ids[rows]),
+                        samples,
+                        seqlen,
+                        sk.config.hidden_size,
+                        cache_dtype,
+                        cfg.batch_size,
+                        "the embeddings",
+                    )
+                else:
+                    what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
+                    _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats=False)

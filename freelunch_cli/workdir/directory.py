@@ -9,6 +9,7 @@ wrote. Every path a stage reads or writes is built here, so the layout is writte
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,25 @@ STAGE_OF = {
 }  # who makes each model
 _MODEL_FOLDERS = {"dense": "dense", "pruned": "pruned", "reconstructed": "recon", "retrained": "retrain", "quantized": "quant"}
 WINDOW_STAGES = {"reconstruct": "reconstructed", "quantize": "quantized"}  # stages that run windows, and their model
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def is_template(folder: str) -> bool:
+    """Whether a folder names environment variables (``$SLURM_JOB_ID``, ``${TMPDIR}``) to expand in each process."""
+    return bool(_VARIABLE.search(folder))
+
+
+def expand_cache_dir(folder: str) -> Path:
+    """A cache folder with its environment variables (and ``~``) expanded; FreelunchError naming one that is unset."""
+    unset = [a or b for a, b in _VARIABLE.findall(folder) if (a or b) not in os.environ]
+    if unset:
+        raise FreelunchError(
+            f"the activation cache folder {folder} names ${unset[0]}, which is not set in this process; set it (e.g. "
+            f"to node-local scratch) or run calibrate with another --cache-dir"
+        )
+    return Path(os.path.expanduser(os.path.expandvars(folder)))
 
 
 @dataclass
@@ -165,11 +185,20 @@ class WorkDir:
     # ---- paths: activation caches ------------------------------------------------------------------------
     @property
     def acts_dir(self) -> Path:
-        """Where activation caches live: ``WORK/acts``, or the ``--cache-dir`` calibrate was given."""
+        """Where activation caches live: ``WORK/acts``, or the ``--cache-dir`` calibrate was given. A template with
+        environment variables (``$SLURM_JOB_ID``, ``$TMPDIR``) is stored as written and expanded by each process, so every
+        node has a cache of its own; FreelunchError naming a variable that is not set."""
         if not hasattr(self, "_acts_dir"):
             cache = self.manifest().get("cache_dir") if self.exists() else None
-            self._acts_dir = Path(cache) if cache else self.root / "acts"
+            self._acts_dir = expand_cache_dir(cache) if cache else self.root / "acts"
         return self._acts_dir
+
+    def acts_dir_here(self) -> Path | None:
+        """``acts_dir``, or None where its template names an environment variable this process lacks (no cache here)."""
+        try:
+            return self.acts_dir
+        except FreelunchError:
+            return None
 
     def act_path(self, stream: str, name: str) -> Path:
         """An activation file of a stream (dense, pruned, recon) by name (``boundary_003``, ``mid_002``)."""
@@ -179,14 +208,18 @@ class WorkDir:
         """The hidden state entering block ``i`` (``i`` = number of blocks: the last block's output)."""
         return self.act_path(stream, f"boundary_{i:03d}")
 
-    def set_cache_dir(self, folder: Path | None) -> None:
-        """Keep activations in a folder of their own under ``folder`` (e.g. node-local scratch)."""
+    def set_cache_dir(self, folder: str | Path | None) -> None:
+        """Keep activations in a folder of their own under ``folder`` (e.g. node-local scratch); a template with
+        environment variables is kept as written (see ``acts_dir``), any other folder as an absolute path."""
         with self.update() as m:
             current = m.get("cache_dir")
-            if folder is None:
+            base = (
+                None if folder is None else str(folder).rstrip("/") if is_template(str(folder)) else str(Path(folder).resolve())
+            )
+            if base is None:
                 m["cache_dir"] = None
-            elif not (current and Path(current).parent == Path(folder).resolve()):
-                m["cache_dir"] = str(Path(folder).resolve() / f"freelunch-{self.root.resolve().name}-{uuid.uuid4().hex[:8]}")
+            elif not (current and str(Path(current).parent) == str(Path(base))):
+                m["cache_dir"] = f"{base}/freelunch-{self.root.resolve().name}-{uuid.uuid4().hex[:8]}"
         self.__dict__.pop("_acts_dir", None)
 
     # ---- manifest keys -------------------------------------------------------------------------------------
@@ -197,8 +230,9 @@ class WorkDir:
     def rel(self, path: Path) -> str:
         """The manifest key of a file: its path in the work directory (activations under ``acts/``)."""
         path = Path(path)
-        if self.acts_dir != self.root / "acts" and path.is_relative_to(self.acts_dir):
-            return "acts/" + str(path.relative_to(self.acts_dir))
+        acts = self.acts_dir_here()  # no cache on this node: no file can lie in it
+        if acts is not None and acts != self.root / "acts" and path.is_relative_to(acts):
+            return "acts/" + str(path.relative_to(acts))
         return str(path.relative_to(self.root))
 
     def is_recorded(self, path: Path) -> bool:

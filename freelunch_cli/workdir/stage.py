@@ -169,9 +169,14 @@ def clear(work: WorkDir, stages) -> None:
         for st in stages:
             m["stages"].pop(st, None)
             for out in STAGE_OUTPUTS.get(st, []):
-                p = work.path_of(out) if out.startswith("acts/") else (work.acts_dir if out == "acts" else work.root / out)
+                acts = work.acts_dir_here()  # None: the cache lies on other nodes, out of reach here
+                p = (
+                    (acts / out[5:] if acts else None)
+                    if out.startswith("acts/")
+                    else (acts if out == "acts" else work.root / out)
+                )
                 prefix = out + "/"
                 for k in [k for k in m["files"] if k.startswith(prefix)]:
                     del m["files"][k]
-                if p.is_dir():
+                if p is not None and p.is_dir():
                     shutil.rmtree(p)
