@@ -259,6 +259,11 @@ class RetrainConfig:
     )
     lora_rank: int = option(16, "LoRA rank (lora, masked-lora).")
     lora_alpha: float = option(32.0, "LoRA alpha: the update is alpha / rank x B A.")
+    max_memory: str | None = option(
+        None,
+        "Memory each process may use (e.g. 70GiB, or 0.9 of the device; default on a GPU: its memory): a run whose "
+        "estimate exceeds it is refused before it starts, with the number of GPUs it needs.",
+    )
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
 
@@ -274,6 +279,11 @@ class RetrainConfig:
             raise FreelunchError("--warmup is a fraction of the steps, in [0, 1)")
         if self.start not in RETRAIN_STARTS:
             raise FreelunchError("--from must be latest, pruned, reconstructed or dense")
+        if self.max_memory is not None:
+            from freelunch_cli.core.units import is_plain_number, parse_size
+
+            if not (is_plain_number(self.max_memory) and 0 < float(self.max_memory) <= 1):
+                parse_size(self.max_memory, "--max-memory")
         if self.peft is not None:
             self.peft_config().validate()
 
@@ -297,7 +307,7 @@ class RetrainConfig:
         spacing and recomputation are how, not what: a run may resume with other values. The LoRA shape matters only
         to LoRA, and full training is left implicit, so a run started before --peft existed still resumes."""
         sig = asdict(self)
-        for k in ("device", "save_every", "start", "grad_checkpoint"):
+        for k in ("device", "save_every", "start", "grad_checkpoint", "max_memory"):
             sig.pop(k)
         if self.peft == "full":
             sig.pop("peft")

@@ -1,35 +1,46 @@
-"""Global retraining, the baseline every claim is measured against: next-token training of the whole
-pruned (or reconstructed) model with its masks kept, resumable by step. `--from dense` fine-tunes the dense
-model the same way (no masks): the control that tells how much of retraining's gain is a fit to the
-calibration domain rather than recovery from pruning. After a reconstruction the default is not the baseline
-but the pipeline measured best: sparse (masked) LoRA adapters on the reconstructed model (``LR_BY_PEFT`` in
-``stages.options``).
+"""Global retraining, the baseline every claim is measured against: next-token training of the whole pruned (or
+reconstructed) model with its masks kept, resumable by step. `--from dense` fine-tunes the dense model the same way
+(no masks): the control that tells how much of retraining's gain is a fit to the calibration domain rather than
+recovery from pruning. After a reconstruction the default is not the baseline but the pipeline measured best: sparse
+(masked) LoRA adapters on the reconstructed model (``LR_BY_PEFT`` in ``stages.options``).
 
-The whole model is trained at once (this is what local reconstruction avoids): its memory is the full model
-with gradients and AdamW moments plus the activations of a batch through every block.
+The whole model is trained at once (this is what local reconstruction avoids): its memory is the full model with
+gradients and AdamW moments plus the activations of a batch through every block. One process holds all of it
+(``WholeModel``); under ``torchrun`` the processes shard it with FSDP2 (``ShardedModel``, ``training.fsdp``), each
+taking an equal share of every batch, with sharded checkpoints. A run that cannot fit is refused before anything is
+built, with the estimate and the number of GPUs it needs (``training.memory``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
 
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, resolve
+from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.arch import block_linears, find_arch
 from freelunch_cli.model.assembly import materialize
-from freelunch_cli.model.source import work_tokenizer
+from freelunch_cli.model.build import init_non_persistent_buffers, meta_model, prepare_config
+from freelunch_cli.model.source import trusts_remote_code, work_config, work_tokenizer
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
+from freelunch_cli.reconstruction.memory import block_numbers, device_memory, parse_memory
 from freelunch_cli.stages.models import require_model
 from freelunch_cli.stages.options import RetrainConfig
-from freelunch_cli.training import next_token
-from freelunch_cli.training.loop import MaskedOptimizer, autocast_factory
+from freelunch_cli.training import fsdp, next_token
+from freelunch_cli.training.loop import MaskedOptimizer, MaskedParams, autocast_factory
+from freelunch_cli.training.memory import describe, processes_needed, retrain_estimate
+from freelunch_cli.training.peft import Trainable, adapter_init, linears_of, prepare
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
-from freelunch_cli.workdir.files import atomic_open, load_tensors, save_tensors_atomic
+from freelunch_cli.workdir.files import atomic_open, load_tensors, save_tensors_atomic, write_json_atomic
 from freelunch_cli.workdir.stage import open_stage
+
+LORA_KEYS = (".parametrizations.weight.original", ".parametrizations.weight.0.")
 
 
 def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict]:
@@ -54,62 +65,95 @@ def _start_model(work: WorkDir, start: str) -> str:
 
 def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
     """Train the whole ``--from`` model on next-token loss with its masks kept; write the ``retrained`` model's block
-    shards and its own embeddings/head shard; return the summary."""
+    shards and its own embeddings/head shard; return the summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes train one model sharded with FSDP2; each must be given the
+    same options. Raises FreelunchError for bad options, a run that does not fit the device (with the estimate), or
+    a checkpoint written by another number of processes.
+    """
     rep = rep or Reporter(quiet=True)
     cfg.validate()
+    world = fsdp.torchrun_world()
     device, compute = resolve(cfg.device, cfg.dtype)
     cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     start = _start_model(work, cfg.start)
     chosen = cfg.peft is None and start == "reconstructed"
     cfg = cfg.resolved(start)
+    if world is not None:
+        if cfg.batch_size % world.size:
+            raise FreelunchError(
+                f"--batch-size {cfg.batch_size} must be a multiple of the {world.size} torchrun processes (each takes an "
+                f"equal share of every batch)"
+            )
+        if compute == torch.float16:
+            raise FreelunchError("sharded retraining computes in bfloat16 or float32; use --dtype bfloat16")
     ids, data_sig = _training_ids(work, cfg)
     signature = cfg.signature(start, work.stage(STAGE_OF[start]).run_id, data_sig)
-    with open_stage(work, "retrain", signature, rep, resume=resume, force=force) as run:
+    check_memory(work, cfg, start, world, device, compute, rep)
+    if world is None:
+        return _train(work, cfg, start, ids, signature, None, device, compute, chosen, rep, resume, force)
+    fsdp.init_group(world, device)
+    try:
+        quiet = rep if world.main else Reporter(quiet=True)  # one console: rank 0's
+        return _train(work, cfg, start, ids, signature, world, device, compute, chosen, quiet, resume, force)
+    finally:
+        fsdp.close_group()
+
+
+@contextmanager
+def _open(work: WorkDir, signature: dict, rep: Reporter, resume: bool, force: bool, world):
+    """The stage, opened by rank 0 first (which begins, resumes or refuses it) and then joined by the other ranks."""
+    if world is None:
+        with open_stage(work, "retrain", signature, rep, resume=resume, force=force) as run:
+            yield run
+        return
+    with ExitStack() as stack:
+        error = None
+        if world.main:
+            try:
+                run = stack.enter_context(open_stage(work, "retrain", signature, rep, resume=resume, force=force, shared=True))
+            except FreelunchError as e:
+                error = str(e)
+        error = fsdp.broadcast(error)
+        if error is not None:
+            raise FreelunchError(error)
+        if not world.main:
+            run = stack.enter_context(open_stage(work, "retrain", signature, rep, resume=True, force=False, shared=True))
+        yield run
+
+
+def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep, resume, force) -> dict:
+    with _open(work, signature, rep, resume, force, world) as run:
         if run.done:
             return run.summary
-        model = materialize(work, start, device, torch.float32)
-        arch = find_arch(model, model.config)
-        layers = model.get_submodule(arch.layers_path)
-        masks = {}  # by qualified name "i/mlp.up_proj"; none for the dense control: every weight trains
-        for i in range(len(layers) if start != "dense" else 0):
-            masks.update(
-                {f"{i}/{name}": keep for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items()}
-            )
-        if cfg.grad_checkpoint:
-            next_token.recompute_in_backward(layers)
-        trainable = next_token.choose_trainable(model, layers, masks, cfg.peft_config())
-        params = trainable.params
-        n_train = sum(p.numel() for p in params.params)
+        model = WholeModel(work, cfg, start, device) if world is None else ShardedModel(work, cfg, start, world, device, compute)
+        n_train = sum(p.numel() for p in model.params.params)
         n = ids.shape[0]
         per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.steps or per_epoch * cfg.epochs
         opt = MaskedOptimizer(
-            params, cfg.lr, cfg.weight_decay, int(total * cfg.warmup), total, device, compute, cfg.grad_clip, "retraining"
+            model.params, cfg.lr, cfg.weight_decay, int(total * cfg.warmup), total, device, compute, cfg.grad_clip, "retraining"
         )
-        ckpt_path = work.retrain_checkpoint_path
-        step, losses, before = 0, [], 0.0  # before: training seconds of earlier runs, so a resumed run reports the total
-        if ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-            model.load_state_dict(ck["model"])
-            step, losses, before = ck["step"], ck["losses"], ck.get("seconds", 0.0)
-            opt.load_state_dict(ck, step)
+        if world is not None:
+            opt.agree = fsdp.all_finite
+        step, losses, before = model.resume(opt)
+        if step:
             rep.info(f"retrain: resuming at step {step} of {total}")
+        where = "" if world is None else f" sharded over {world.size} processes (FSDP2),"
         rep.info(
-            f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters), {total} steps of "
+            f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters),{where} {total} steps of "
             f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}"
             + (" (the default after a reconstruction; --peft full trains every weight)" if chosen else "")
         )
-        autocast = autocast_factory(device, compute)
-        head_chunk = next_token.HEAD_CHUNK if cfg.grad_checkpoint else None
-        model.train(False)  # no dropout: the same deterministic forward as every other stage
+        autocast = autocast_factory(device, compute) if world is None else nullcontext  # sharded: FSDP's policy casts
         pending = []  # this run's losses, on the device until a checkpoint or the end needs them
         with rep.progress("retrain", total=total, completed=step) as bar:
             while step < total:
                 epoch, offset = divmod(step, per_epoch)
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-                batch = ids[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]].to(device)
+                batch = ids[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]]
                 with autocast():
-                    loss = next_token.next_token_loss(model, batch, head_chunk)
+                    loss = model.loss(model.share(batch).to(device))
                 opt.step(loss)
                 step += 1
                 pending.append(loss.detach())
@@ -117,24 +161,12 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 kill_point("retrain.step")
                 if step % cfg.save_every == 0 and step < total:
                     opt.check()
-                    losses += torch.stack(pending).tolist()
+                    losses += model.mean_losses(pending)
                     pending = []
-                    with atomic_open(ckpt_path) as f:  # streamed to disk: no in-memory copy of model + optimizer
-                        torch.save(
-                            {
-                                "model": model.state_dict(),
-                                **opt.state_dict(),
-                                "step": step,
-                                "losses": losses,
-                                "seconds": before + run.seconds(),
-                            },
-                            f,
-                        )
+                    model.save_checkpoint(opt, {"step": step, "losses": losses, "seconds": before + run.seconds()})
         opt.finish()
-        losses += torch.stack(pending).tolist() if pending else []
-        trainable.finalize()  # LoRA merged, masks re-applied: plain weights as sparse as the pruned model's
-        _save(work, model, arch, layers, start, {id(trainable.linears[q].weight): keep for q, keep in masks.items()})
-        ckpt_path.unlink(missing_ok=True)
+        losses += model.mean_losses(pending) if pending else []
+        model.save(before + run.seconds())
         summary = {
             "work": str(work.root),
             "from": start,
@@ -145,31 +177,282 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             "trainable_params": n_train,
             "seconds": round(before + run.seconds(), 2),
             "dtype": dtype_name(compute),
+            "processes": 1 if world is None else world.size,
         }
         line = f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s"
+        if world is not None and not world.main:
+            return run.report(line, summary)  # rank 0 marks the stage done
         return run.finish(summary, line, config=cfg)
 
 
-def _save(work: WorkDir, model, arch, layers, start: str, masks: dict) -> None:
-    """The retrained model as block shards plus its own embeddings/head shard, in the storage dtype.
+def _refuse_other_world(work: WorkDir, world) -> None:
+    """Refuse to resume a checkpoint written by another number of processes (sharded checkpoints are laid out for
+    theirs; a single process's ``checkpoint.pt`` holds the whole model)."""
+    size = 1 if world is None else world.size
+    pointer = fsdp.read_pointer(work.retrain_sharded_checkpoint_dir)
+    if pointer is not None and pointer["world_size"] != size:
+        raise FreelunchError(fsdp.world_size_mismatch(pointer["step"], pointer["world_size"], size))
+    if size > 1 and work.retrain_checkpoint_path.exists():
+        raise FreelunchError(fsdp.world_size_mismatch(None, 1, size))
 
-    ``masks`` maps a weight's id to its keep mask (as trained with); a pruned weight that is not zero is a bug.
-    """
-    storage = next(v.dtype for v in load_tensors(work.stage_block_path(start, 0)).values() if v.is_floating_point())
-    for i, block in enumerate(layers):
-        for name, lin in block_linears(block).items():
-            keep = masks.get(id(lin.weight))
-            if keep is not None and bool((lin.weight.detach()[~keep] != 0).any()):
-                raise RuntimeError(f"block {i} {name}: a pruned weight became nonzero during retraining")
-        state = {k: v.detach().to(storage) for k, v in block.state_dict().items()}
-        path = work.block_path("retrained", i)
-        work.record_file(path, save_tensors_atomic(path, state))
+
+def _storage_dtype(work: WorkDir, start: str) -> torch.dtype:
+    return next(v.dtype for v in load_tensors(work.stage_block_path(start, 0)).values() if v.is_floating_point())
+
+
+def _block_masks(work: WorkDir, start: str, i: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Block ``i``'s keep-masks by qualified name ("3/mlp.up_proj"); none for the dense control."""
+    if start == "dense":
+        return {}
+    return {f"{i}/{name}": keep for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items()}
+
+
+class WholeModel:
+    """The whole model in one process, in float32 on the device; checkpoints with ``torch.save``."""
+
+    def __init__(self, work: WorkDir, cfg: RetrainConfig, start: str, device):
+        self.work, self.cfg, self.start, self.device = work, cfg, start, device
+        _refuse_other_world(work, None)
+        self.model = materialize(work, start, device, torch.float32)
+        self.arch = find_arch(self.model, self.model.config)
+        self.layers = self.model.get_submodule(self.arch.layers_path)
+        self.masks = {}  # by qualified name "i/mlp.up_proj"; none for the dense control: every weight trains
+        for i in range(len(self.layers)):
+            self.masks.update(_block_masks(work, start, i, device))
+        if cfg.grad_checkpoint:
+            next_token.recompute_in_backward(self.layers)
+        self.trainable = next_token.choose_trainable(self.model, self.layers, self.masks, cfg.peft_config())
+        self.params = self.trainable.params
+        self.head_chunk = next_token.HEAD_CHUNK if cfg.grad_checkpoint else None
+        self.model.train(False)  # no dropout: the same deterministic forward as every other stage
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return next_token.next_token_loss(self.model, batch, self.head_chunk)
+
+    def mean_losses(self, pending: list) -> list[float]:
+        return torch.stack(pending).tolist()
+
+    def resume(self, opt: MaskedOptimizer) -> tuple[int, list, float]:
+        """(step, losses, seconds of earlier runs) of the checkpoint, loaded; zeros without one."""
+        path = self.work.retrain_checkpoint_path
+        if not path.exists():
+            return 0, [], 0.0
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck, ck["step"])
+        return ck["step"], ck["losses"], ck.get("seconds", 0.0)
+
+    def save_checkpoint(self, opt: MaskedOptimizer, meta: dict) -> None:
+        with atomic_open(self.work.retrain_checkpoint_path) as f:  # streamed to disk: no in-memory copy
+            torch.save({"model": self.model.state_dict(), **opt.state_dict(), **meta}, f)
+
+    def save(self, seconds: float) -> None:
+        """The retrained model as block shards plus its own embeddings/head shard, in the storage dtype."""
+        work = self.work
+        self.trainable.finalize()  # LoRA merged, masks re-applied: plain weights as sparse as the pruned model's
+        storage = _storage_dtype(work, self.start)
+        for i, block in enumerate(self.layers):
+            state = {k: v.detach().to(storage) for k, v in block.state_dict().items()}
+            path = work.block_path("retrained", i)
+            work.record_file(path, save_tensors_atomic(path, state))
+        _save_rest(work, self.model, self.arch, storage, {k: v.detach() for k, v in self.model.state_dict().items()})
+        work.retrain_checkpoint_path.unlink(missing_ok=True)
+
+
+class ShardedModel:
+    """The model sharded over the torchrun processes with FSDP2: built on the meta device, filled one block at a time,
+    each process training on its share (``rank::world``) of every batch; sharded checkpoints; gathered one block at
+    a time at the end, each block written by process ``block % world``."""
+
+    def __init__(self, work: WorkDir, cfg: RetrainConfig, start: str, world, device, compute):
+        self.work, self.cfg, self.start, self.world, self.device = work, cfg, start, world, device
+        _refuse_other_world(work, world)
+        trusted = trusts_remote_code(work)
+        config = prepare_config(work_config(work))
+        self.lm = meta_model(config, trusted)
+        self.arch = find_arch(self.lm, config)
+        self.layers = self.lm.get_submodule(self.arch.layers_path)
+        self.templates = list(meta_model(config, trusted).get_submodule(self.arch.layers_path))  # plain blocks for saving
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm.tie_weights()
+        peft = cfg.peft_config()
+        meta_masks = {  # shapes only: masked-LoRA's masks are filled block by block below
+            f"{i}/{name}": torch.empty(lin.weight.shape, dtype=torch.bool, device="meta")
+            for i, block in enumerate(self.layers)
+            for name, lin in block_linears(block).items()
+        }
+        self.trainable = next_token.choose_trainable(self.lm, self.layers, meta_masks if start != "dense" else {}, peft)
+        fsdp.shard_masks_of_adapters(self.lm)
+        if cfg.grad_checkpoint:
+            next_token.recompute_in_backward(self.layers)
+        self.step_module = next_token.NextTokenLoss(self.lm, next_token.HEAD_CHUNK if cfg.grad_checkpoint else None)
+        fsdp.shard(self.step_module, self.layers, compute)
+        self.step_module.to_empty(device=device)
+        init_non_persistent_buffers(self.lm)
+        self._fill(peft)
+        self.step_module.train(False)
+
+    def _fill(self, peft) -> None:
+        """Every parameter's shard from the work directory's files (block by block), adapters from their seed, and the
+        keep-masks of full retraining sharded like their weights."""
+        work, start, prefix = self.work, self.start, self.arch.layers_path + "."
+        rest = load_tensors(work.check_file(work.rest_path(start)))
+        tied = getattr(self.lm.config, "tie_word_embeddings", False)
+        fsdp.load_full(self.step_module, {f"lm.{k}": v for k, v in rest.items() if not (tied and k.endswith("lm_head.weight"))})
+        lora = peft.variant in ("lora", "masked-lora")
+        starts = adapter_init(linears_of({f"{i}/": b for i, b in enumerate(self.layers)}), peft) if lora else {}
+        by_id = {}
+        for i, block in enumerate(self.layers):
+            plain = load_tensors(work.stage_block_path(start, i))
+            masks = _block_masks(work, start, i)
+            state = {}
+            for key, value in block.state_dict().items():
+                state[key] = self._value(i, key, value, plain, masks, starts)
+            fsdp.load_full(self.step_module, {f"lm.{prefix}{i}.{k}": v for k, v in state.items()})
+            if peft.variant == "full":
+                for name, lin in block_linears(block).items():
+                    if f"{i}/{name}" in masks:
+                        by_id[id(lin.weight)] = fsdp.distribute_like(lin.weight, masks[f"{i}/{name}"])
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.params = MaskedParams(params, by_id)
+
+    @staticmethod
+    def _value(i: int, key: str, like, plain: dict, masks: dict, starts: dict) -> torch.Tensor:
+        """The full starting value of a block's state entry ``key``: a stored weight, or an adapter's A, B or mask."""
+        if key.endswith(LORA_KEYS[0]):
+            return plain[key[: -len(LORA_KEYS[0])] + ".weight"]
+        if LORA_KEYS[1] in key:
+            linear, _, part = key.partition(LORA_KEYS[1])
+            if part == "A":
+                return starts[f"{i}/{linear}"]
+            if part == "B":
+                return torch.zeros(like.shape, dtype=torch.float32)
+            return masks[f"{i}/{linear}"]
+        return plain[key]
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch[self.world.rank :: self.world.size]
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.step_module(batch)
+
+    def mean_losses(self, pending: list) -> list[float]:
+        return fsdp.mean_over_ranks(torch.stack(pending)).tolist()
+
+    def resume(self, opt: MaskedOptimizer) -> tuple[int, list, float]:
+        folder = self.work.retrain_sharded_checkpoint_dir
+        if fsdp.read_pointer(folder) is None:
+            return 0, [], 0.0
+        meta = fsdp.load_checkpoint(folder, self.step_module, opt.opt, self.world)
+        opt.sched.load_state_dict(meta["scheduler"])
+        opt.steps = opt._checked = meta["step"]
+        return meta["step"], meta["losses"], meta.get("seconds", 0.0)
+
+    def save_checkpoint(self, opt: MaskedOptimizer, meta: dict) -> None:
+        folder = self.work.retrain_sharded_checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        fsdp.save_checkpoint(
+            folder, self.step_module, opt.opt, {**meta, "scheduler": opt.sched.state_dict()}, self.world, write_json_atomic
+        )
+
+    def save(self, seconds: float) -> None:
+        """Gather each block whole (every process, one block at a time), merge adapters and re-apply masks on a plain
+        copy, and write it from process ``block % world``; rank 0 writes the embeddings and head."""
+        work, world, peft = self.work, self.world, self.cfg.peft_config()
+        storage = _storage_dtype(work, self.start)
+        for i, block in enumerate(self.layers):
+            full = fsdp.gather_full(block)
+            if i % world.size != world.rank:
+                continue
+            replica = copy.deepcopy(self.templates[i])
+            masks = _block_masks(work, self.start, i)
+            scope = {f"{i}/": replica}
+            trainable = prepare(scope, masks, peft) if peft.variant in ("lora", "masked-lora") else None
+            replica.to_empty(device="cpu")
+            replica.load_state_dict(full, strict=False)
+            Trainable(MaskedParams([], {}), linears_of(scope), masks, lora=trainable is not None).finalize()
+            state = {k: v.detach().to(storage) for k, v in replica.state_dict().items()}
+            path = work.block_path("retrained", i)
+            work.record_file(path, save_tensors_atomic(path, state))
+        prefix = "lm." + self.arch.layers_path + "."
+        rest = fsdp.gather_full(self.step_module, keep=lambda k: not k.startswith(prefix))
+        if world.main:
+            _save_rest(work, self.lm, self.arch, storage, {k.removeprefix("lm."): v for k, v in rest.items()})
+        fsdp.barrier()
+        if world.main:
+            fsdp.remove_checkpoints(work.retrain_sharded_checkpoint_dir)
+
+
+def _save_rest(work: WorkDir, model, arch, storage: torch.dtype, state: dict) -> None:
+    """The retrained embeddings, final norm and head (the tied head left out, as in every checkpoint)."""
     prefix = arch.layers_path + "."
     tied = getattr(model.config, "tie_word_embeddings", False)
     rest = {
-        k: v.detach().to(storage)
-        for k, v in model.state_dict().items()
-        if not k.startswith(prefix) and not (tied and k.endswith("lm_head.weight"))
+        k: v.to(storage) for k, v in state.items() if not k.startswith(prefix) and not (tied and k.endswith("lm_head.weight"))
     }
     path = work.own_rest_path("retrained")
     work.record_file(path, save_tensors_atomic(path, rest))
+
+
+def check_memory(work: WorkDir, cfg: RetrainConfig, start: str, world, device, compute, rep: Reporter) -> dict | None:
+    """Estimate the memory per process (``training.memory``) and refuse, before building anything, a run that does not
+    fit the device (``--max-memory``, else a GPU's memory; on the CPU only with ``--max-memory``). Returns the
+    estimate, or None when nothing was checked."""
+    device = torch.device(device)
+    if cfg.max_memory is None and device.type != "cuda":
+        return None
+    budget = parse_memory(cfg.max_memory, device) if cfg.max_memory else device_memory(device)
+    config = prepare_config(work_config(work))
+    lm = meta_model(config, trusts_remote_code(work))
+    arch = find_arch(lm, config)
+    layers = lm.get_submodule(arch.layers_path)
+    nums = block_numbers(config, layers[0])
+    masked = {
+        f"{i}/{n}": torch.empty(lin.weight.shape, dtype=torch.bool, device="meta")
+        for i, b in enumerate(layers)
+        for n, lin in block_linears(b).items()
+    }
+    peft = cfg.peft_config()
+    trainable = next_token.choose_trainable(lm, layers, masked if start != "dense" else {}, peft)
+    n_train = sum(p.numel() for p in trainable.params.params)
+    n_masked = 0 if start == "dense" or peft.variant in ("lora", "bias-norm") else sum(m.numel() for m in masked.values())
+    prefix = arch.layers_path + "."
+    rest_params = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith(prefix))
+    seqlen = load_tensors(work.check_file(work.tokens_path))["input_ids"].shape[1]
+    compute_bytes = torch.tensor([], dtype=compute).element_size()
+
+    def estimate_for(size: int) -> dict:
+        return retrain_estimate(
+            nums,
+            len(layers),
+            rest_params,
+            config.vocab_size,
+            n_train,
+            n_masked,
+            cfg.batch_size,
+            seqlen,
+            size,
+            compute_bytes,
+            bool(cfg.grad_checkpoint),
+            next_token.HEAD_CHUNK,
+        )
+
+    size = 1 if world is None else world.size
+    est = estimate_for(size)
+    rep.info(f"retrain memory estimate: {describe(est, size)}; budget {budget / 2**30:.1f} GiB")
+    if est["total"] <= budget:
+        return est
+    needed = processes_needed(estimate_for, budget)
+    fits = (
+        f"it fits on {needed} GPUs of this size (torchrun --nproc-per-node {needed}, --batch-size a multiple of {needed})"
+        if needed
+        else "no number of GPUs of this size fits it"
+    )
+    lighter = "; or train sparse adapters: --peft masked-lora" if peft.variant == "full" else ""
+    raise FreelunchError(
+        f"retraining the {start} model ({peft.variant}) needs about {describe(est, size)}, more than the "
+        f"{budget / 2**30:.1f} GiB {'of --max-memory' if cfg.max_memory else f'of {device}'}; {fits}{lighter}"
+    )

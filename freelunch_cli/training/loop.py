@@ -170,6 +170,7 @@ class MaskedOptimizer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_schedule(warmup, total))
         self.scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
         self.steps = 0
+        self.agree = None  # sharded training: and-s the finite flag over every process, so all stop at the same check
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self._checked = 0
 
@@ -196,7 +197,8 @@ class MaskedOptimizer:
 
     def check(self) -> None:
         """Raise FreelunchError if a loss since the last check was NaN or infinite."""
-        if not bool(self._finite):
+        finite = self._finite if self.agree is None else self.agree(self._finite)
+        if not bool(finite):
             raise FreelunchError(
                 f"{self.what} loss became NaN or infinite within steps {self._checked}-{self.steps - 1}; lower --lr"
             )

@@ -63,3 +63,18 @@ def recompute_in_backward(layers) -> None:
 
 def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+class NextTokenLoss(nn.Module):
+    """A causal LM with its next-token loss as its forward (``batch [b, seqlen]`` token ids -> float32 scalar).
+
+    Sharded retraining makes this the root FSDP unit, so the embeddings, final norm and head are gathered around the
+    whole step, the chunked head (which reads the head's weight directly) included."""
+
+    def __init__(self, lm: nn.Module, chunk: int | None):
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(self.lm, batch, self.chunk)

@@ -37,19 +37,9 @@ class PeftConfig:
 class LoRA(nn.Module):
     """W -> W + (alpha / r) · B A, optionally multiplied by the keep-mask (MaskLoRA)."""
 
-    def __init__(
-        self,
-        out_features: int,
-        in_features: int,
-        rank: int,
-        alpha: float,
-        mask: torch.Tensor | None,
-        generator: torch.Generator,
-        device,
-    ):
+    def __init__(self, out_features: int, a: torch.Tensor, alpha: float, mask: torch.Tensor | None, device):
         super().__init__()
-        a = torch.empty(rank, in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        rank = a.shape[0]
         self.A = nn.Parameter(a.to(device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         self.scale = alpha / rank
@@ -78,6 +68,20 @@ def linears_of(modules: dict[str, nn.Module]) -> dict[str, nn.Linear]:
         else:
             linears.update({qualify(prefix, n): sub for n, sub in m.named_modules() if isinstance(sub, nn.Linear)})
     return linears
+
+
+def adapter_init(linears: dict[str, nn.Linear], cfg: PeftConfig) -> dict[str, torch.Tensor]:
+    """The starting ``A`` ``[rank, in_features]`` (float32, CPU) of each linear's adapter, by qualified name, in the
+    order ``prepare`` creates them: Kaiming-uniform from one generator seeded with ``cfg.seed`` (``B`` starts at zero,
+    so training starts from the unadapted weights). Sharded retraining, which builds its model on the meta device,
+    fills its adapters from this."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    out = {}
+    for name, lin in linears.items():
+        a = torch.empty(cfg.lora_rank, lin.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        out[name] = a
+    return out
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -132,18 +136,10 @@ def prepare(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], cfg: 
                         seen.add(id(p))
                         params.append(p)
     else:
-        g = torch.Generator().manual_seed(cfg.seed)
-        for name, lin in linears.items():
-            keep = masks.get(name)
-            adapter = LoRA(
-                lin.out_features,
-                lin.in_features,
-                cfg.lora_rank,
-                cfg.lora_alpha,
-                keep if cfg.variant == "masked-lora" else None,
-                g,
-                lin.weight.device,
-            )
+        for name, a in adapter_init(linears, cfg).items():
+            lin = linears[name]
+            keep = masks.get(name) if cfg.variant == "masked-lora" else None
+            adapter = LoRA(lin.out_features, a, cfg.lora_alpha, keep, lin.weight.device)
             parametrize.register_parametrization(lin, "weight", adapter)
             lin.parametrizations.weight.original.requires_grad_(False)
             params += [adapter.A, adapter.B]
