@@ -207,6 +207,25 @@ class Skeleton:
         return self.lm.base_model(input_ids=input_ids, use_cache=False)
 
 
+def block_templates(work) -> tuple[object, list[nn.Module]]:
+    """(config, the decoder blocks on the meta device) of a work directory's model, from its config alone: module
+    structure, names and shapes, without reading a tensor (planning windows and estimating memory need no more)."""
+    config = prepare_config(work_config(work))
+    lm = meta_model(config, trusts_remote_code(work))
+    return config, list(lm.get_submodule(find_arch(lm, config).layers_path))
+
+
+def float_call(call, dtype: torch.dtype):
+    """A block call (args, kwargs) with its floating tensors (position embeddings, additive masks) in ``dtype``."""
+    if isinstance(call, torch.Tensor):
+        return call.to(dtype) if call.is_floating_point() else call
+    if isinstance(call, (tuple, list)):
+        return type(call)(float_call(c, dtype) for c in call)
+    if isinstance(call, dict):
+        return {k: float_call(v, dtype) for k, v in call.items()}
+    return call
+
+
 def _to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)

@@ -18,7 +18,7 @@ from freelunch_cli.core.device import dtype_name, parse_dtype, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.arch import block_halves, block_linears, check_halves
-from freelunch_cli.model.skeleton import Skeleton
+from freelunch_cli.model.skeleton import Skeleton, block_templates, float_call
 from freelunch_cli.reconstruction.claims import Claims, detect_shard
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, parse_memory
 from freelunch_cli.reconstruction.records import window_done
@@ -39,12 +39,14 @@ def plan_windows(work: WorkDir, window: str) -> list[Window]:
     kind = window.strip().lower()
     matrices = None
     if kind in ("matrix", "submodule"):
-        sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
-        matrices = list(block_linears(sk.templates[0]))
-        if kind == "submodule":
-            halves = block_halves(sk.templates[0], calib.summary["model_type"])
+        template = block_templates(work)[1][0]  # from the config: no tensor read
+        matrices = list(block_linears(template))
+        if kind == "submodule":  # block 0 in float32 on a real call; embeddings and head stay in their stored dtype
+            halves = block_halves(template, calib.summary["model_type"])
             x = TensorRows(work.check_file(work.boundary_path("dense", 0))).rows(0, 2).float()
-            check_halves(halves, sk.build_block(0), x, sk.block_call(0, *x.shape[:2]), calib.summary["model_type"])
+            sk = Skeleton.from_work(work, "dense", "cpu", parse_dtype(calib.summary.get("storage_dtype", "float32")))
+            call = float_call(sk.block_call(0, *x.shape[:2]), torch.float32)
+            check_halves(halves, sk.build_block(0, dtype=torch.float32), x, call, calib.summary["model_type"])
     return enumerate_windows(calib.summary["num_blocks"], window, matrices)
 
 
@@ -249,8 +251,8 @@ def resolve_auto_window(work: WorkDir, cfg: ReconstructConfig, device, rep: Repo
     if not cfg.max_memory:
         raise FreelunchError("--window auto needs --max-memory (e.g. 40GiB, or 0.8 of the device)")
     calib = work.stage("calibrate")
-    sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
-    nums = block_numbers(sk.config, sk.templates[0])
+    config, templates = block_templates(work)  # from the config: no tensor read
+    nums = block_numbers(config, templates[0])
     budget = parse_memory(cfg.max_memory, torch.device(device))
     act_bytes = torch.tensor([], dtype=parse_dtype(cfg.dtype)).element_size()
     chosen, table = choose_window(calib.summary["num_blocks"], nums, cfg.batch_size, calib.summary["seqlen"], budget, act_bytes)
