@@ -1,7 +1,9 @@
 """A --cache-dir template ($VAR) gives every node a cache of its own: a worker whose folder lacks the dense
 activations recomputes them, and the first node's copy stays good."""
 
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,9 +38,24 @@ def test_a_cache_dir_template_is_expanded_per_node(tmp_path, monkeypatch):
     ref = WorkDir(tmp_path / "ref")
     reconstruct(ref, CFG)  # on node A, from its cache
 
-    monkeypatch.setenv("FL_NODE_SCRATCH", str(node_b))  # another node: an empty scratch folder
+    # two workers on another node (an empty scratch folder) at once: one recomputes, the other waits for it
+    env = {**os.environ, "FL_NODE_SCRATCH": str(node_b)}
+    args = ["--window", "block", "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--keep-cache"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "freelunch_cli", "reconstruct", "--work", str(work.root), *args, "--shard", f"{i}/2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("recomputing 3 dense activation file(s) missing" in err for _, err in outs) == 1, outs
+    monkeypatch.setenv("FL_NODE_SCRATCH", str(node_b))
     on_b = WorkDir(work.root)
-    reconstruct(on_b, CFG)
     assert on_b.stage("reconstruct").status == "done" and on_b.stage("calibrate").status == "done"
     assert on_b.manifest()["cache_dir"] == template
     assert {p.name: p.read_bytes() for p in node_b.glob("freelunch-work-*/dense/boundary_*.safetensors")} == on_a
