@@ -26,6 +26,7 @@ from freelunch_cli.pruning.selection import parse_blocks, skipped_matrices
 from freelunch_cli.pruning.sparsegpt import SingularHessian, SparseGPT
 from freelunch_cli.pruning.stats import LinearStats, StatsCollector
 from freelunch_cli.reconstruction.claims import Claims, detect_shard, worker_id
+from freelunch_cli.stages.calibrate import restore_dense_boundaries
 from freelunch_cli.stages.options import PruneConfig
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import (
@@ -78,6 +79,8 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
             if (i, name) not in skipped:
                 check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
     pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute, skipped, rep)
+    if work.cache_per_node:  # this node's cache may lack them (another node calibrated): recomputed here
+        restore_dense_boundaries(work, pruner.dense_inputs(), cfg.device, rep)
     for path in pruner.inputs_needed():
         work.check_file(path)
     signature = cfg.signature(calib.run_id)
@@ -195,14 +198,18 @@ class BlockPruner:
         # dense input norms gathered by calibrate's dense pass: Wanda, RIA and OWL need no forward pass then
         self.stored_stats = all(work.is_recorded(work.input_stats_path(i)) for i in range(sk.num_blocks))
 
-    def inputs_needed(self) -> list:
-        """The activation files this run reads: dense boundary 0 for the pruned stream; every block's dense input for
-        SparseGPT on the dense stream, and for dense input norms (Wanda, RIA, OWL) unless calibrate stored them."""
+    def dense_inputs(self) -> list[int]:
+        """The dense boundaries this run reads: 0 for the pruned stream; every block's dense input for SparseGPT on the
+        dense stream, and for dense input norms (Wanda, RIA, OWL) unless calibrate stored them."""
         blocks = {0} if self.sparse_stream else set()
         dense_norms = (self.crit.needs == "norms" and not self.sparse_stream) or self.cfg.owl
         if (self.crit.needs == "hessian" and not self.sparse_stream) or (dense_norms and not self.stored_stats):
             blocks.update(range(self.sk.num_blocks))
-        return [self.work.boundary_path("dense", i) for i in sorted(blocks)]
+        return sorted(blocks)
+
+    def inputs_needed(self) -> list:
+        """The activation files this run reads (``dense_inputs``)."""
+        return [self.work.boundary_path("dense", i) for i in self.dense_inputs()]
 
     def _dense_stats(self, block, i: int, linears: dict) -> dict:
         """Dense input statistics of block ``i``: as calibrate stored them, or from a pass over its dense inputs."""

@@ -193,6 +193,11 @@ class WorkDir:
             self._acts_dir = expand_cache_dir(cache) if cache else self.root / "acts"
         return self._acts_dir
 
+    @property
+    def cache_per_node(self) -> bool:
+        """Whether the activation cache is a template (``--cache-dir '$TMPDIR/fl'``): one folder per node."""
+        return self.exists() and is_template(self.manifest().get("cache_dir") or "")
+
     def acts_dir_here(self) -> Path | None:
         """``acts_dir``, or None where its template names an environment variable this process lacks (no cache here)."""
         try:
@@ -212,10 +217,9 @@ class WorkDir:
         """Keep activations in a folder of their own under ``folder`` (e.g. node-local scratch); a template with
         environment variables is kept as written (see ``acts_dir``), any other folder as an absolute path."""
         with self.update() as m:
-            current = m.get("cache_dir")
-            base = (
-                None if folder is None else str(folder).rstrip("/") if is_template(str(folder)) else str(Path(folder).resolve())
-            )
+            current, base = m.get("cache_dir"), None
+            if folder is not None:
+                base = str(folder).rstrip("/") if is_template(str(folder)) else str(Path(folder).expanduser().resolve())
             if base is None:
                 m["cache_dir"] = None
             elif not (current and str(Path(current).parent) == str(Path(base))):

@@ -29,11 +29,15 @@ def test_a_cache_dir_template_is_expanded_per_node(tmp_path, monkeypatch):
     work = WorkDir(tmp_path / "work")
     cal = CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu", cache_dir="$FL_NODE_SCRATCH")
     calibrate(work, cal)
-    prune(work, PruneConfig(criterion="wanda", device="cpu"))
     template = work.manifest()["cache_dir"]
     assert template.startswith("$FL_NODE_SCRATCH/freelunch-work-")  # stored as written, not node A's path
     on_a = {p.name: p.read_bytes() for p in node_a.glob("freelunch-work-*/dense/boundary_*.safetensors")}
     assert len(on_a) == 3
+    monkeypatch.setenv("FL_NODE_SCRATCH", str(tmp_path / "node-c"))  # SparseGPT reads every block's dense input
+    prune(WorkDir(work.root), PruneConfig(criterion="sparsegpt", device="cpu"))
+    on_c = {p.name: p.read_bytes() for p in tmp_path.glob("node-c/freelunch-work-*/dense/boundary_*.safetensors")}
+    assert on_c == {k: v for k, v in on_a.items() if k != "boundary_002.safetensors"}  # each block's input: 0 and 1
+    monkeypatch.setenv("FL_NODE_SCRATCH", str(node_a))
     subprocess.run(["cp", "-a", str(work.root), str(tmp_path / "ref")], check=True)
     ref = WorkDir(tmp_path / "ref")
     reconstruct(ref, CFG)  # on node A, from its cache
