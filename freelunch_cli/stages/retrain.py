@@ -446,8 +446,9 @@ def check_memory(work: WorkDir, cfg: RetrainConfig, start: str, world, device, c
     if est["total"] <= budget:
         return est
     needed = processes_needed(estimate_for, budget)
+    launch = f"--nproc-per-node {needed}" if needed and needed <= 8 else f"--nnodes {(needed or 8) // 8} --nproc-per-node 8"
     fits = (
-        f"it fits on {needed} GPUs of this size (torchrun --nproc-per-node {needed}, --batch-size a multiple of {needed})"
+        f"it fits on {needed} GPUs of this size (torchrun {launch}, --batch-size a multiple of {needed})"
         if needed
         else "no number of GPUs of this size fits it"
     )
