@@ -185,7 +185,8 @@ def _check_released(windows: list[Window], runner: WindowRunner, claims: Claims,
     if time.time() - since >= claims.stale_after:
         names = ", ".join(str(w.index) for w in left)
         raise FreelunchError(
-            f"window(s) {names} ran out of memory on this worker and no other worker took them over; use a smaller "
+            f"window{'s' if len(left) > 1 else ''} {names} ran out of memory on this worker and no other worker took "
+            f"{'them' if len(left) > 1 else 'it'} over; use a smaller "
             f"--window (e.g. submodule), a smaller --batch-size or a larger device, then rerun with --resume"
         )
     return since

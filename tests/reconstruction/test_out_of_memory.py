@@ -85,7 +85,11 @@ def test_a_lone_worker_out_of_memory_names_the_window_and_resume_finishes(pruned
     monkeypatch.setattr(kill_points, "_reached", {})
     with pytest.raises(FreelunchError) as e:
         reconstruct(work, CFG)
-    assert "window(s) 1 ran out of memory" in str(e.value) and "--resume" in str(e.value) and "\n" not in str(e.value)
+    assert (
+        "window 1 ran out of memory on this worker and no other worker took it over" in str(e.value)
+        and "--resume" in str(e.value)
+        and "\n" not in str(e.value)
+    )
     assert e.value.exit_code == 2
     assert [read_json(work.window_record_path(w))["status"] for w in range(4)] == ["done", "running", "done", "done"]
     assert work.stage("reconstruct").status == "running"
