@@ -54,7 +54,10 @@ class CalibrateConfig:
     cache_dtype: str = option("float16", "Storage dtype of the activation cache.")
     storage_dtype: str = option("auto", "Dtype of the working model's shards (auto: as the checkpoint).")
     batch_size: int = option(8, "Samples per forward batch.")
-    cache_dir: str | None = option(None, "Keep the activation cache under this folder (e.g. node-local scratch).")
+    cache_dir: str | None = option(
+        None,
+        "Keep the activation cache under this folder (e.g. node-local scratch); quoted $VARS ('$TMPDIR/fl') expand per node.",
+    )
     trust_remote_code: bool = option(
         False, "Run the model's own code (auto_map in its config); off unless given.", "--trust-remote-code"
     )
