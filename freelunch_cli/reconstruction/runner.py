@@ -229,6 +229,7 @@ class WindowRunner:
         rec = {"window": win.as_dict(), "status": "running", "started": t0, "worker": worker_id(), "attempt": attempt}
         record = work.window_record_path(win.index, self.job.stage)
         write_json_atomic(record, rec)
+        self.forget_assembled(win)
         blocks = {}
         for i in win.blocks:
             state = win.start_state(self.source_state(i), lambda i=i: self.current_state(i), self)
@@ -327,20 +328,34 @@ class WindowRunner:
 
     # ---- assembly ----------------------------------------------------------------------------------
     def assemble(self) -> None:
-        """Write every block of the stage's model: the source shard with its windows' parameters (and, where windows
-        stored extra tensors, the block's quantization parameters beside it)."""
+        """Write every block of the stage's model (one process; ``stages.reconstruct.assemble_blocks`` shares it)."""
         for i in range(self.sk.num_blocks):
-            state, extra = self.source_state(i), {}
-            for w in self.windows:  # every window is done here: each file read once per block it touches
-                if i in w.blocks:
-                    params = self.window_params(w)
-                    apply_params(state, params, i)
-                    extra.update(window_extra(params, i))
-            path = self.work.block_path(self.job.output, i)
-            self.work.record_file(path, save_tensors_atomic(path, state))
-            if extra:
-                path = self.work.qparams_path(i)
-                self.work.record_file(path, save_tensors_atomic(path, extra))
+            self.assemble_block(i)
+
+    def assemble_block(self, i: int) -> None:
+        """Write block ``i`` of the stage's model: the source shard with its windows' parameters (and, where windows
+        stored extra tensors, the block's quantization parameters beside it). Every window touching it must be done."""
+        state, extra = self.source_state(i), {}
+        for w in self.windows:  # each window file read once per block it touches
+            if i in w.blocks:
+                params = self.window_params(w)
+                apply_params(state, params, i)
+                extra.update(window_extra(params, i))
+        if extra:  # before the block: a recorded block means its scales are there too
+            path = self.work.qparams_path(i)
+            self.work.record_file(path, save_tensors_atomic(path, extra))
+        path = self.work.block_path(self.job.output, i)
+        self.work.record_file(path, save_tensors_atomic(path, state))
+
+    def assembled(self, i: int) -> bool:
+        """Whether block ``i`` of this run's model is written (a window that runs again forgets its blocks first)."""
+        return self.work.is_recorded(self.work.block_path(self.job.output, i))
+
+    def forget_assembled(self, window: Window) -> None:
+        """Forget the written blocks a window touches, before it writes a new result (they would hold the old one)."""
+        work = self.work
+        stale = [work.block_path(self.job.output, i) for i in window.blocks] + [work.qparams_path(i) for i in window.blocks]
+        work.forget([work.rel(p) for p in stale if work.is_recorded(p)])
 
 
 def window_extra(params: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:

@@ -172,7 +172,7 @@ def run_windows(
                 orphaned_since = _check_released(windows, runner, claims, released, orphaned_since)
                 if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
                     time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
-        return finish_windows(run, runner, windows, cfg, ran)
+        return finish_windows(run, runner, windows, cfg, ran, shard)
 
 
 def _check_released(windows: list[Window], runner: WindowRunner, claims: Claims, released: dict, since: float | None):
@@ -192,16 +192,17 @@ def _check_released(windows: list[Window], runner: WindowRunner, claims: Claims,
     return since
 
 
-def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], cfg, ran: list[int]) -> dict:
-    """Assemble the blocks and mark the stage done, once: the first worker to get here does it; the others report
-    the windows they ran."""
+def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], cfg, ran: list[int], shard=None) -> dict:
+    """Assemble the blocks, shared by the workers (``assemble_blocks``), and mark the stage done, once: the first worker
+    to get here waits for the blocks the others are writing and finishes; the others report what they did."""
     work, job = run.work, runner.job
+    mine = assemble_blocks(work, runner, shard, wait=False)  # this worker's share of the blocks, then any free one
     try:
         with locked_file(work.lock_path("assemble" if job.stage == "reconstruct" else f"assemble-{job.stage}"), blocking=False):
             if work.stage(job.stage).status == "done":
                 summary = work.stage(job.stage).summary
                 return run.report(_summary_line(summary), summary)
-            runner.assemble()
+            mine += assemble_blocks(work, runner, shard, wait=True)  # those other workers are writing: wait for them
             records = [read_json(work.window_record_path(w.index, job.stage)) for w in windows]
             summary = {
                 "work": str(work.root),
@@ -215,6 +216,7 @@ def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], c
                 "window_seconds": round(sum(r["seconds"] for r in records), 2),
                 "workers": sorted({r.get("worker", "?") for r in records}),
                 "ran_here": ran,
+                "assembled_here": sorted(mine),
             }
             if cfg.inputs == "sparse" and not cfg.keep_cache:
                 shutil.rmtree(work.acts_dir / job.stream, ignore_errors=True)
@@ -224,8 +226,32 @@ def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], c
             return summary
     except Busy:
         return run.report(
-            f"this worker ran windows {ran or 'none'}; another worker is assembling the model", {"ran": ran, "assembled": False}
+            f"this worker ran windows {ran or 'none'} and wrote blocks {sorted(mine) or 'none'}; another worker finishes "
+            f"the model",
+            {"ran": ran, "assembled_here": sorted(mine), "assembled": False},
         )
+
+
+def assemble_blocks(work: WorkDir, runner: WindowRunner, shard, wait: bool) -> list[int]:
+    """Write the model's blocks that are not written yet, each under its own lock, this worker's share first (block
+    ``i`` is shard ``i mod N``'s), then the others; with ``wait``, wait for blocks another worker is writing (and
+    write them should it have died), else skip them. Every worker that finishes its windows takes part, so the
+    model's writes are spread over the workers. Returns the blocks written here."""
+    n = runner.sk.num_blocks
+    own = [i for i in range(n) if shard is None or i % shard.count == shard.index]
+    written = []
+    for i in own + [i for i in range(n) if i not in own]:
+        if runner.assembled(i):
+            continue
+        lock = work.lock_path(f"assemble-{runner.job.stage}-{i:03d}")
+        try:
+            with locked_file(lock, blocking=wait):
+                if not runner.assembled(i):
+                    runner.assemble_block(i)
+                    written.append(i)
+        except Busy:
+            continue
+    return written
 
 
 def _summary_line(summary: dict) -> str:

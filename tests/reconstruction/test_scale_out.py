@@ -190,3 +190,28 @@ def test_cache_dir_holds_the_activations(tmp_path):
     assert WorkDir.owner_stage_of("acts/pruned/boundary_001.safetensors") == "prune"
     assert WorkDir.owner_stage_of("acts/dense/boundary_001.safetensors") == "calibrate"
     assert WorkDir.owner_stage_of("acts/recon/mid_001.safetensors") == "reconstruct"
+
+
+def test_workers_share_the_writing_of_the_model(pruned4, tmp_path):
+    """Each worker writes its share of the blocks (block i is shard i mod N's) and then any free one, skips a block
+    another worker is writing, and the worker that finishes waits for it; the blocks equal one process's."""
+    from freelunch_cli.reconstruction.claims import Shard
+    from freelunch_cli.reconstruction.runner import RECONSTRUCT, WindowRunner
+    from freelunch_cli.stages.reconstruct import assemble_blocks, plan_windows
+    from freelunch_cli.workdir.locks import locked_file
+
+    work = clone(pruned4, tmp_path / "w")
+    cfg = ReconstructConfig(window="block", lr=1e-3, epochs=1, device="cpu", dtype="float32", keep_cache=True)
+    reconstruct(work, cfg)
+    want = [load_tensors(work.block_path("reconstructed", i)) for i in range(4)]
+    windows = plan_windows(work, "block")
+    runner = WindowRunner(work, cfg, windows, torch.device("cpu"), torch.float32, RECONSTRUCT)
+    work.forget([work.rel(work.block_path("reconstructed", i)) for i in range(4)])
+    with locked_file(work.lock_path("assemble-reconstruct-001"), blocking=False):  # another worker is writing block 1
+        assert assemble_blocks(work, runner, Shard(1, 2, "--shard"), wait=False) == [3, 0, 2]
+    assert assemble_blocks(work, runner, Shard(1, 2, "--shard"), wait=True) == [1]
+    for i in range(4):
+        got = load_tensors(work.block_path("reconstructed", i))
+        assert got.keys() == want[i].keys() and all(torch.equal(got[k], want[i][k]) for k in got)
+    runner.forget_assembled(windows[2])  # a window that runs again: the blocks it touches are written anew
+    assert not runner.assembled(2) and runner.assembled(1) and not work.block_path("reconstructed", 2).exists()
