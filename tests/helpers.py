@@ -3,7 +3,11 @@ folders; the data files; the calibration size every fixture uses; streamed logit
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -105,3 +109,40 @@ def streamed_logits(work, stage: str, ids: torch.Tensor) -> torch.Tensor:
         for i in range(sk.num_blocks):
             h = run_block(sk.build_block(i), h, sk.block_call(i, *h.shape[:2]))
         return sk.logits(h)
+
+
+def clone_work(work, dst):
+    """A copy of a work directory (``WorkDir``) at ``dst``, for a test to run later stages on."""
+    from freelunch_cli.workdir.directory import WorkDir
+
+    subprocess.run(["cp", "-a", str(work.root), str(dst)], check=True)
+    return WorkDir(dst)
+
+
+def claimers(folder: Path) -> set[int]:
+    """Process ids of the workers that have claimed a window or block in ``folder`` so far."""
+    pids = set()
+    for p in Path(folder).glob("*.claim.*"):
+        try:
+            pids.add(int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1]))
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass  # being written: read again on the next poll
+    return pids
+
+
+def hold_first_claimer_until_both_claim(folder: Path, procs, timeout: float = 120.0) -> None:
+    """Pause the first worker to claim something in ``folder`` until the other has claimed too. Otherwise a worker
+    whose start (the torch import) is slow may find everything already done, and the test would not show sharing."""
+    deadline, stopped = time.time() + timeout, None
+    try:
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            pids = claimers(folder)
+            if stopped is None and pids:
+                stopped = next(iter(pids))
+                os.kill(stopped, signal.SIGSTOP)
+            if len(pids) >= 2:
+                return
+            time.sleep(0.01)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)

@@ -1,11 +1,7 @@
 """Sharded prune: concurrent workers share the blocks of one work directory and give what one process gives."""
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, make_tiny_model
+from helpers import CALIB, clone_work, hold_first_claimer_until_both_claim, make_tiny_model
 
 ARGS = ["--criterion", "sparsegpt", "--sparsity", "0.5", "--device", "cpu", "--quiet"]
 
@@ -30,11 +26,6 @@ def calibrated4(tmp_path_factory):
     return work
 
 
-def clone(work, dst):
-    subprocess.run(["cp", "-a", str(work.root), str(dst)], check=True)
-    return WorkDir(dst)
-
-
 def worker(work, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "freelunch_cli", "prune", "--work", str(work.root), *ARGS, *extra],
@@ -42,33 +33,6 @@ def worker(work, *extra):
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def claimers(folder) -> set[int]:
-    pids = set()
-    for p in folder.glob("*.claim.*"):
-        try:
-            pids.add(int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1]))
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass  # being written
-    return pids
-
-
-def hold_first_claimer_until_both_claim(folder, procs, timeout=120.0):
-    """Pause the first worker to claim a block until the other has claimed one too, so both take part."""
-    deadline, stopped = time.time() + timeout, None
-    try:
-        while time.time() < deadline and all(p.poll() is None for p in procs):
-            pids = claimers(folder)
-            if stopped is None and pids:
-                stopped = next(iter(pids))
-                os.kill(stopped, signal.SIGSTOP)
-            if len(pids) >= 2:
-                return
-            time.sleep(0.01)
-    finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGCONT)
 
 
 def same_model(a: WorkDir, b: WorkDir, n: int = 4) -> None:
@@ -81,7 +45,7 @@ def same_model(a: WorkDir, b: WorkDir, n: int = 4) -> None:
 
 
 def test_two_concurrent_prune_workers_equal_one_process(calibrated4, tmp_path):
-    single, shared = clone(calibrated4, tmp_path / "single"), clone(calibrated4, tmp_path / "shared")
+    single, shared = clone_work(calibrated4, tmp_path / "single"), clone_work(calibrated4, tmp_path / "shared")
     prune(single, PruneConfig(criterion="sparsegpt", device="cpu"))
     procs = [worker(shared, "--shard", f"{i}/2") for i in range(2)]
     hold_first_claimer_until_both_claim(shared.prune_claims_dir, procs)
@@ -96,7 +60,7 @@ def test_two_concurrent_prune_workers_equal_one_process(calibrated4, tmp_path):
 
 
 def test_one_shard_alone_helps_with_the_rest_and_refusals(calibrated4, tmp_path):
-    single, alone = clone(calibrated4, tmp_path / "single"), clone(calibrated4, tmp_path / "alone")
+    single, alone = clone_work(calibrated4, tmp_path / "single"), clone_work(calibrated4, tmp_path / "alone")
     cfg = dict(criterion="wanda", sparsity=0.5, owl=0.05, device="cpu")
     prune(single, PruneConfig(**cfg))
     s = prune(alone, PruneConfig(**cfg, shard="0/2", stale_after=5))  # its blocks 0, 2, then 1, 3 nobody else took

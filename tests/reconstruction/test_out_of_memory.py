@@ -18,15 +18,10 @@ from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, make_tiny_model
+from helpers import CALIB, clone_work, make_tiny_model
 
 ARGS = ["--window", "block", "--lr", "1e-3", "--epochs", "2", "--device", "cpu", "--keep-cache", "--quiet"]
 CFG = ReconstructConfig(window="block", lr=1e-3, epochs=2, device="cpu", keep_cache=True)
-
-
-def clone(work, dst):
-    subprocess.run(["cp", "-a", str(work.root), str(dst)], check=True)
-    return WorkDir(dst)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def pruned_and_reference(tmp_path_factory):
     work = WorkDir(root / "work")
     calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
     prune(work, PruneConfig(criterion="wanda", device="cpu"))
-    ref = clone(work, root / "ref")
+    ref = clone_work(work, root / "ref")
     reconstruct(ref, CFG)
     return work, ref
 
@@ -60,7 +55,7 @@ def worker(work, *extra, env=None):
 
 def test_a_window_out_of_memory_is_run_by_the_other_worker(pruned_and_reference, tmp_path):
     pruned, ref = pruned_and_reference
-    work = clone(pruned, tmp_path / "w")
+    work = clone_work(pruned, tmp_path / "w")
     short = worker(work, "--shard", "0/2", "--stale-after", "60", env={"FREELUNCH_KILL_AT": "window.train:1:OOM"})
     claim = work.windows_dir() / "000.claim.1"
     deadline = time.time() + 120
@@ -80,7 +75,7 @@ def test_a_window_out_of_memory_is_run_by_the_other_worker(pruned_and_reference,
 
 def test_a_lone_worker_out_of_memory_names_the_window_and_resume_finishes(pruned_and_reference, tmp_path, monkeypatch):
     pruned, ref = pruned_and_reference
-    work = clone(pruned, tmp_path / "w")
+    work = clone_work(pruned, tmp_path / "w")
     monkeypatch.setenv("FREELUNCH_KILL_AT", "window.train:2:OOM")
     monkeypatch.setattr(kill_points, "_reached", {})
     with pytest.raises(FreelunchError) as e:

@@ -1,8 +1,6 @@
 """Sharded reconstruction: concurrent workers, takeover of a dead worker's window, status, memory choice."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct, rec
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, make_tiny_model
+from helpers import CALIB, clone_work, hold_first_claimer_until_both_claim, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +30,6 @@ def pruned4(tmp_path_factory):
     calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
     prune(work, PruneConfig(criterion="wanda", device="cpu"))
     return work
-
-
-def clone(work, dst):
-    subprocess.run(["cp", "-a", str(work.root), str(dst)], check=True)
-    return WorkDir(dst)
 
 
 ARGS = ["--window", "submodule", "--lr", "1e-3", "--epochs", "3", "--device", "cpu", "--keep-cache", "--quiet"]
@@ -66,12 +59,12 @@ def test_shard_detection():
 
 
 def test_two_concurrent_shards_equal_one_worker(pruned4, tmp_path):
-    single = clone(pruned4, tmp_path / "single")
-    shared = clone(pruned4, tmp_path / "shared")
+    single = clone_work(pruned4, tmp_path / "single")
+    shared = clone_work(pruned4, tmp_path / "shared")
     one = worker(single)
     assert one.wait() == 0, one.stderr.read()
     procs = [worker(shared, "--shard", f"{i}/2") for i in range(2)]
-    hold_first_claimer_until_both_claim(shared, procs)
+    hold_first_claimer_until_both_claim(shared.root / "windows", procs)
     outs = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert shared.stage("reconstruct").status == "done"
@@ -85,37 +78,8 @@ def test_two_concurrent_shards_equal_one_worker(pruned4, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def claimers(work) -> set[int]:
-    """Process ids of the workers that have claimed a window so far."""
-    pids = set()
-    for p in (work.root / "windows").glob("*.claim.*"):
-        try:
-            pids.add(int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1]))
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass  # being written: read again on the next poll
-    return pids
-
-
-def hold_first_claimer_until_both_claim(work, procs, timeout=120.0):
-    """Pause the first worker to claim a window until the other has claimed one too. Otherwise a worker whose
-    start (the torch import) is slow may find every window already done, and the test would not show sharing."""
-    deadline, stopped = time.time() + timeout, None
-    try:
-        while time.time() < deadline and all(p.poll() is None for p in procs):
-            pids = claimers(work)
-            if stopped is None and pids:
-                stopped = next(iter(pids))
-                os.kill(stopped, signal.SIGSTOP)
-            if len(pids) >= 2:
-                return
-            time.sleep(0.02)
-    finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGCONT)
-
-
 def test_a_dead_workers_window_is_taken_over(pruned4, tmp_path):
-    work = clone(pruned4, tmp_path / "w")
+    work = clone_work(pruned4, tmp_path / "w")
     doomed = worker(work, "--shard", "0/2", "--stale-after", "2", env={"FREELUNCH_KILL_AT": "train.step:3"})
     assert doomed.wait() == -9
     st = reconstruct_status(work, stale_after=2)
@@ -132,7 +96,7 @@ def test_a_dead_workers_window_is_taken_over(pruned4, tmp_path):
 
 
 def test_status_and_cache_deletion(pruned4, tmp_path):
-    work = clone(pruned4, tmp_path / "w")
+    work = clone_work(pruned4, tmp_path / "w")
     assert reconstruct_status(work)["status"] == "not started"
     reconstruct(work, ReconstructConfig(window="block", lr=1e-3, device="cpu"))
     st = reconstruct_status(work)
@@ -167,7 +131,7 @@ def test_memory_estimate_and_auto_window(pruned4):
 
 
 def test_auto_window_runs_the_chosen_kind(pruned4, tmp_path):
-    work = clone(pruned4, tmp_path / "w")
+    work = clone_work(pruned4, tmp_path / "w")
     sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
     budget = estimate("blocks", 2, block_numbers(sk.config, sk.templates[0]), 4, 32)["total"]
     s = reconstruct(work, ReconstructConfig(window="auto", max_memory=str(budget), lr=1e-3, device="cpu"))
@@ -200,7 +164,7 @@ def test_workers_share_the_writing_of_the_model(pruned4, tmp_path):
     from freelunch_cli.stages.reconstruct import assemble_blocks, plan_windows
     from freelunch_cli.workdir.locks import locked_file
 
-    work = clone(pruned4, tmp_path / "w")
+    work = clone_work(pruned4, tmp_path / "w")
     cfg = ReconstructConfig(window="block", lr=1e-3, epochs=1, device="cpu", dtype="float32", keep_cache=True)
     reconstruct(work, cfg)
     want = [load_tensors(work.block_path("reconstructed", i)) for i in range(4)]
