@@ -33,13 +33,15 @@ class Shard:
 
 
 def detect_shard(flag: str | None, env: dict | None = None) -> Shard | None:
-    """``--shard I/N``, else torchrun's RANK/WORLD_SIZE, else a Slurm array's task id and count."""
+    """``--shard I/N``, else torchrun's RANK/WORLD_SIZE, else a Slurm array's task id and count; None for one process
+    (``--shard 0/1`` says so whatever the environment: a Slurm array whose tasks each run a work directory of their
+    own)."""
     env = os.environ if env is None else env
     if flag:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", flag)
         if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
             raise FreelunchError(f"--shard must be I/N with 0 <= I < N, got {flag!r}")
-        return Shard(int(m.group(1)), int(m.group(2)), "--shard")
+        return Shard(int(m.group(1)), int(m.group(2)), "--shard") if int(m.group(2)) > 1 else None
     if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
         return Shard(int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun")
     if "SLURM_ARRAY_TASK_ID" in env and int(env.get("SLURM_ARRAY_TASK_COUNT", "1")) > 1:

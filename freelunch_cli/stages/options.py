@@ -110,7 +110,7 @@ class PruneConfig:
     owl_m: float = option(5.0, "OWL outlier threshold: scores above M x the block mean.")
     batch_size: int = option(8, "Samples per forward batch for statistics.")
     shard: str | None = option(
-        None, "Take share I of N blocks (I/N; --stats dense only); default from torchrun or a Slurm array."
+        None, "Take share I of N blocks (I/N; --stats dense only); default from torchrun or a Slurm array; 0/1: alone."
     )
     stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed block is taken over.")
     prepare: bool = option(False, "Only set the stage up (and OWL's plan) before starting sharded workers.", "--prepare")
@@ -179,7 +179,9 @@ class ReconstructConfig:
     keep_cache: bool = option(
         False, "Keep activation files no unfinished window needs, and each window's parameters after assembly.", "--keep-cache"
     )
-    shard: str | None = option(None, "Take share I of N windows (I/N); default from torchrun or a Slurm array.")
+    shard: str | None = option(
+        None, "Take share I of N windows (I/N); default from torchrun or a Slurm array; 0/1: alone, whatever the environment."
+    )
     stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed window is taken over.")
     max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
     prepare: bool = option(False, "Only set the stage up (before starting sharded workers).", "--prepare")
@@ -351,7 +353,9 @@ class QuantizeConfig:
     keep_cache: bool = option(
         False, "Keep activation files no unfinished window needs, and each window's parameters after assembly.", "--keep-cache"
     )
-    shard: str | None = option(None, "Take share I of N windows (I/N); default from torchrun or a Slurm array.")
+    shard: str | None = option(
+        None, "Take share I of N windows (I/N); default from torchrun or a Slurm array; 0/1: alone, whatever the environment."
+    )
     stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed window is taken over.")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)

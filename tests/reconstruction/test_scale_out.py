@@ -48,6 +48,7 @@ def worker(work, *extra, env=None):
 def test_shard_detection():
     s = detect_shard("1/3", {})
     assert (s.index, s.count, s.source) == (1, 3, "--shard") and s.owns(4) and not s.owns(3)
+    assert detect_shard("0/1", {"RANK": "1", "WORLD_SIZE": "2", "SLURM_ARRAY_TASK_ID": "1"}) is None  # alone
     t = detect_shard(None, {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
     assert (t.index, t.count, t.source) == (2, 4, "torchrun")
     a = detect_shard(None, {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10"})
