@@ -120,8 +120,23 @@ def estimate_70b(batch: int = 8, seqlen: int = 2048, gpus: int = 8, rank: int = 
     rows = []
     for variant, trainable, masks, flops in (("full", total, masked, 6 + 2), ("masked-lora", adapters, masked, 4 + 2)):
 
-        def estimate_for(world, trainable=trainable, masks=masks):
-            return retrain_estimate(nums, m["blocks"], rest, m["vocab"], trainable, masks, batch, seqlen, world, 2, True, 512)
+        def estimate_for(world, trainable=trainable, masks=masks, variant=variant):
+            return retrain_estimate(
+                nums,
+                m["blocks"],
+                rest,
+                m["vocab"],
+                trainable,
+                masks,
+                batch,
+                seqlen,
+                world,
+                2,
+                True,
+                512,
+                trains_rest=variant == "full",
+                masks_gathered=variant == "masked-lora",
+            )
 
         est = estimate_for(gpus)
         seconds = flops * total * 1e6 / (gpus * H100_BF16_PEAK * ASSUMED_MFU)

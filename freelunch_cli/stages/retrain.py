@@ -37,8 +37,8 @@ from freelunch_cli.training.loop import MaskedOptimizer, MaskedParams, autocast_
 from freelunch_cli.training.memory import describe, processes_needed, retrain_estimate
 from freelunch_cli.training.peft import Trainable, adapter_init, linears_of, prepare
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
-from freelunch_cli.workdir.files import atomic_open, load_tensors, save_tensors_atomic, write_json_atomic
-from freelunch_cli.workdir.stage import open_stage
+from freelunch_cli.workdir.files import atomic_open, load_tensors, save_tensors_atomic, tensor_names, write_json_atomic
+from freelunch_cli.workdir.stage import StageRun, open_stage
 
 LORA_KEYS = (".parametrizations.weight.original", ".parametrizations.weight.0.")
 
@@ -86,7 +86,9 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
                 f"equal share of every batch)"
             )
         if compute == torch.float16:
-            raise FreelunchError("sharded retraining computes in bfloat16 or float32; use --dtype bfloat16")
+            raise FreelunchError(
+                "sharded retraining computes in bfloat16 or float32; use --dtype bfloat16 (or float32 on GPUs without bfloat16)"
+            )
     ids, data_sig = _training_ids(work, cfg)
     signature = cfg.signature(start, work.stage(STAGE_OF[start]).run_id, data_sig)
     check_memory(work, cfg, start, world, device, compute, rep)
@@ -102,23 +104,28 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
 
 @contextmanager
 def _open(work: WorkDir, signature: dict, rep: Reporter, resume: bool, force: bool, world):
-    """The stage, opened by rank 0 first (which begins, resumes or refuses it) and then joined by the other ranks."""
+    """The stage under its exclusive lock. Under torchrun rank 0 takes the lock and begins, resumes or refuses the
+    stage (a second torchrun run on the same directory is refused as a second process would be); the other ranks
+    follow its decision without a lock of their own."""
     if world is None:
         with open_stage(work, "retrain", signature, rep, resume=resume, force=force) as run:
             yield run
         return
     with ExitStack() as stack:
-        error = None
+        error, state = None, None
         if world.main:
             try:
-                run = stack.enter_context(open_stage(work, "retrain", signature, rep, resume=resume, force=force, shared=True))
+                run = stack.enter_context(open_stage(work, "retrain", signature, rep, resume=resume, force=force))
+                state = run.state
             except FreelunchError as e:
                 error = str(e)
-        error = fsdp.broadcast(error)
+        error, state = fsdp.broadcast((error, state))
         if error is not None:
             raise FreelunchError(error)
         if not world.main:
-            run = stack.enter_context(open_stage(work, "retrain", signature, rep, resume=True, force=False, shared=True))
+            run = StageRun(work, "retrain", state)
+            if run.done:
+                run.summary = work.stage("retrain").summary
         yield run
 
 
@@ -182,7 +189,9 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
         line = f"retrained the {start} model for {total} steps ({summary['tokens']} tokens) in {summary['seconds']:.1f}s"
         if world is not None and not world.main:
             return run.report(line, summary)  # rank 0 marks the stage done
-        return run.finish(summary, line, config=cfg)
+        summary = run.finish(summary, line, config=cfg)
+        model.discard_checkpoints()  # only once the stage is done: a kill before resumes from the last one
+        return summary
 
 
 def _refuse_other_world(work: WorkDir, world) -> None:
@@ -205,6 +214,19 @@ def _block_masks(work: WorkDir, start: str, i: int, device="cpu") -> dict[str, t
     if start == "dense":
         return {}
     return {f"{i}/{name}": keep for name, keep in load_tensors(work.check_file(work.mask_path(i)), device=device).items()}
+
+
+def _meta_masks(work: WorkDir, start: str, layers) -> dict[str, torch.Tensor]:
+    """The keep-masks the model has, by qualified name, as meta tensors (shapes only; read from the mask files' headers):
+    only the matrices prune pruned (``--skip``, ``--skip-blocks`` and gates stay dense and unmasked); none for dense."""
+    if start == "dense":
+        return {}
+    out = {}
+    for i, block in enumerate(layers):
+        linears = block_linears(block)
+        for name in tensor_names(work.check_file(work.mask_path(i))):
+            out[f"{i}/{name}"] = torch.empty(linears[name].weight.shape, dtype=torch.bool, device="meta")
+    return out
 
 
 class WholeModel:
@@ -259,7 +281,9 @@ class WholeModel:
             path = work.block_path("retrained", i)
             work.record_file(path, save_tensors_atomic(path, state))
         _save_rest(work, self.model, self.arch, storage, {k: v.detach() for k, v in self.model.state_dict().items()})
-        work.retrain_checkpoint_path.unlink(missing_ok=True)
+
+    def discard_checkpoints(self) -> None:
+        self.work.retrain_checkpoint_path.unlink(missing_ok=True)
 
 
 class ShardedModel:
@@ -279,12 +303,8 @@ class ShardedModel:
         if getattr(config, "tie_word_embeddings", False):
             self.lm.tie_weights()
         peft = cfg.peft_config()
-        meta_masks = {  # shapes only: masked-LoRA's masks are filled block by block below
-            f"{i}/{name}": torch.empty(lin.weight.shape, dtype=torch.bool, device="meta")
-            for i, block in enumerate(self.layers)
-            for name, lin in block_linears(block).items()
-        }
-        self.trainable = next_token.choose_trainable(self.lm, self.layers, meta_masks if start != "dense" else {}, peft)
+        meta_masks = _meta_masks(work, start, self.layers)  # shapes only: masked-LoRA's are filled block by block below
+        self.trainable = next_token.choose_trainable(self.lm, self.layers, meta_masks, peft)
         fsdp.shard_masks_of_adapters(self.lm)
         if cfg.grad_checkpoint:
             next_token.recompute_in_backward(self.layers)
@@ -301,7 +321,9 @@ class ShardedModel:
         work, start, prefix = self.work, self.start, self.arch.layers_path + "."
         rest = load_tensors(work.check_file(work.rest_path(start)))
         tied = getattr(self.lm.config, "tie_word_embeddings", False)
-        fsdp.load_full(self.step_module, {f"lm.{k}": v for k, v in rest.items() if not (tied and k.endswith("lm_head.weight"))})
+        rest = {f"lm.{k}": v for k, v in rest.items() if not (tied and k.endswith("lm_head.weight"))}
+        fsdp.load_full(self.step_module, rest)
+        loaded = set(rest)
         lora = peft.variant in ("lora", "masked-lora")
         starts = adapter_init(linears_of({f"{i}/": b for i, b in enumerate(self.layers)}), peft) if lora else {}
         by_id = {}
@@ -311,11 +333,16 @@ class ShardedModel:
             state = {}
             for key, value in block.state_dict().items():
                 state[key] = self._value(i, key, value, plain, masks, starts)
-            fsdp.load_full(self.step_module, {f"lm.{prefix}{i}.{k}": v for k, v in state.items()})
+            state = {f"lm.{prefix}{i}.{k}": v for k, v in state.items()}
+            fsdp.load_full(self.step_module, state)
+            loaded.update(state)
             if peft.variant == "full":
                 for name, lin in block_linears(block).items():
                     if f"{i}/{name}" in masks:
                         by_id[id(lin.weight)] = fsdp.distribute_like(lin.weight, masks[f"{i}/{name}"])
+        unfilled = [k for k in self.step_module.state_dict() if k not in loaded and not (tied and k.endswith("lm_head.weight"))]
+        if unfilled:  # after to_empty() they hold whatever memory held
+            raise FreelunchError(f"could not assemble the model: no values for {unfilled[:4]} in {work.root}")
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.params = MaskedParams(params, by_id)
 
@@ -334,10 +361,17 @@ class ShardedModel:
         return plain[key]
 
     def share(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch[self.world.rank :: self.world.size]
+        """This process's rows of ``batch`` (``rank::world``). A short last batch leaves some processes fewer rows, or
+        none: their loss is weighted by their share (``rows x world / batch rows``, 1 for an even split), so the
+        averaged gradient is that of the batch's mean loss, as one process computes it; a process with no row runs
+        the first row at weight 0, so that every process takes part in every collective."""
+        rows = batch[self.world.rank :: self.world.size]
+        self.weight = len(rows) * self.world.size / len(batch)
+        return rows if len(rows) else batch[:1]
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.step_module(batch)
+        loss = self.step_module(batch)
+        return loss if self.weight == 1.0 else loss * self.weight
 
     def mean_losses(self, pending: list) -> list[float]:
         return fsdp.mean_over_ranks(torch.stack(pending)).tolist()
@@ -372,7 +406,7 @@ class ShardedModel:
             scope = {f"{i}/": replica}
             trainable = prepare(scope, masks, peft) if peft.variant in ("lora", "masked-lora") else None
             replica.to_empty(device="cpu")
-            replica.load_state_dict(full, strict=False)
+            replica.load_state_dict(full, strict=True)
             Trainable(MaskedParams([], {}), linears_of(scope), masks, lora=trainable is not None).finalize()
             state = {k: v.detach().to(storage) for k, v in replica.state_dict().items()}
             path = work.block_path("retrained", i)
@@ -381,9 +415,10 @@ class ShardedModel:
         rest = fsdp.gather_full(self.step_module, keep=lambda k: not k.startswith(prefix))
         if world.main:
             _save_rest(work, self.lm, self.arch, storage, {k.removeprefix("lm."): v for k, v in rest.items()})
-        fsdp.barrier()
-        if world.main:
-            fsdp.remove_checkpoints(work.retrain_sharded_checkpoint_dir)
+        fsdp.barrier()  # every block written before rank 0 marks the stage done
+
+    def discard_checkpoints(self) -> None:
+        fsdp.remove_checkpoints(self.work.retrain_sharded_checkpoint_dir)
 
 
 def _save_rest(work: WorkDir, model, arch, storage: torch.dtype, state: dict) -> None:
@@ -410,15 +445,11 @@ def check_memory(work: WorkDir, cfg: RetrainConfig, start: str, world, device, c
     arch = find_arch(lm, config)
     layers = lm.get_submodule(arch.layers_path)
     nums = block_numbers(config, layers[0])
-    masked = {
-        f"{i}/{n}": torch.empty(lin.weight.shape, dtype=torch.bool, device="meta")
-        for i, b in enumerate(layers)
-        for n, lin in block_linears(b).items()
-    }
+    masked = _meta_masks(work, start, layers)
     peft = cfg.peft_config()
-    trainable = next_token.choose_trainable(lm, layers, masked if start != "dense" else {}, peft)
+    trainable = next_token.choose_trainable(lm, layers, masked, peft)
     n_train = sum(p.numel() for p in trainable.params.params)
-    n_masked = 0 if start == "dense" or peft.variant in ("lora", "bias-norm") else sum(m.numel() for m in masked.values())
+    n_masked = 0 if peft.variant in ("lora", "bias-norm") else sum(m.numel() for m in masked.values())
     prefix = arch.layers_path + "."
     rest_params = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith(prefix))
     seqlen = load_tensors(work.check_file(work.tokens_path))["input_ids"].shape[1]
@@ -438,6 +469,8 @@ def check_memory(work: WorkDir, cfg: RetrainConfig, start: str, world, device, c
             compute_bytes,
             bool(cfg.grad_checkpoint),
             next_token.HEAD_CHUNK,
+            trains_rest=peft.variant == "full",
+            masks_gathered=peft.variant == "masked-lora",
         )
 
     size = 1 if world is None else world.size

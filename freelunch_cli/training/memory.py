@@ -30,29 +30,39 @@ def retrain_estimate(
     compute_bytes: int,
     checkpointing: bool,
     head_chunk: int,
+    trains_rest: bool = False,
+    masks_gathered: bool = False,
 ) -> dict:
     """Bytes per process, by part, and their ``total``.
 
     ``nums``: one block's numbers (``reconstruction.memory.block_numbers``: params, hidden, inter, kv);
     ``rest_params``: embeddings, final norm and head; ``trainable``: parameters the optimizer updates; ``masked``:
     weights with a keep-mask; ``batch``: sequences per step over all processes (each takes ``batch / world``);
-    ``compute_bytes``: 2 for bfloat16 or float16, 4 for float32.
+    ``compute_bytes``: 2 for bfloat16 or float16, 4 for float32; ``trains_rest``: the embeddings and head train (full
+    retraining), so their float32 gradient exists whole in each process before it is reduced, and the chunked head
+    loss keeps the head's gradient from forward to backward; ``masks_gathered``: the keep-masks are gathered with
+    their block (masked-LoRA's, one byte a weight).
     """
     total_params = nums["params"] * blocks + rest_params
     tokens = math.ceil(batch / world) * seqlen
     per_token_block = 10 * nums["hidden"] + 4 * nums["inter"] + 3 * nums["kv"]
+    head_weight = vocab * nums["hidden"]
     if checkpointing:
         acts = tokens * (blocks * nums["hidden"] + per_token_block) * compute_bytes
-        head = min(head_chunk, tokens) * vocab * 4 * 2
+        head = min(head_chunk, tokens) * vocab * 4 * 2 + (head_weight * (4 + compute_bytes) if trains_rest else 0)
     else:
         acts = tokens * blocks * per_token_block * compute_bytes
         head = tokens * vocab * 4 * 3
-    sharded = world > 1
+    gathered = 0
+    if world > 1:
+        block_grads = 4 * nums["params"] if trainable >= nums["params"] else 0  # a whole block's, before reduction
+        gathered = (2 * nums["params"] + rest_params) * compute_bytes + block_grads + (4 * rest_params if trains_rest else 0)
+        gathered += 2 * masked // blocks if masks_gathered else 0
     out = {
         "weights": 4 * total_params // world,
         "grads_adam": 12 * trainable // world,
         "masks": masked // world,
-        "gathered": (2 * nums["params"] + rest_params) * compute_bytes + 4 * nums["params"] if sharded else 0,
+        "gathered": gathered,
         "activations": acts,
         "head": head,
     }

@@ -199,6 +199,12 @@ def tensor_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header only."""
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
 def count_params(path: Path) -> int:
     """Number of elements in a safetensors file, read from its header only."""
     with safe_open(str(path), framework="pt") as f:
