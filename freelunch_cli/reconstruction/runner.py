@@ -327,14 +327,10 @@ class WindowRunner:
         self.write_chained_output(producer, self.window_params(producer))
 
     # ---- assembly ----------------------------------------------------------------------------------
-    def assemble(self) -> None:
-        """Write every block of the stage's model (one process; ``stages.reconstruct.assemble_blocks`` shares it)."""
-        for i in range(self.sk.num_blocks):
-            self.assemble_block(i)
-
     def assemble_block(self, i: int) -> None:
         """Write block ``i`` of the stage's model: the source shard with its windows' parameters (and, where windows
-        stored extra tensors, the block's quantization parameters beside it). Every window touching it must be done."""
+        stored extra tensors, the block's quantization parameters beside it). Every window touching it must be done;
+        ``stages.reconstruct.assemble_blocks`` shares the blocks between workers."""
         state, extra = self.source_state(i), {}
         for w in self.windows:  # each window file read once per block it touches
             if i in w.blocks:
@@ -354,7 +350,9 @@ class WindowRunner:
     def forget_assembled(self, window: Window) -> None:
         """Forget the written blocks a window touches, before it writes a new result (they would hold the old one)."""
         work = self.work
-        stale = [work.block_path(self.job.output, i) for i in window.blocks] + [work.qparams_path(i) for i in window.blocks]
+        stale = [work.block_path(self.job.output, i) for i in window.blocks]
+        if self.job.output == "quantized":  # the scales written beside its blocks (never another stage's files)
+            stale += [work.qparams_path(i) for i in window.blocks]
         work.forget([work.rel(p) for p in stale if work.is_recorded(p)])
 
 
