@@ -62,7 +62,7 @@ def calibrate(
 
     with open_stage(work, "calibrate", signature, rep, resume=resume, force=force) as run:
         if run.state is StageState.FRESH or (cfg.cache_dir and run.state is StageState.RESUMED):
-            work.set_cache_dir(cfg.cache_dir)
+            work.set_cache_dir(cfg.cache_dir, fresh=run.state is StageState.FRESH)
         if run.done:
             return run.summary
         rep.info(f"calibrate: model {spec.spec} -> {work.root}")
@@ -202,8 +202,12 @@ def restore_dense_boundaries(work: WorkDir, boundaries, device: str, rep: Report
     each other; calibrate's record stays done."""
     boundaries = sorted(boundaries)
 
-    def missing() -> list[int]:
-        return [b for b in boundaries if work.problem(work.boundary_path("dense", b)) == "missing"]
+    def missing() -> list[int]:  # a per-node copy that is damaged (truncated) is recomputed as well
+        return [b for b in boundaries if gone(b)]
+
+    def gone(b: int) -> bool:
+        trouble = work.problem(work.boundary_path("dense", b))
+        return trouble == "missing" or (trouble is not None and work.cache_per_node)
 
     if not missing():
         return
@@ -211,7 +215,7 @@ def restore_dense_boundaries(work: WorkDir, boundaries, device: str, rep: Report
     with locked_file(work.acts_dir / "dense" / ".restore.lock", blocking=True):
         todo = set()
         for b in missing():  # and the missing ones before it, down to one that is there (or the embeddings)
-            while b >= 0 and b not in todo and work.problem(work.boundary_path("dense", b)) == "missing":
+            while b >= 0 and b not in todo and gone(b):
                 todo.add(b)
                 b -= 1
         if not todo:

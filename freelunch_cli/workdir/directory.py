@@ -213,16 +213,17 @@ class WorkDir:
         """The hidden state entering block ``i`` (``i`` = number of blocks: the last block's output)."""
         return self.act_path(stream, f"boundary_{i:03d}")
 
-    def set_cache_dir(self, folder: str | Path | None) -> None:
+    def set_cache_dir(self, folder: str | Path | None, fresh: bool = False) -> None:
         """Keep activations in a folder of their own under ``folder`` (e.g. node-local scratch); a template with
-        environment variables is kept as written (see ``acts_dir``), any other folder as an absolute path."""
+        environment variables is kept as written (see ``acts_dir``), any other folder as an absolute path. ``fresh``
+        (a calibration that starts over) always takes a new folder, so that no node reads another run's copies."""
         with self.update() as m:
             current, base = m.get("cache_dir"), None
             if folder is not None:
                 base = str(folder).rstrip("/") if is_template(str(folder)) else str(Path(folder).expanduser().resolve())
             if base is None:
                 m["cache_dir"] = None
-            elif not (current and str(Path(current).parent) == str(Path(base))):
+            elif fresh or not (current and str(Path(current).parent) == str(Path(base))):
                 m["cache_dir"] = f"{base}/freelunch-{self.root.resolve().name}-{uuid.uuid4().hex[:8]}"
         self.__dict__.pop("_acts_dir", None)
 
@@ -325,13 +326,21 @@ class WorkDir:
         if st.st_size != rec["size"]:
             return f"{st.st_size} bytes where {rec['size']} were written: truncated or altered"
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, rec["sha256"])
-        policy = policy or os.environ.get("FREELUNCH_VERIFY", "mtime")
+        policy = policy or os.environ.get("FREELUNCH_VERIFY") or self._default_policy(path)
         if key in _VERIFIED or policy == "size" or (policy == "mtime" and rec.get("mtime_ns") == st.st_mtime_ns):
             return None
         if sha256_file(path).sha256 != rec["sha256"]:
             return "its contents do not match the hash recorded when it was written: altered or corrupt"
         _VERIFIED.add(key)
         return None
+
+    def _default_policy(self, path: Path) -> str:
+        """``mtime``; ``size`` for activations in a per-node cache, whose record (modification time and hash) is that of
+        the node that wrote its copy last: each node computes its own copy, and hashing hundreds of GB on every node
+        would cost more than the pass that wrote them."""
+        if self.cache_per_node and self.rel(path).startswith("acts/"):
+            return "size"
+        return "mtime"
 
     def check_file(self, path: Path) -> Path:
         """The path, once checked against its manifest record; a clear error naming it otherwise."""

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate, restore_dense_boundaries
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir import directory
@@ -72,10 +73,19 @@ def test_a_cache_dir_template_is_expanded_per_node(tmp_path, monkeypatch):
     again = WorkDir(work.root)
     b0 = again.boundary_path("dense", 0)
     assert b0.is_relative_to(node_a) and again.manifest()["files"][again.rel(b0)]["mtime_ns"] != b0.stat().st_mtime_ns
-    assert all(again.problem(again.boundary_path("dense", b)) is None for b in range(3))  # hashed: the same bytes
+    assert all(again.problem(again.boundary_path("dense", b)) is None for b in range(3))  # checked by size per node
+    b1 = again.boundary_path("dense", 1)
+    b1.write_bytes(on_a["boundary_001.safetensors"][:100])  # truncated on this node: recomputed, not refused
+    restore_dense_boundaries(again, {1}, "cpu", Reporter(quiet=True))
+    assert b1.read_bytes() == on_a["boundary_001.safetensors"]
 
     monkeypatch.delenv("FL_NODE_SCRATCH")  # a process without the variable
     with pytest.raises(FreelunchError, match=r"names \$FL_NODE_SCRATCH, which is not set") as e:
         reconstruct(WorkDir(work.root), CFG, force=True)
     assert "\n" not in str(e.value)
     assert WorkDir(work.root).stage("reconstruct").status == "done"  # refused before anything was discarded
+
+    monkeypatch.setenv("FL_NODE_SCRATCH", str(node_a))  # a new calibration takes a new folder: no node reads old copies
+    calibrate(WorkDir(work.root), cal, force=True)
+    fresh = WorkDir(work.root).manifest()["cache_dir"]
+    assert fresh != template and fresh.startswith("$FL_NODE_SCRATCH/freelunch-work-")
