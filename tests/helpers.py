@@ -146,3 +146,14 @@ def hold_first_claimer_until_both_claim(folder: Path, procs, timeout: float = 12
     finally:
         if stopped is not None:
             os.kill(stopped, signal.SIGCONT)
+
+
+def calibrated_work(root: Path, layers: int = 4, arch: str = "llama"):
+    """A tiny model of ``layers`` blocks, calibrated (8 x 32 tokens) in ``root/work``: blocks or windows to share."""
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    model = make_tiny_model(root / "model", arch, layers=layers)
+    work = WorkDir(root / "work")
+    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
+    return work

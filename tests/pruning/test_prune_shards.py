@@ -6,12 +6,11 @@ import sys
 import pytest
 import torch
 
-from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, clone_work, hold_first_claimer_until_both_claim, make_tiny_model
+from helpers import calibrated_work, clone_work, hold_first_claimer_until_both_claim
 
 ARGS = ["--criterion", "sparsegpt", "--sparsity", "0.5", "--device", "cpu", "--quiet"]
 
@@ -19,11 +18,7 @@ ARGS = ["--criterion", "sparsegpt", "--sparsity", "0.5", "--device", "cpu", "--q
 @pytest.fixture(scope="module")
 def calibrated4(tmp_path_factory):
     """A calibrated 4-block model: 4 blocks to share."""
-    root = tmp_path_factory.mktemp("prune-shards")
-    model = make_tiny_model(root / "model", "llama", layers=4)
-    work = WorkDir(root / "work")
-    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
-    return work
+    return calibrated_work(tmp_path_factory.mktemp("prune-shards"))
 
 
 def worker(work, *extra):

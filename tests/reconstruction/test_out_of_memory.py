@@ -12,13 +12,12 @@ import torch
 
 from freelunch_cli.core import kill_points
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, clone_work, make_tiny_model
+from helpers import calibrated_work, clone_work
 
 ARGS = ["--window", "block", "--lr", "1e-3", "--epochs", "2", "--device", "cpu", "--keep-cache", "--quiet"]
 CFG = ReconstructConfig(window="block", lr=1e-3, epochs=2, device="cpu", keep_cache=True)
@@ -28,9 +27,7 @@ CFG = ReconstructConfig(window="block", lr=1e-3, epochs=2, device="cpu", keep_ca
 def pruned_and_reference(tmp_path_factory):
     """A pruned 4-block model (4 block windows), and a clone reconstructed by one uninterrupted process."""
     root = tmp_path_factory.mktemp("oom")
-    model = make_tiny_model(root / "model", "llama", layers=4)
-    work = WorkDir(root / "work")
-    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
+    work = calibrated_work(root)
     prune(work, PruneConfig(criterion="wanda", device="cpu"))
     ref = clone_work(work, root / "ref")
     reconstruct(ref, CFG)

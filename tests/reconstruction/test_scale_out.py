@@ -18,16 +18,14 @@ from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct, rec
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, clone_work, hold_first_claimer_until_both_claim, make_tiny_model
+from helpers import CALIB, calibrated_work, clone_work, hold_first_claimer_until_both_claim, make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def pruned4(tmp_path_factory):
     """A pruned 4-block model: 8 submodule windows to share."""
     root = tmp_path_factory.mktemp("scale")
-    model = make_tiny_model(root / "model", "llama", layers=4)
-    work = WorkDir(root / "work")
-    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
+    work = calibrated_work(root)
     prune(work, PruneConfig(criterion="wanda", device="cpu"))
     return work
 
