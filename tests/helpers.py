@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,3 +158,14 @@ def calibrated_work(root: Path, layers: int = 4, arch: str = "llama"):
     work = WorkDir(root / "work")
     calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=8, seqlen=32, device="cpu"))
     return work
+
+
+def start_worker(stage: str, work, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``freelunch STAGE --work WORK ARGS`` started as a process of its own (a worker), output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "freelunch_cli", stage, "--work", str(work.root), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )

@@ -10,7 +10,7 @@ from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import calibrated_work, clone_work, hold_first_claimer_until_both_claim
+from helpers import calibrated_work, clone_work, hold_first_claimer_until_both_claim, start_worker
 
 ARGS = ["--criterion", "sparsegpt", "--sparsity", "0.5", "--device", "cpu", "--quiet"]
 
@@ -22,12 +22,7 @@ def calibrated4(tmp_path_factory):
 
 
 def worker(work, *extra):
-    return subprocess.Popen(
-        [sys.executable, "-m", "freelunch_cli", "prune", "--work", str(work.root), *ARGS, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_worker("prune", work, *ARGS, *extra)
 
 
 def same_model(a: WorkDir, b: WorkDir, n: int = 4) -> None:

@@ -2,8 +2,6 @@
 helps and a --resume finishes."""
 
 import os
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -17,7 +15,7 @@ from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import calibrated_work, clone_work
+from helpers import calibrated_work, clone_work, start_worker
 
 ARGS = ["--window", "block", "--lr", "1e-3", "--epochs", "2", "--device", "cpu", "--keep-cache", "--quiet"]
 CFG = ReconstructConfig(window="block", lr=1e-3, epochs=2, device="cpu", keep_cache=True)
@@ -41,13 +39,7 @@ def same_model(a: WorkDir, b: WorkDir) -> None:
 
 
 def worker(work, *extra, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "freelunch_cli", "reconstruct", "--work", str(work.root), *ARGS, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    return start_worker("reconstruct", work, *ARGS, *extra, env=env)
 
 
 def test_a_window_out_of_memory_is_run_by_the_other_worker(pruned_and_reference, tmp_path):

@@ -1,8 +1,5 @@
 """Sharded reconstruction: concurrent workers, takeover of a dead worker's window, status, memory choice."""
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +15,7 @@ from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct, rec
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors, read_json
 
-from helpers import CALIB, calibrated_work, clone_work, hold_first_claimer_until_both_claim, make_tiny_model
+from helpers import CALIB, calibrated_work, clone_work, hold_first_claimer_until_both_claim, make_tiny_model, start_worker
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +31,7 @@ ARGS = ["--window", "submodule", "--lr", "1e-3", "--epochs", "3", "--device", "c
 
 
 def worker(work, *extra, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "freelunch_cli", "reconstruct", "--work", str(work.root), *ARGS, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    return start_worker("reconstruct", work, *ARGS, *extra, env=env)
 
 
 def test_shard_detection():
