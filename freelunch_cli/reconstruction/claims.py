@@ -50,6 +50,42 @@ def detect_shard(flag: str | None, env: dict | None = None) -> Shard | None:
     return None
 
 
+def own_first(indices: list[int], shard: Shard | None) -> list[int]:
+    """``indices`` with this worker's share first (``shard.owns``), then the rest, which it helps with once its own
+    are done (dead or slow workers'); all of them, in order, for a single process."""
+    mine = [i for i in indices if shard is None or shard.owns(i)]
+    return mine + [i for i in indices if i not in mine]
+
+
+def claim_in_turn(indices: list[int], done, claims: Claims, poll: float, skip=None, between=None):
+    """Yield ``(index, attempt)`` for each unit (block, window) this worker claims, going through ``indices`` in turn
+    (``own_first``) and again, taking over the claims of dead workers, until ``done(index)`` holds for all. After a
+    pass that claimed nothing (live workers hold the rest) it waits ``poll`` seconds. ``skip(index)``: units this
+    worker must not claim (released after running out of memory); ``between()``: called after every pass that
+    left work unfinished (it may raise). The caller runs each yielded unit under ``claims.heartbeat``."""
+    while True:
+        progressed = False
+        for i in indices:
+            if done(i) or (skip is not None and skip(i)):
+                continue
+            attempt = claims.try_claim(i)
+            if attempt is None:
+                continue
+            progressed = True
+            yield i, attempt
+        if all(done(i) for i in indices):
+            return
+        if between is not None:
+            between()
+        if not progressed:
+            time.sleep(poll)
+
+
+def wait_seconds(stale_after: float) -> float:
+    """How long a worker waits between passes when live workers hold every unfinished unit."""
+    return max(0.2, min(5.0, stale_after / 4))
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

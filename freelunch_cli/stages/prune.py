@@ -4,8 +4,6 @@ the sparsity counted from the weights."""
 from __future__ import annotations
 
 import json
-import time
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -25,7 +23,7 @@ from freelunch_cli.pruning.owl import layer_sparsities, outlier_ratio
 from freelunch_cli.pruning.selection import parse_blocks, skipped_matrices
 from freelunch_cli.pruning.sparsegpt import SingularHessian, SparseGPT
 from freelunch_cli.pruning.stats import LinearStats, StatsCollector
-from freelunch_cli.reconstruction.claims import Claims, detect_shard, worker_id
+from freelunch_cli.reconstruction.claims import Claims, claim_in_turn, detect_shard, own_first, wait_seconds, worker_id
 from freelunch_cli.stages.calibrate import restore_dense_boundaries
 from freelunch_cli.stages.options import PruneConfig
 from freelunch_cli.workdir.directory import WorkDir
@@ -102,34 +100,21 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         )
         if skipped:
             rep.info(f"left dense: {len(skipped)} of {sum(len(v) for v in matrices.values())} matrices (--skip, --skip-blocks)")
-        claims = Claims(work.prune_claims_dir, cfg.stale_after) if shard is not None else None
-        mine = [i for i in range(n) if shard is None or shard.owns(i)]
-        order = mine + [i for i in range(n) if i not in mine]  # then help with the rest (dead or slow workers)
+        claims = Claims(work.prune_claims_dir, cfg.stale_after if shard is not None else 0.0)
+        turns = claim_in_turn(own_first(list(range(n)), shard), pruner.block_done, claims, wait_seconds(cfg.stale_after))
         ran = []
         with rep.progress("prune", total=n, completed=done_before) as bar:
-            while True:
-                progressed = False
-                for i in order:
-                    if pruner.block_done(i):
-                        continue
-                    attempt = claims.try_claim(i) if claims is not None else 1
-                    if attempt is None:
-                        continue
-                    started = run.seconds()
-                    with claims.heartbeat(i, attempt) if claims is not None else nullcontext():
-                        record = pruner.prune_block(i, (lambda i=i, a=attempt: claims.still_mine(i, a)) if claims else None)
-                    progressed = True
-                    if record is None:
-                        rep.info(f"  block {i:3d} was taken over by another worker; its result is theirs")
-                        continue
-                    ran.append(i)
-                    rep.info(f"  block {i:3d}: {_describe(record)}, {run.seconds() - started:.1f}s")
-                    kill_point("prune.block")
-                    bar.advance()
-                if all(pruner.block_done(i) for i in range(n)):
-                    break
-                if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
-                    time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
+            for i, attempt in turns:
+                started = run.seconds()
+                with claims.heartbeat(i, attempt):
+                    record = pruner.prune_block(i, lambda i=i, a=attempt: claims.still_mine(i, a))
+                if record is None:
+                    rep.info(f"  block {i:3d} was taken over by another worker; its result is theirs")
+                    continue
+                ran.append(i)
+                rep.info(f"  block {i:3d}: {_describe(record)}, {run.seconds() - started:.1f}s")
+                kill_point("prune.block")
+                bar.advance()
         return _finish(run, n, crit, pattern, cfg, ran)
 
 

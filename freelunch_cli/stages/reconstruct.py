@@ -19,7 +19,7 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.model.arch import block_halves, block_linears, check_halves
 from freelunch_cli.model.skeleton import Skeleton, block_templates, float_call
-from freelunch_cli.reconstruction.claims import Claims, detect_shard
+from freelunch_cli.reconstruction.claims import Claims, claim_in_turn, detect_shard, own_first, wait_seconds
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, parse_memory
 from freelunch_cli.reconstruction.records import window_done
 from freelunch_cli.reconstruction.runner import RECONSTRUCT, WindowJob, WindowRunner
@@ -122,8 +122,7 @@ def run_windows(
             )
         runner = WindowRunner(work, cfg, windows, device, compute, job)
         claims = Claims(work.windows_dir(job.stage), cfg.stale_after if shard is not None else 0.0)
-        mine = [w for w in windows if shard is None or shard.owns(w.index)]
-        order = mine + [w for w in windows if w not in mine]  # then help with the rest (dead or slow workers)
+        by_index = {w.index: w for w in windows}
         done_before = sum(runner.done(w) for w in windows)
         who = f"shard {shard.index}/{shard.count} ({shard.source}), " if shard else ""
         rep.info(
@@ -132,46 +131,45 @@ def run_windows(
         ran = []
         released: dict[int, int] = {}  # windows this worker ran out of memory on: the attempt it gave up
         orphaned_since = None
+
+        def check_released() -> None:
+            nonlocal orphaned_since
+            orphaned_since = _check_released(windows, runner, claims, released, orphaned_since)
+
+        turns = claim_in_turn(
+            own_first(list(by_index), shard),
+            lambda i: runner.done(by_index[i]),
+            claims,
+            wait_seconds(cfg.stale_after),
+            skip=released.__contains__,
+            between=check_released,
+        )
         with rep.progress(job.stage, total=len(windows), completed=done_before) as bar:
-            while True:
-                progressed = False
-                for win in order:
-                    if runner.done(win) or win.index in released:
-                        continue
-                    attempt = claims.try_claim(win.index)
-                    if attempt is None:
-                        continue
-                    progressed, oom = True, False
-                    try:
-                        with claims.heartbeat(win.index, attempt):
-                            rec = runner.run(win, claims, attempt)
-                    except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError too
-                        oom = True  # memory is freed below, once the exception (and the frames it holds) is gone
-                    if oom:
-                        runner.release_memory()
-                        claims.release(win.index, attempt)  # stale at once: another worker takes it over now
-                        released[win.index] = attempt
-                        rep.warn(
-                            f"window {win.index} ran out of memory on this worker ({claims.me}); released for the other workers"
-                        )
-                        continue
-                    if rec is None:
-                        rep.info(f"  window {win.index:3d} was taken over by another worker; its result is theirs")
-                        continue
-                    ran.append(win.index)
-                    rep.info(
-                        f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
-                        f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "")
-                    )
-                    kill_point(f"{job.stage}.window")
-                    bar.advance()
-                    if not cfg.keep_cache:
-                        drop_unneeded_boundaries(work, windows, job.stage)
-                if all(runner.done(w) for w in windows):
-                    break
-                orphaned_since = _check_released(windows, runner, claims, released, orphaned_since)
-                if not progressed:  # the rest is claimed by live workers: wait, and take over if one dies
-                    time.sleep(max(0.2, min(5.0, cfg.stale_after / 4)))
+            for index, attempt in turns:
+                win, oom = by_index[index], False
+                try:
+                    with claims.heartbeat(win.index, attempt):
+                        rec = runner.run(win, claims, attempt)
+                except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError too
+                    oom = True  # memory is freed below, once the exception (and the frames it holds) is gone
+                if oom:
+                    runner.release_memory()
+                    claims.release(win.index, attempt)  # stale at once: another worker takes it over now
+                    released[win.index] = attempt
+                    rep.warn(f"window {win.index} ran out of memory on this worker ({claims.me}); released for the other workers")
+                    continue
+                if rec is None:
+                    rep.info(f"  window {win.index:3d} was taken over by another worker; its result is theirs")
+                    continue
+                ran.append(win.index)
+                rep.info(
+                    f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
+                    f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "")
+                )
+                kill_point(f"{job.stage}.window")
+                bar.advance()
+                if not cfg.keep_cache:
+                    drop_unneeded_boundaries(work, windows, job.stage)
         return finish_windows(run, runner, windows, cfg, ran, shard)
 
 
@@ -237,10 +235,8 @@ def assemble_blocks(work: WorkDir, runner: WindowRunner, shard, wait: bool) -> l
     ``i`` is shard ``i mod N``'s), then the others; with ``wait``, wait for blocks another worker is writing (and
     write them should it have died), else skip them. Every worker that finishes its windows takes part, so the
     model's writes are spread over the workers. Returns the blocks written here."""
-    n = runner.sk.num_blocks
-    own = [i for i in range(n) if shard is None or i % shard.count == shard.index]
     written = []
-    for i in own + [i for i in range(n) if i not in own]:
+    for i in own_first(list(range(runner.sk.num_blocks)), shard):
         if runner.assembled(i):
             continue
         lock = work.lock_path(f"assemble-{runner.job.stage}-{i:03d}")
