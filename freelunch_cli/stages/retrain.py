@@ -378,9 +378,10 @@ class ShardedModel:
 
     def resume(self, opt: MaskedOptimizer) -> tuple[int, list, float]:
         folder = self.work.retrain_sharded_checkpoint_dir
-        if fsdp.read_pointer(folder) is None:
+        meta = fsdp.read_pointer(folder)  # of this world size: _refuse_other_world checked it before the model was built
+        if meta is None:
             return 0, [], 0.0
-        meta = fsdp.load_checkpoint(folder, self.step_module, opt.opt, self.world)
+        fsdp.load_checkpoint(folder / meta["folder"], self.step_module, opt.opt)
         opt.sched.load_state_dict(meta["scheduler"])
         opt.steps = opt._checked = meta["step"]
         return meta["step"], meta["losses"], meta.get("seconds", 0.0)
@@ -452,7 +453,7 @@ def check_memory(work: WorkDir, cfg: RetrainConfig, start: str, world, device, c
     n_masked = 0 if peft.variant in ("lora", "bias-norm") else sum(m.numel() for m in masked.values())
     prefix = arch.layers_path + "."
     rest_params = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith(prefix))
-    seqlen = load_tensors(work.check_file(work.tokens_path))["input_ids"].shape[1]
+    seqlen = work.stage("calibrate").summary["seqlen"]  # --data is cut to the calibration's length too
     compute_bytes = torch.tensor([], dtype=compute).element_size()
 
     def estimate_for(size: int) -> dict:

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.training.peft import LoRA
 
 
@@ -172,21 +171,16 @@ def read_pointer(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, world: World) -> dict:
-    """Load the checkpoint ``checkpoint.json`` names into the sharded ``model`` and ``optimizer``; returns its meta.
-
-    Raises FreelunchError when it was written by another number of processes."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> None:
+    """Load the sharded checkpoint folder ``path`` (one ``step-NNNNNN``) into the sharded ``model`` and ``optimizer``.
+    The caller checks first that it was written by this number of processes (``checkpoint.json``'s world size)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = read_pointer(folder)
-    if meta["world_size"] != world.size:
-        raise FreelunchError(world_size_mismatch(meta["step"], meta["world_size"], world.size))
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(folder / meta["folder"]))
+    dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return meta
 
 
 def remove_checkpoints(folder: Path, but: str | None = None) -> None:

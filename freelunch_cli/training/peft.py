@@ -73,11 +73,14 @@ def linears_of(modules: dict[str, nn.Module]) -> dict[str, nn.Linear]:
 def adapter_init(linears: dict[str, nn.Linear], cfg: PeftConfig) -> dict[str, torch.Tensor]:
     """The starting ``A`` ``[rank, in_features]`` (float32, CPU) of each linear's adapter, by qualified name, in the
     order ``prepare`` creates them: Kaiming-uniform from one generator seeded with ``cfg.seed`` (``B`` starts at zero,
-    so training starts from the unadapted weights). Sharded retraining, which builds its model on the meta device,
-    fills its adapters from this."""
+    so training starts from the unadapted weights). Linears on the meta device get meta tensors, shapes only: sharded
+    retraining builds its model there and fills the adapters from this once the model has storage."""
     g = torch.Generator().manual_seed(cfg.seed)
     out = {}
     for name, lin in linears.items():
+        if lin.weight.is_meta:  # a model built for its shapes (sharded retraining fills it with this function later)
+            out[name] = torch.empty(cfg.lora_rank, lin.in_features, device="meta")
+            continue
         a = torch.empty(cfg.lora_rank, lin.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
         out[name] = a
