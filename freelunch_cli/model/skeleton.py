@@ -217,22 +217,21 @@ def block_templates(work) -> tuple[object, list[nn.Module]]:
 
 def float_call(call, dtype: torch.dtype):
     """A block call (args, kwargs) with its floating tensors (position embeddings, additive masks) in ``dtype``."""
-    if isinstance(call, torch.Tensor):
-        return call.to(dtype) if call.is_floating_point() else call
-    if isinstance(call, (tuple, list)):
-        return type(call)(float_call(c, dtype) for c in call)
-    if isinstance(call, dict):
-        return {k: float_call(v, dtype) for k, v in call.items()}
-    return call
+    return _map_tensors(call, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def _to_device(obj, device):
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor inside it (through tuples, lists and dicts)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
+        return type(obj)(_map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
