@@ -89,21 +89,7 @@ def calibrate(
         t_pass = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
             for b in missing:
-                if b == 0:
-                    write_activations(
-                        work,
-                        work.boundary_path("dense", 0),
-                        lambda rows: sk.embed(ids[rows]),
-                        cfg.samples,
-                        cfg.seqlen,
-                        hidden,
-                        cache_dtype,
-                        cfg.batch_size,
-                        "the embeddings",
-                    )
-                else:
-                    what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
-                    _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats)
+                _write_boundary(work, sk, b, ids, cfg, cache_dtype, compute, with_stats)
                 kill_point("calibrate.boundary")
                 bar.advance()
         summary = {
@@ -159,6 +145,27 @@ def _boundary_done(work: WorkDir, b: int, with_stats: bool) -> bool:
     are recorded."""
     stats = not with_stats or b == 0 or work.is_recorded(work.input_stats_path(b - 1))
     return work.is_recorded(work.boundary_path("dense", b)) and stats
+
+
+def _write_boundary(work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConfig, cache_dtype, compute, with_stats: bool):
+    """Dense boundary ``b``: the embeddings of the calibration ids ``[samples, seqlen]`` (``b`` = 0), else dense block
+    ``b - 1`` run on boundary ``b - 1`` (with its input statistics when ``with_stats``)."""
+    if b == 0:
+        samples, seqlen = ids.shape
+        write_activations(
+            work,
+            work.boundary_path("dense", 0),
+            lambda rows: sk.embed(ids[rows]),
+            samples,
+            seqlen,
+            sk.config.hidden_size,
+            cache_dtype,
+            cfg.batch_size,
+            "the embeddings",
+        )
+    else:
+        what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
+        _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats)
 
 
 def _dense_block_pass(
@@ -226,21 +233,6 @@ def restore_dense_boundaries(work: WorkDir, boundaries, device: str, rep: Report
         cache_dtype = parse_dtype(cfg.cache_dtype)
         sk = Skeleton.from_work(work, "dense", dev, compute, rest_device="cpu")
         ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
-        samples, seqlen = ids.shape
         with torch.no_grad():
             for b in sorted(todo):
-                if b == 0:
-                    write_activations(
-                        work,
-                        work.boundary_path("dense", 0),
-                        lambda rows: sk.embed(ids[rows]),
-                        samples,
-                        seqlen,
-                        sk.config.hidden_size,
-                        cache_dtype,
-                        cfg.batch_size,
-                        "the embeddings",
-                    )
-                else:
-                    what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
-                    _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats=False)
+                _write_boundary(work, sk, b, ids, cfg, cache_dtype, compute, with_stats=False)
