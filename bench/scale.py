@@ -156,8 +156,8 @@ def estimate_70b(batch: int = 8, seqlen: int = 2048, gpus: int = 8, rank: int = 
 
 def retrain_estimate_mib(work: Path, peft: str, size: int) -> int:
     """What ``retrain`` estimates per process (live tensors only: no interpreter, libraries or allocator slack)."""
+    from freelunch_cli.configs.stage_configs import RetrainConfig
     from freelunch_cli.core.console import Reporter
-    from freelunch_cli.stages.options import RetrainConfig
     from freelunch_cli.stages.retrain import check_memory
     from freelunch_cli.training.fsdp import World
     from freelunch_cli.workdir.directory import WorkDir

@@ -21,9 +21,7 @@ from typing import List, Optional
 import typer
 
 from freelunch_cli import __version__
-from freelunch_cli.core.errors import FreelunchError, Terminated, stop_reason
-from freelunch_cli.core.options import cli_fields
-from freelunch_cli.stages.options import (
+from freelunch_cli.configs.stage_configs import (
     CalibrateConfig,
     EvalConfig,
     ExportConfig,
@@ -32,6 +30,8 @@ from freelunch_cli.stages.options import (
     ReconstructConfig,
     RetrainConfig,
 )
+from freelunch_cli.core.errors import FreelunchError, Terminated, stop_reason
+from freelunch_cli.core.options import cli_fields
 
 app = typer.Typer(
     name="freelunch",

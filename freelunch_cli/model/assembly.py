@@ -18,9 +18,9 @@ def materialize(work, stage: str, device, dtype: torch.dtype) -> nn.Module:
     config = prepare_config(work_config(work))
     lm = meta_model(config, trusts_remote_code(work))
     arch = find_arch(lm, config)
-    state = dict(load_tensors(work.check_file(work.rest_path(stage))))
+    state = dict(load_tensors(work.rest_path(stage)))
     for i in range(arch.num_blocks):
-        state.update({arch.block_prefix(i) + k: v for k, v in load_tensors(work.stage_block_path(stage, i)).items()})
+        state.update({arch.block_prefix(i) + k: v for k, v in load_tensors(work.model_block_path(stage, i)).items()})
     if getattr(config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     lm.load_state_dict(state, assign=True, strict=False)

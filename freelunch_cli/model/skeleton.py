@@ -113,9 +113,9 @@ class Skeleton:
 
     @classmethod
     def from_work(cls, work, stage: str, device, dtype, rest_device=None) -> Skeleton:
-        rest = load_tensors(work.check_file(work.rest_path(stage)))
+        rest = load_tensors(work.rest_path(stage))
         sk = cls.from_rest(work_config(work), rest, device, dtype, rest_device, trusts_remote_code(work))
-        sk.block_source = lambda i: load_tensors(work.stage_block_path(stage, i))
+        sk.block_source = lambda i: load_tensors(work.model_block_path(stage, i))
         return sk
 
     @classmethod

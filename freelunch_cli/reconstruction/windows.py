@@ -11,7 +11,7 @@ file of the chained stream (``--inputs sparse``) it reads, writes and releases:
   the dense block output).
 - ``Matrix`` (``matrix``): one linear layer: its input -> the dense layer's output on the dense input.
 
-The kinds read activations through a ``WindowRunner`` (``reconstruction.runner``), which owns the files.
+The kinds read activations through a ``WindowRunner`` (``engine.runner``), which owns the files.
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ from dataclasses import replace
 
 from transformers import AutoModelForCausalLM
 
+from freelunch_cli.configs.stage_configs import EvalConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import available_memory, dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.engine.models import require_model
 from freelunch_cli.evaluation.perplexity import chunk_size, perplexity, split_sequences
 from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton
@@ -25,8 +27,6 @@ from freelunch_cli.model.source import (
     work_tokenizer,
 )
 from freelunch_cli.model.text import read_text, resolve_text, text_fingerprint, tokenize
-from freelunch_cli.stages.models import require_model
-from freelunch_cli.stages.options import EvalConfig
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
 from freelunch_cli.workdir.files import read_json, write_json_atomic
 

@@ -7,17 +7,17 @@ import time
 from pathlib import Path
 
 from freelunch_cli import __version__
+from freelunch_cli.configs.stage_configs import ExportConfig, QuantizeConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, parse_dtype
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.core.units import parse_size
+from freelunch_cli.engine.models import require_model
 from freelunch_cli.model.arch import find_arch
 from freelunch_cli.model.build import meta_model
 from freelunch_cli.model.source import trusts_remote_code, work_config
 from freelunch_cli.quantization.compressed import ct_config, pack_block
-from freelunch_cli.stages.models import require_model
-from freelunch_cli.stages.options import ExportConfig, QuantizeConfig
 from freelunch_cli.workdir.directory import STAGE_OF, StageRecord, WorkDir
 from freelunch_cli.workdir.files import (
     load_tensors,
@@ -70,8 +70,8 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     dense = work.model_dir("dense")
     config = work_config(work)
     arch = find_arch(meta_model(config, trusts_remote_code(work)), config)
-    parts = [("rest", work.check_file(work.rest_path(stage)))]
-    parts += [(i, work.stage_block_path(stage, i)) for i in range(arch.num_blocks)]
+    parts = [("rest", work.rest_path(stage))]
+    parts += [(i, work.model_block_path(stage, i)) for i in range(arch.num_blocks)]
     shards = plan_shards(parts, target, limit)
     names = [
         "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -8,10 +8,13 @@ from dataclasses import replace
 
 import torch
 
+from freelunch_cli.configs.stage_configs import PruneConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
+from freelunch_cli.engine.boundaries import restore_dense_boundaries
+from freelunch_cli.engine.claims import Claims, claim_in_turn, detect_shard, own_first, wait_seconds, worker_id
 from freelunch_cli.model.activations import cache_dtype_of, write_activations
 from freelunch_cli.model.arch import block_linears, prunable_linears
 from freelunch_cli.model.hooks import StopForward, capture_inputs, input_groups
@@ -23,9 +26,6 @@ from freelunch_cli.pruning.owl import layer_sparsities, outlier_ratio
 from freelunch_cli.pruning.selection import parse_blocks, skipped_matrices
 from freelunch_cli.pruning.sparsegpt import SingularHessian, SparseGPT
 from freelunch_cli.pruning.stats import LinearStats, StatsCollector
-from freelunch_cli.reconstruction.claims import Claims, claim_in_turn, detect_shard, own_first, wait_seconds, worker_id
-from freelunch_cli.stages.calibrate import restore_dense_boundaries
-from freelunch_cli.stages.options import PruneConfig
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import (
     TensorRows,
@@ -287,7 +287,7 @@ class BlockPruner:
         self.rep.info(f"OWL: outlier ratios of the dense blocks (m = {self.cfg.owl_m})")
         ratios = []
         for i in range(self.sk.num_blocks):
-            block = self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i)))
+            block = self.sk.build_block(i, load_tensors(self.work.model_block_path("dense", i)))
             linears = self._prunable(block, i)
             stats = self._dense_stats(block, i, linears)
             ratios.append(outlier_ratio([wanda_score(lin.weight, stats[name]) for name, lin in linears.items()], self.cfg.owl_m))
@@ -329,7 +329,7 @@ class BlockPruner:
         pattern = (
             self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
         )
-        state = load_tensors(work.stage_block_path("dense", i))
+        state = load_tensors(work.model_block_path("dense", i))
         block = self.sk.build_block(i, state)
         everything = block_linears(block)
         linears = self._prunable(block, i)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from freelunch_cli.configs.stage_configs import QuantizeConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.engine.claims import detect_shard
+from freelunch_cli.engine.models import latest_model, require_model
+from freelunch_cli.engine.runner import WindowJob
+from freelunch_cli.engine.windowed import plan_windows, run_windows
 from freelunch_cli.quantization.fake_quant import prepare_qat
-from freelunch_cli.reconstruction.claims import detect_shard
-from freelunch_cli.reconstruction.runner import WindowJob
-from freelunch_cli.stages.models import latest_model, require_model
-from freelunch_cli.stages.options import QuantizeConfig
-from freelunch_cli.stages.reconstruct import plan_windows, run_windows
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
 from freelunch_cli.workdir.files import load_tensors
 
@@ -43,7 +43,7 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
         raise FreelunchError("--force cannot be combined with sharded workers (each would start over)")
     source = _source_model(work, cfg.start)
     cfg = cfg.resolved(source)
-    scheme.check_block(load_tensors(work.stage_block_path(source, 0)))  # before anything is written
+    scheme.check_block(load_tensors(work.model_block_path(source, 0)))  # before anything is written
     windows = plan_windows(work, cfg.window)
 
     def prepare(scope, masks, index, storage_dtype):

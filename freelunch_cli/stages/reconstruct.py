@@ -2,52 +2,26 @@
 
 Scheduling lives here (shards, claims, assembly, cache cleanup, ``--window auto``, ``--status``); ``run_windows`` is
 the engine of every windowed stage (reconstruct, and quantize with its own ``WindowJob``). What a window does is in
-``reconstruction.runner`` and ``reconstruction.windows``.
+``engine.runner`` and ``reconstruction.windows``.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import replace
 
 import torch
 
+from freelunch_cli.configs.stage_configs import ReconstructConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, parse_dtype, resolve
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.core.kill_points import kill_point
-from freelunch_cli.model.arch import block_halves, block_linears, check_halves
-from freelunch_cli.model.skeleton import Skeleton, block_templates, float_call
-from freelunch_cli.reconstruction.claims import Claims, claim_in_turn, detect_shard, own_first, wait_seconds
+from freelunch_cli.engine.claims import Claims, detect_shard
+from freelunch_cli.engine.records import window_done
+from freelunch_cli.engine.runner import RECONSTRUCT
+from freelunch_cli.engine.windowed import plan_windows, run_windows
+from freelunch_cli.model.skeleton import block_templates
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, parse_memory
-from freelunch_cli.reconstruction.records import window_done
-from freelunch_cli.reconstruction.runner import RECONSTRUCT, WindowJob, WindowRunner
-from freelunch_cli.reconstruction.windows import Window, enumerate_windows
-from freelunch_cli.stages.calibrate import restore_dense_boundaries
-from freelunch_cli.stages.options import ReconstructConfig
 from freelunch_cli.workdir.directory import WorkDir
-from freelunch_cli.workdir.files import TensorRows, read_json
-from freelunch_cli.workdir.locks import Busy, locked_file
-from freelunch_cli.workdir.stage import StageRun, open_stage
-
-
-def plan_windows(work: WorkDir, window: str) -> list[Window]:
-    """The windows of ``--window`` for this work directory's model; submodule windows only where the block's halves,
-    composed, reproduce the block on calibration inputs (FreelunchError otherwise)."""
-    calib = work.require_done("calibrate", "reconstruct")
-    kind = window.strip().lower()
-    matrices = None
-    if kind in ("matrix", "submodule"):
-        template = block_templates(work)[1][0]  # from the config: no tensor read
-        matrices = list(block_linears(template))
-        if kind == "submodule":  # block 0 in float32 on a real call; embeddings and head stay in their stored dtype
-            halves = block_halves(template, calib.summary["model_type"])
-            x = TensorRows(work.check_file(work.boundary_path("dense", 0))).rows(0, 2).float()
-            sk = Skeleton.from_work(work, "dense", "cpu", parse_dtype(calib.summary.get("storage_dtype", "float32")))
-            call = float_call(sk.block_call(0, *x.shape[:2]), torch.float32)
-            check_halves(halves, sk.build_block(0, dtype=torch.float32), x, call, calib.summary["model_type"])
-    return enumerate_windows(calib.summary["num_blocks"], window, matrices)
 
 
 def reconstruct(
@@ -79,192 +53,6 @@ def reconstruct(
     return run_windows(
         work, cfg, RECONSTRUCT, windows, cfg.signature(pruned.run_id), (device, compute), shard, what, rep, resume, force
     )
-
-
-def run_windows(
-    work: WorkDir,
-    cfg,
-    job: WindowJob,
-    windows: list[Window],
-    signature: dict,
-    placement: tuple,
-    shard,
-    what: str,
-    rep: Reporter,
-    resume: bool,
-    force: bool,
-) -> dict:
-    """Run (this process's share of) the windows of a windowed stage (reconstruct, quantize), shared with any number of
-    workers through window claims; the worker that sees every window done assembles the model. ``placement``:
-    (device, compute dtype); ``what``: what trains, for the log."""
-    device, compute = placement
-    pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)]
-    needed = set().union(*(w.dense_boundaries() for w in pending))
-    restore_dense_boundaries(work, needed, cfg.device, rep)  # deleted by an earlier windowed stage: recomputed
-    for b in sorted(needed):  # before --force discards anything
-        work.check_file(work.boundary_path("dense", b))
-    with open_stage(
-        work,
-        job.stage,
-        signature,
-        rep,
-        resume=resume or shard is not None,
-        force=force,
-        shared=shard is not None,
-    ) as run:
-        if run.done:
-            return run.summary
-        work.set_progress(job.stage, "windows_total", len(windows))
-        if cfg.prepare:
-            return run.report(
-                f"{job.stage} prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
-                {"windows": len(windows), "prepared": True},
-            )
-        runner = WindowRunner(work, cfg, windows, device, compute, job)
-        claims = Claims(work.windows_dir(job.stage), cfg.stale_after if shard is not None else 0.0)
-        by_index = {w.index: w for w in windows}
-        done_before = sum(runner.done(w) for w in windows)
-        who = f"shard {shard.index}/{shard.count} ({shard.source}), " if shard else ""
-        rep.info(
-            f"{job.stage}: {who}{len(windows)} {cfg.window} windows ({done_before} already done), {cfg.inputs} inputs, {what}"
-        )
-        ran = []
-        released: dict[int, int] = {}  # windows this worker ran out of memory on: the attempt it gave up
-        orphaned_since = None
-
-        def check_released() -> None:
-            nonlocal orphaned_since
-            orphaned_since = _check_released(windows, runner, claims, released, orphaned_since)
-
-        turns = claim_in_turn(
-            own_first(list(by_index), shard),
-            lambda i: runner.done(by_index[i]),
-            claims,
-            wait_seconds(cfg.stale_after),
-            skip=released.__contains__,
-            between=check_released,
-        )
-        with rep.progress(job.stage, total=len(windows), completed=done_before) as bar:
-            for index, attempt in turns:
-                win, oom = by_index[index], False
-                try:
-                    with claims.heartbeat(win.index, attempt):
-                        rec = runner.run(win, claims, attempt)
-                except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError too
-                    oom = True  # memory is freed below, once the exception (and the frames it holds) is gone
-                if oom:
-                    runner.release_memory()
-                    claims.release(win.index, attempt)  # stale at once: another worker takes it over now
-                    released[win.index] = attempt
-                    rep.warn(f"window {win.index} ran out of memory on this worker ({claims.me}); released for the other workers")
-                    continue
-                if rec is None:
-                    rep.info(f"  window {win.index:3d} was taken over by another worker; its result is theirs")
-                    continue
-                ran.append(win.index)
-                rep.info(
-                    f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
-                    f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "")
-                )
-                kill_point(f"{job.stage}.window")
-                bar.advance()
-                if not cfg.keep_cache:
-                    drop_unneeded_boundaries(work, windows, job.stage)
-        return finish_windows(run, runner, windows, cfg, ran, shard)
-
-
-def _check_released(windows: list[Window], runner: WindowRunner, claims: Claims, released: dict, since: float | None):
-    """When every unfinished window is one this worker released (out of memory) and no live worker has taken it over
-    for ``stale_after`` seconds (at once without sharding), raise a FreelunchError naming them; else when that began."""
-    left = [w for w in windows if not runner.done(w)]
-    if not left or any(w.index not in released or claims.taken_over(w.index, released[w.index]) for w in left):
-        return None
-    since = since or time.time()
-    if time.time() - since >= claims.stale_after:
-        names = ", ".join(str(w.index) for w in left)
-        raise FreelunchError(
-            f"window{'s' if len(left) > 1 else ''} {names} ran out of memory on this worker and no other worker took "
-            f"{'them' if len(left) > 1 else 'it'} over; use a smaller "
-            f"--window (e.g. submodule), a smaller --batch-size or a larger device, then rerun with --resume"
-        )
-    return since
-
-
-def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], cfg, ran: list[int], shard=None) -> dict:
-    """Assemble the blocks, shared by the workers (``assemble_blocks``), and mark the stage done, once: the first worker
-    to get here waits for the blocks the others are writing and finishes; the others report what they did."""
-    work, job = run.work, runner.job
-    mine = assemble_blocks(work, runner, shard, wait=False)  # this worker's share of the blocks, then any free one
-    try:
-        with locked_file(work.lock_path("assemble" if job.stage == "reconstruct" else f"assemble-{job.stage}"), blocking=False):
-            if work.stage(job.stage).status == "done":
-                summary = work.stage(job.stage).summary
-                return run.report(_summary_line(summary), summary)
-            mine += assemble_blocks(work, runner, shard, wait=True)  # those other workers are writing: wait for them
-            records = [read_json(work.window_record_path(w.index, job.stage)) for w in windows]
-            summary = {
-                "work": str(work.root),
-                "stage": job.stage,
-                "window": cfg.window,
-                "windows": len(windows),
-                "loss_before": sum(r["loss_before"] for r in records),
-                "loss_after": sum(r["loss_after"] for r in records),
-                "trainable_params": sum(r["trainable_params"] for r in records),
-                "seconds": round(run.seconds(), 2),
-                "window_seconds": round(sum(r["seconds"] for r in records), 2),
-                "workers": sorted({r.get("worker", "?") for r in records}),
-                "ran_here": ran,
-                "assembled_here": sorted(mine),
-            }
-            if cfg.inputs == "sparse" and not cfg.keep_cache:
-                shutil.rmtree(work.acts_dir / job.stream, ignore_errors=True)
-            summary = run.finish(summary, _summary_line(summary), config=cfg)
-            if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight
-                work.forget([work.rel(runner.params_path(w)) for w in windows])
-            return summary
-    except Busy:
-        return run.report(
-            f"this worker ran windows {ran or 'none'} and wrote blocks {sorted(mine) or 'none'}; another worker finishes "
-            f"the model",
-            {"ran": ran, "assembled_here": sorted(mine), "assembled": False},
-        )
-
-
-def assemble_blocks(work: WorkDir, runner: WindowRunner, shard, wait: bool) -> list[int]:
-    """Write the model's blocks that are not written yet, each under its own lock, this worker's share first (block
-    ``i`` is shard ``i mod N``'s), then the others; with ``wait``, wait for blocks another worker is writing (and
-    write them should it have died), else skip them. Every worker that finishes its windows takes part, so the
-    model's writes are spread over the workers. Returns the blocks written here."""
-    written = []
-    for i in own_first(list(range(runner.sk.num_blocks)), shard):
-        if runner.assembled(i):
-            continue
-        lock = work.lock_path(f"assemble-{runner.job.stage}-{i:03d}")
-        try:
-            with locked_file(lock, blocking=wait):
-                if not runner.assembled(i):
-                    runner.assemble_block(i)
-                    written.append(i)
-        except Busy:
-            continue
-    return written
-
-
-def _summary_line(summary: dict) -> str:
-    done = "quantized" if summary.get("stage") == "quantize" else "reconstructed"
-    return (
-        f"{done} {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
-        f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s"
-    )
-
-
-def drop_unneeded_boundaries(work: WorkDir, windows: list[Window], stage: str = "reconstruct") -> None:
-    """Delete dense activation files no unfinished window needs. Their manifest records stay, so a later
-    `calibrate --resume` recomputes them if another windowed stage needs them."""
-    needed = set().union(*(w.dense_boundaries() for w in windows if not window_done(work, w.index, stage)))
-    for b in range(max(w.last for w in windows) + 2):
-        if b not in needed:
-            work.boundary_path("dense", b).unlink(missing_ok=True)
 
 
 def resolve_auto_window(work: WorkDir, cfg: ReconstructConfig, device, rep: Reporter) -> ReconstructConfig:

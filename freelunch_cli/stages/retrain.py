@@ -20,18 +20,18 @@ from dataclasses import replace
 
 import torch
 
+from freelunch_cli.configs.stage_configs import RetrainConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
+from freelunch_cli.engine.models import require_model
 from freelunch_cli.model.arch import block_linears, find_arch
 from freelunch_cli.model.assembly import materialize
 from freelunch_cli.model.build import init_non_persistent_buffers, meta_model, prepare_config
 from freelunch_cli.model.source import trusts_remote_code, work_config, work_tokenizer
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
 from freelunch_cli.reconstruction.memory import block_numbers, device_memory, parse_memory
-from freelunch_cli.stages.models import require_model
-from freelunch_cli.stages.options import RetrainConfig
 from freelunch_cli.training import fsdp, next_token
 from freelunch_cli.training.loop import MaskedOptimizer, MaskedParams, autocast_factory
 from freelunch_cli.training.memory import describe, processes_needed, retrain_estimate
@@ -206,7 +206,7 @@ def _refuse_other_world(work: WorkDir, world) -> None:
 
 
 def _storage_dtype(work: WorkDir, start: str) -> torch.dtype:
-    return next(v.dtype for v in load_tensors(work.stage_block_path(start, 0)).values() if v.is_floating_point())
+    return next(v.dtype for v in load_tensors(work.model_block_path(start, 0)).values() if v.is_floating_point())
 
 
 def _block_masks(work: WorkDir, start: str, i: int, device="cpu") -> dict[str, torch.Tensor]:
@@ -319,7 +319,7 @@ class ShardedModel:
         """Every parameter's shard from the work directory's files (block by block), adapters from their seed, and the
         keep-masks of full retraining sharded like their weights."""
         work, start, prefix = self.work, self.start, self.arch.layers_path + "."
-        rest = load_tensors(work.check_file(work.rest_path(start)))
+        rest = load_tensors(work.rest_path(start))
         tied = getattr(self.lm.config, "tie_word_embeddings", False)
         rest = {f"lm.{k}": v for k, v in rest.items() if not (tied and k.endswith("lm_head.weight"))}
         fsdp.load_full(self.step_module, rest)
@@ -328,7 +328,7 @@ class ShardedModel:
         starts = adapter_init(linears_of({f"{i}/": b for i, b in enumerate(self.layers)}), peft) if lora else {}
         by_id = {}
         for i, block in enumerate(self.layers):
-            plain = load_tensors(work.stage_block_path(start, i))
+            plain = load_tensors(work.model_block_path(start, i))
             masks = _block_masks(work, start, i)
             state = {}
             for key, value in block.state_dict().items():

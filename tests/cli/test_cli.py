@@ -6,8 +6,15 @@ import json
 from typer.testing import CliRunner
 
 from freelunch_cli.cli import app
+from freelunch_cli.configs.stage_configs import (
+    CalibrateConfig,
+    EvalConfig,
+    ExportConfig,
+    PruneConfig,
+    ReconstructConfig,
+    RetrainConfig,
+)
 from freelunch_cli.core.options import cli_fields
-from freelunch_cli.stages.options import CalibrateConfig, EvalConfig, ExportConfig, PruneConfig, ReconstructConfig, RetrainConfig
 
 from helpers import CALIB, HELDOUT, SAMPLES, SEQLEN
 

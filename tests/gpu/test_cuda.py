@@ -72,7 +72,7 @@ def test_prune_on_cuda_matches_the_cpu(criterion, pair, tmp_path):
 
 @pytest.mark.parametrize("resident", [True, False])
 def test_reconstruct_on_cuda_in_bfloat16_keeps_the_zeros_and_lowers_the_loss(resident, pair, tmp_path, monkeypatch):
-    import freelunch_cli.reconstruction.runner as runner
+    import freelunch_cli.engine.runner as runner
 
     if not resident:
         monkeypatch.setattr(runner, "RESIDENT_SHARE", 0.0)  # pinned, non-blocking copies per step, prefetched

@@ -96,7 +96,7 @@ def test_window_parameter_files_are_deleted_once_the_blocks_are_assembled(fresh_
 
 def test_a_windows_data_held_in_memory_or_read_per_step_gives_the_same_model(fresh_work, monkeypatch):
     """Activation files that fit are read once per window and kept on the device; others are read per step."""
-    import freelunch_cli.reconstruction.runner as runner
+    import freelunch_cli.engine.runner as runner
 
     held, streamed = fresh_work("llama"), fresh_work("llama")
     kinds = {}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.engine.claims import detect_shard
 from freelunch_cli.model.skeleton import Skeleton
-from freelunch_cli.reconstruction.claims import detect_shard
 from freelunch_cli.reconstruction.memory import block_numbers, choose_window, estimate
 from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.stages.prune import PruneConfig, prune
@@ -149,9 +149,9 @@ def test_cache_dir_holds_the_activations(tmp_path):
 def test_workers_share_the_writing_of_the_model(pruned4, tmp_path):
     """Each worker writes its share of the blocks (block i is shard i mod N's) and then any free one, skips a block
     another worker is writing, and the worker that finishes waits for it; the blocks equal one process's."""
-    from freelunch_cli.reconstruction.claims import Shard
-    from freelunch_cli.reconstruction.runner import RECONSTRUCT, WindowRunner
-    from freelunch_cli.stages.reconstruct import assemble_blocks, plan_windows
+    from freelunch_cli.engine.claims import Shard
+    from freelunch_cli.engine.runner import RECONSTRUCT, WindowRunner
+    from freelunch_cli.engine.windowed import assemble_blocks, plan_windows
     from freelunch_cli.workdir.locks import locked_file
 
     work = clone_work(pruned4, tmp_path / "w")

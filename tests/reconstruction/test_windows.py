@@ -166,7 +166,7 @@ def test_steps_warmup_validation_and_keep_best(fresh_work):
 
 @pytest.mark.parametrize("chunk", [512, 5])  # the head on all positions of a sequence at once, or 5 at a time
 def test_kl_term_on_the_last_window(chunk, fresh_work, monkeypatch):
-    import freelunch_cli.reconstruction.runner as runner
+    import freelunch_cli.engine.runner as runner
 
     monkeypatch.setattr(runner, "KL_CHUNK", chunk)
     work = fresh_work("llama")

@@ -13,11 +13,11 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize as c
 from compressed_tensors.quantization.utils import calculate_qparams
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+from freelunch_cli.configs.stage_configs import QuantizeConfig
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.evaluation.compare import compare
 from freelunch_cli.stages.evaluate import EvalConfig, evaluate
 from freelunch_cli.stages.export import ExportConfig, export
-from freelunch_cli.stages.options import QuantizeConfig
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.quantize import quantize
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct

@@ -10,10 +10,11 @@ import torch
 
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate, restore_dense_boundaries
+from freelunch_cli.engine.boundaries import restore_dense_boundaries
+from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
 from freelunch_cli.stages.prune import PruneConfig, prune
 from freelunch_cli.stages.reconstruct import ReconstructConfig, reconstruct
-from freelunch_cli.workdir import directory
+from freelunch_cli.workdir import manifest
 from freelunch_cli.workdir.directory import WorkDir
 from freelunch_cli.workdir.files import load_tensors
 
@@ -69,7 +70,7 @@ def test_a_cache_dir_template_is_expanded_per_node(tmp_path, monkeypatch):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
     monkeypatch.setenv("FL_NODE_SCRATCH", str(node_a))  # back on node A, in a fresh process: its copy is still good
-    monkeypatch.setattr(directory, "_VERIFIED", set())
+    manifest.VERIFIED.clear()  # as in a new process
     again = WorkDir(work.root)
     b0 = again.boundary_path("dense", 0)
     assert b0.is_relative_to(node_a) and again.manifest()["files"][again.rel(b0)]["mtime_ns"] != b0.stat().st_mtime_ns

@@ -232,13 +232,14 @@ def test_float16_overflow_is_an_error_naming_where_not_a_nan_cache(tmp_path):
 
 
 def test_files_this_process_wrote_are_not_hashed_again_and_a_resume_checks_sizes_and_times(fresh_work, monkeypatch):
-    import freelunch_cli.workdir.directory as directory
+    import freelunch_cli.workdir.integrity as integrity
     from freelunch_cli.stages.verify import verify
+    from freelunch_cli.workdir import manifest
 
     work = fresh_work("llama")
     hashed = []
-    real = directory.sha256_file
-    monkeypatch.setattr(directory, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p) or real(p))
     prune(work, PruneConfig(criterion="magnitude", device="cpu"))
     reconstruct(work, ReconstructConfig(window="block", epochs=1, device="cpu"))
     assert hashed == []  # what it wrote is known good; what calibrate wrote has its recorded size and time
@@ -250,7 +251,7 @@ def test_files_this_process_wrote_are_not_hashed_again_and_a_resume_checks_sizes
     data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    directory._VERIFIED.clear()  # as in a new process
+    manifest.VERIFIED.clear()  # as in a new process
     assert work.problem(shard) is None
     with pytest.raises(FreelunchError, match=r"1 of \d+ files are damaged \(pruned/block_001.safetensors\); `freelunch prune"):
         verify(work)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.reconstruction.records import missing_windows
+from freelunch_cli.engine.records import missing_windows
 from freelunch_cli.workdir.directory import MODEL_STAGES, STAGE_OF, WorkDir
 
 

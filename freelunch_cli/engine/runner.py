@@ -26,13 +26,13 @@ from torch import nn
 from freelunch_cli.core.device import available_memory, dtype_name, free_memory, parse_dtype
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
+from freelunch_cli.engine.claims import Claims, worker_id
+from freelunch_cli.engine.records import window_done
 from freelunch_cli.model.activations import write_activations
 from freelunch_cli.model.arch import Halves, block_halves
 from freelunch_cli.model.hooks import capture_linear_io
 from freelunch_cli.model.moe import put_tensor
 from freelunch_cli.model.skeleton import Skeleton, run_block
-from freelunch_cli.reconstruction.claims import Claims, worker_id
-from freelunch_cli.reconstruction.records import window_done
 from freelunch_cli.reconstruction.windows import Window
 from freelunch_cli.training.loop import train_window
 from freelunch_cli.training.peft import prepare, qualify
@@ -104,7 +104,7 @@ class WindowRunner:
         self.cache_dtype = parse_dtype(calib.signature["cache_dtype"])
         self.samples = calib.summary["samples"]
         self.storage_dtype = next(
-            v.dtype for v in load_tensors(work.stage_block_path(job.source, 0)).values() if v.is_floating_point()
+            v.dtype for v in load_tensors(work.model_block_path(job.source, 0)).values() if v.is_floating_point()
         )
         self.sparse_inputs = cfg.inputs == "sparse"
         self._dense: tuple[int, nn.Module] | None = None
@@ -126,7 +126,7 @@ class WindowRunner:
     # ---- state -------------------------------------------------------------------------------------
     def dense_block(self, i: int) -> nn.Module:
         if self._dense is None or self._dense[0] != i:
-            self._dense = (i, self.sk.build_block(i, load_tensors(self.work.stage_block_path("dense", i))))
+            self._dense = (i, self.sk.build_block(i, load_tensors(self.work.model_block_path("dense", i))))
         return self._dense[1]
 
     def done(self, win: Window) -> bool:
@@ -137,7 +137,7 @@ class WindowRunner:
 
     def source_state(self, i: int) -> dict[str, torch.Tensor]:
         """Block ``i`` of the model the windows start from."""
-        return load_tensors(self.work.stage_block_path(self.job.source, i))
+        return load_tensors(self.work.model_block_path(self.job.source, i))
 
     def window_params(self, win: Window) -> dict[str, torch.Tensor]:
         return load_tensors(self.work.check_file(self.params_path(win)))

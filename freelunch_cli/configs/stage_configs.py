@@ -157,23 +157,15 @@ class PruneConfig:
 
 
 @dataclass
-class ReconstructConfig:
+class WindowedOptions:
+    """The options every windowed stage (reconstruct, quantize) shares: how windows are cut, read, scheduled and
+    checked. ``engine.windowed`` and ``engine.runner`` read these and nothing else of a stage's config (besides
+    ``train_config`` and ``peft_config``)."""
+
     window: str = option("block", "matrix, submodule, block, blocks:K, model, or auto (with --max-memory).")
     inputs: str = option("dense", "dense (windows read dense activations, independent) or sparse (chained).")
-    peft: str = option("full", "What trains: full, bias-norm, lora or masked-lora (adapters merged at the end, masks kept).")
-    lora_rank: int = option(16, "LoRA rank (lora, masked-lora).")
-    lora_alpha: float = option(32.0, "LoRA alpha: the update is alpha / rank x B A.")
-    lr: float = option(1e-3, "Peak AdamW learning rate (linear decay to 0).")
-    epochs: int = option(2, "Passes over the calibration sequences (1 takes about half the time, at some quality).")
-    steps: int | None = option(None, "Optimizer steps per window (overrides --epochs).")
     batch_size: int = option(4, "Samples per step.")
-    warmup: float = option(0.0, "Fraction of the steps with a linear warm-up.")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    loss: str = option("mse", "mse, nmse or cosine.")
-    kl_weight: float = option(0.0, "Last window: add this weight x KL to the dense next-token distribution.")
-    grad_clip: float | None = option(None, "Clip the gradient norm to this value.")
     val_fraction: float = option(0.0, "Calibration samples held out for a validation loss.")
-    keep_best: bool = option(False, "Keep the parameters with the lowest validation loss.", "--keep-best")
     loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
     seed: int = option(0, "Seed of the data order, validation split and adapters.")
     keep_cache: bool = option(
@@ -182,11 +174,54 @@ class ReconstructConfig:
     shard: str | None = option(
         None, "Take share I of N windows (I/N); default from torchrun or a Slurm array; 0/1: alone, whatever the environment."
     )
-    stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed window is taken over.")
+    stale_after: float = option(300.0, "Seconds without progress after which a claimed window is taken over.")
     max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
     prepare: bool = option(False, "Only set the stage up (before starting sharded workers).", "--prepare")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
+
+    # how the stage runs, not what it computes: left out of signatures
+    HOW = ("device", "keep_cache", "shard", "stale_after", "max_memory", "prepare", "loss_samples")
+
+    def validate_windowed(self, auto: bool = True) -> None:
+        """FreelunchError naming the option for a bad shared value (``auto``: whether --window auto is allowed)."""
+        from freelunch_cli.reconstruction.windows import parse_granularity
+
+        if self.window == "auto" and not auto:
+            raise FreelunchError("--window auto is only for reconstruct; pass matrix, submodule, block, blocks:K or model")
+        if self.window != "auto":
+            parse_granularity(self.window)
+        if self.inputs not in INPUT_MODES:
+            raise FreelunchError(f"--inputs must be dense or sparse, got {self.inputs!r}")
+        if self.kl_weight < 0:
+            raise FreelunchError("--kl-weight must be at least 0")
+        if self.stale_after <= 0:
+            raise FreelunchError("--stale-after must be positive")
+        if not 0 <= self.val_fraction < 1:
+            raise FreelunchError("--val-fraction must be in [0, 1)")
+
+    def what_it_computes(self) -> dict:
+        """The options as a dict, without those that say how the stage runs (``HOW``)."""
+        sig = asdict(self)
+        for k in self.HOW:
+            sig.pop(k)
+        return sig
+
+
+@dataclass
+class ReconstructConfig(WindowedOptions):
+    peft: str = option("full", "What trains: full, bias-norm, lora or masked-lora (adapters merged at the end, masks kept).")
+    lora_rank: int = option(16, "LoRA rank (lora, masked-lora).")
+    lora_alpha: float = option(32.0, "LoRA alpha: the update is alpha / rank x B A.")
+    lr: float = option(1e-3, "Peak AdamW learning rate (linear decay to 0).")
+    epochs: int = option(2, "Passes over the calibration sequences (1 takes about half the time, at some quality).")
+    steps: int | None = option(None, "Optimizer steps per window (overrides --epochs).")
+    warmup: float = option(0.0, "Fraction of the steps with a linear warm-up.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    loss: str = option("mse", "mse, nmse or cosine.")
+    kl_weight: float = option(0.0, "Last window: add this weight x KL to the dense next-token distribution.")
+    grad_clip: float | None = option(None, "Clip the gradient norm to this value.")
+    keep_best: bool = option(False, "Keep the parameters with the lowest validation loss.", "--keep-best")
 
     def train_config(self, window_index: int):
         """The training settings of one window; each window has its own seed, so windows are independent and a
@@ -213,28 +248,14 @@ class ReconstructConfig:
         return PeftConfig(self.peft, self.lora_rank, self.lora_alpha, self.seed * 100_003 + window_index)
 
     def validate(self) -> None:
-        from freelunch_cli.reconstruction.windows import parse_granularity
-
-        if self.window != "auto":
-            parse_granularity(self.window)
-        if self.kl_weight < 0:
-            raise FreelunchError("--kl-weight must be at least 0")
-        if self.stale_after <= 0:
-            raise FreelunchError("--stale-after must be positive")
+        self.validate_windowed()
         self.train_config(0).validate()
         self.peft_config(0).validate()
-        if self.inputs not in INPUT_MODES:
-            raise FreelunchError(f"--inputs must be dense or sparse, got {self.inputs!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise FreelunchError("--val-fraction must be in [0, 1)")
         if self.keep_best and self.val_fraction == 0:
             raise FreelunchError("--keep-best needs validation samples: set --val-fraction")
 
     def signature(self, prune_run: str) -> dict:
-        sig = asdict(self)
-        for k in ("device", "keep_cache", "shard", "stale_after", "max_memory", "prepare", "loss_samples"):
-            sig.pop(k)
-        return {"prune_run": prune_run, **sig}
+        return {"prune_run": prune_run, **self.what_it_computes()}
 
 
 @dataclass
@@ -322,7 +343,7 @@ class RetrainConfig:
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeConfig(WindowedOptions):
     start: str = option(
         "latest", "Model to quantize: latest (before quantization), dense, pruned, reconstructed or retrained.", "--from"
     )
@@ -339,31 +360,11 @@ class QuantizeConfig:
         False, "Train each group's scale too (in log space, LSQ gradient), not only the weights.", "--learn-scales"
     )
     scale_lr: float = option(1e-2, "Peak learning rate of the scales' log factors (--learn-scales).")
-    window: str = option("block", "matrix, submodule, block, blocks:K or model.")
-    inputs: str = option("dense", "dense (windows read dense activations, independent) or sparse (chained).")
     lr: float | None = option(
         None,
         "Peak AdamW learning rate, linear decay to 0 (default: 1e-3 from the pruned model, repairing pruning too, as "
         "reconstruct; 1e-4 from a dense, reconstructed or retrained one).",
     )
-    batch_size: int = option(4, "Samples per step.")
-    loss: str = option("mse", "mse, nmse or cosine.")
-    loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
-    seed: int = option(0, "Seed of the data order.")
-    keep_cache: bool = option(
-        False, "Keep activation files no unfinished window needs, and each window's parameters after assembly.", "--keep-cache"
-    )
-    shard: str | None = option(
-        None, "Take share I of N windows (I/N); default from torchrun or a Slurm array; 0/1: alone, whatever the environment."
-    )
-    stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed window is taken over.")
-    device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("auto", DTYPE_HELP)
-
-    # what the window runner reads of a reconstruction's options, fixed here
-    kl_weight = 0.0
-    val_fraction = 0.0
-    prepare = False
 
     def quant_scheme(self):
         from freelunch_cli.quantization.schemes import parse_scheme
@@ -384,20 +385,14 @@ class QuantizeConfig:
         )
 
     def validate(self) -> None:
-        from freelunch_cli.reconstruction.windows import parse_granularity
-
         if self.start not in QUANTIZE_STARTS:
             raise FreelunchError(f"--from must be one of {', '.join(QUANTIZE_STARTS)}, got {self.start!r}")
+        self.validate_windowed(auto=False)
         self.quant_scheme()
-        parse_granularity(self.window)
         if self.steps is not None and self.steps < 0:
             raise FreelunchError(f"--steps must be at least 0, got {self.steps}")
         if self.steps != 0:
             replace(self, lr=self.lr or 1e-3).train_config(0).validate()
-        if self.inputs not in INPUT_MODES:
-            raise FreelunchError(f"--inputs must be dense or sparse, got {self.inputs!r}")
-        if self.stale_after <= 0:
-            raise FreelunchError("--stale-after must be positive")
         if self.scale_lr <= 0:
             raise FreelunchError(f"--scale-lr must be positive, got {self.scale_lr}")
 
@@ -407,9 +402,11 @@ class QuantizeConfig:
 
     def signature(self, start: str, start_run: str) -> dict:
         """What the stage computes from model ``start`` (of run ``start_run``); training options only when it trains."""
-        sig = asdict(self)
-        for k in ("device", "keep_cache", "shard", "stale_after", "loss_samples", "start"):
-            sig.pop(k)
+        sig = self.what_it_computes()
+        sig.pop("start")
+        for k in ("kl_weight", "val_fraction"):  # shared with reconstruct; recorded only where set
+            if not sig[k]:
+                sig.pop(k)
         sig["scheme"] = self.quant_scheme().name
         if self.steps == 0:
             for k in ("epochs", "learn_scales", "lr", "batch_size", "loss", "seed", "inputs", "window", "dtype"):

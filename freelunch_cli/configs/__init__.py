@@ -1,0 +1,1 @@
+"""Stage configurations: one torch-free dataclass per stage (defaults, help, validation, signature)."""
