@@ -162,9 +162,11 @@ class WindowedOptions:
     checked. ``engine.windowed`` and ``engine.runner`` read these and nothing else of a stage's config (besides
     ``train_config`` and ``peft_config``)."""
 
-    window: str = option("block", "matrix, submodule, block, blocks:K, model, or auto (with --max-memory).")
+    window: str = option("block", "matrix, submodule, block, blocks:K, model, or auto (reconstruct, with --max-memory).")
     inputs: str = option("dense", "dense (windows read dense activations, independent) or sparse (chained).")
     batch_size: int = option(4, "Samples per step.")
+    loss: str = option("mse", "mse, nmse or cosine.")
+    kl_weight: float = option(0.0, "Last window: add this weight x KL to the dense next-token distribution.")
     val_fraction: float = option(0.0, "Calibration samples held out for a validation loss.")
     loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
     seed: int = option(0, "Seed of the data order, validation split and adapters.")
@@ -175,7 +177,6 @@ class WindowedOptions:
         None, "Take share I of N windows (I/N); default from torchrun or a Slurm array; 0/1: alone, whatever the environment."
     )
     stale_after: float = option(300.0, "Seconds without progress after which a claimed window is taken over.")
-    max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
     prepare: bool = option(False, "Only set the stage up (before starting sharded workers).", "--prepare")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
@@ -204,7 +205,7 @@ class WindowedOptions:
         """The options as a dict, without those that say how the stage runs (``HOW``)."""
         sig = asdict(self)
         for k in self.HOW:
-            sig.pop(k)
+            sig.pop(k, None)
         return sig
 
 
@@ -218,10 +219,9 @@ class ReconstructConfig(WindowedOptions):
     steps: int | None = option(None, "Optimizer steps per window (overrides --epochs).")
     warmup: float = option(0.0, "Fraction of the steps with a linear warm-up.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
-    loss: str = option("mse", "mse, nmse or cosine.")
-    kl_weight: float = option(0.0, "Last window: add this weight x KL to the dense next-token distribution.")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.")
     keep_best: bool = option(False, "Keep the parameters with the lowest validation loss.", "--keep-best")
+    max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
 
     def train_config(self, window_index: int):
         """The training settings of one window; each window has its own seed, so windows are independent and a

@@ -2,15 +2,17 @@
 
 ``FREELUNCH_KILL_AT=reconstruct.window:2`` sends SIGKILL to this process the 2nd time the point
 ``reconstruct.window`` is reached (after that unit of work was written); ``...:2:INT`` sends SIGINT
-(Ctrl-C) instead, ``...:2:TERM`` SIGTERM (a batch system's time limit), and ``...:2:OOM`` raises
-``torch.OutOfMemoryError`` there (a device that ran out of memory; torch is imported only then). Unset in normal
-use, when ``kill_point`` costs one environment lookup.
+(Ctrl-C) instead, ``...:2:TERM`` SIGTERM (a batch system's time limit), ``...:2:STOP`` SIGSTOP (a suspended
+process or a paused VM, continued later by SIGCONT), ``...:2:HANG`` sleeps for ever (a hung worker that lives on), and
+``...:2:OOM`` raises ``torch.OutOfMemoryError`` there (a device that ran out of memory; torch is imported only then).
+Unset in normal use, when ``kill_point`` costs one environment lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 _reached: dict[str, int] = {}
 
@@ -31,4 +33,7 @@ def kill_point(point: str) -> None:
             import torch
 
             raise torch.OutOfMemoryError(f"out of memory (simulated by FREELUNCH_KILL_AT={spec})")
-        os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig, signal.SIGKILL))
+        if sig == "HANG":
+            while True:
+                time.sleep(3600)
+        os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}.get(sig, signal.SIGKILL))

@@ -1,10 +1,13 @@
-"""Sharing windows between processes: shard assignment, atomic claims with heartbeats, takeover.
+"""Sharing units of work (prune's blocks, windows) between processes: shard assignment, atomic claims, takeover.
 
-A window is claimed by creating ``windows/NNN.claim.K`` exclusively (K = attempt). Its owner touches the
-file every few seconds from a background thread; a claim not touched for ``stale_after`` seconds belongs
-to a dead worker and is taken over by creating attempt K+1, which only one process can do. Before writing
-its result, a worker checks that no later attempt exists, so a window is never written twice. A worker that cannot
-run a window (out of memory) releases its claim by dating it back, so another worker takes it over at once.
+A unit is claimed by creating ``NNN.claim.K`` exclusively (K = attempt). Its owner touches the file whenever it makes
+progress (a training step, a matrix pruned, a file written): a heartbeat from progress, so that a worker that hangs
+while alive loses its claim as surely as a dead one. A claim not touched for ``stale_after`` seconds is taken over by
+creating attempt K+1, which only one process can do. Ages are measured on the file server's clock on both sides (the
+claim's modification time against that of a probe file this worker touches), never this machine's clock against the
+server's. Before every shared write (records, parameter files, deleting assembled blocks) the owner asks
+``Claim.holds()``; a worker that lost its claim (suspended, paused, hung, then woken) writes nothing and moves on. A
+worker that cannot run a unit (out of memory) releases its claim by dating it back, so another takes it over at once.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ import json
 import os
 import re
 import socket
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def claim_in_turn(indices: list[int], done, claims: Claims, poll: float, skip=No
     (``own_first``) and again, taking over the claims of dead workers, until ``done(index)`` holds for all. After a
     pass that claimed nothing (live workers hold the rest) it waits ``poll`` seconds. ``skip(index)``: units this
     worker must not claim (released after running out of memory); ``between()``: called after every pass that
-    left work unfinished (it may raise). The caller runs each yielded unit under ``claims.heartbeat``."""
+    left work unfinished (it may raise). The caller runs each yielded unit as ``claims.held(index, attempt)``."""
     while True:
         progressed = False
         for i in indices:
@@ -91,12 +92,15 @@ def worker_id() -> str:
 
 
 class Claims:
-    """Claim files of one work directory's windows."""
+    """Claim files of one stage's units (windows, or prune's blocks) in ``folder``."""
+
+    CLOCK_REFRESH = 5.0  # seconds between reads of the file server's clock; in between, elapsed monotonic time is added
 
     def __init__(self, folder: Path, stale_after: float):
         self.folder = Path(folder)
         self.stale_after = stale_after
         self.me = worker_id()
+        self._clock: tuple[float, float] | None = None  # (server time, monotonic time) at the last probe
 
     def _attempts(self, index: int) -> list[int]:
         pat = re.compile(rf"{index:03d}\.claim\.(\d+)$")
@@ -105,14 +109,30 @@ class Claims:
     def path(self, index: int, attempt: int) -> Path:
         return self.folder / f"{index:03d}.claim.{attempt}"
 
+    def server_now(self) -> float:
+        """Now, on the clock of the file server that stamps the claims: the modification time of a probe file this
+        worker touches, plus the monotonic time elapsed since (two machines' clocks are never compared)."""
+        mono = time.monotonic()
+        if self._clock is None or mono - self._clock[1] > self.CLOCK_REFRESH:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".clock.{re.sub(r'[^A-Za-z0-9_.-]', '_', self.me)}"
+            with open(probe, "w") as f:
+                f.write(self.me)
+            self._clock = (probe.stat().st_mtime, mono)
+            try:
+                probe.unlink()
+            except FileNotFoundError:
+                pass
+        return self._clock[0] + (mono - self._clock[1])
+
     def current(self, index: int) -> tuple[int, dict, float] | None:
-        """(attempt, owner record, seconds since its last heartbeat) of the latest claim, or None."""
+        """(attempt, owner record, seconds since its owner last made progress) of the latest claim, or None."""
         att = self._attempts(index)
         if not att:
             return None
         p = self.path(index, att[-1])
         try:
-            age = time.time() - p.stat().st_mtime
+            age = self.server_now() - p.stat().st_mtime
             owner = json.loads(p.read_text() or "{}")
         except (FileNotFoundError, json.JSONDecodeError):
             return att[-1], {}, 0.0
@@ -123,7 +143,7 @@ class Claims:
         return cur is not None and cur[2] < self.stale_after
 
     def try_claim(self, index: int) -> int | None:
-        """The attempt number if this process now owns the window, else None (someone live owns it)."""
+        """The attempt number if this process now owns the unit, else None (someone live owns it)."""
         cur = self.current(index)
         if cur is not None and cur[2] < self.stale_after:
             return None
@@ -138,40 +158,50 @@ class Claims:
         return attempt
 
     def release(self, index: int, attempt: int) -> None:
-        """Give a claim up at once (this worker cannot run the window): it looks stale from now on, so another worker
-        takes the window over with attempt K+1 without waiting ``stale_after`` seconds."""
+        """Give a claim up at once (this worker cannot run the unit): it looks stale from now on, so another worker
+        takes it over with attempt K+1 without waiting ``stale_after`` seconds."""
         try:
             os.utime(self.path(index, attempt), (0, 0))
         except FileNotFoundError:
             pass
 
     def taken_over(self, index: int, attempt: int) -> bool:
-        """Whether a live worker holds a later attempt than ``attempt`` of the window."""
+        """Whether a live worker holds a later attempt than ``attempt`` of the unit."""
         cur = self.current(index)
         return cur is not None and cur[0] > attempt and cur[2] < self.stale_after
 
     def still_mine(self, index: int, attempt: int) -> bool:
+        """Whether ``attempt`` is still the latest claim of the unit (no other worker took it over)."""
         att = self._attempts(index)
         return bool(att) and att[-1] == attempt
 
-    @contextmanager
-    def heartbeat(self, index: int, attempt: int):
-        """Touch the claim every few seconds while the window runs."""
-        path = self.path(index, attempt)
-        stop = threading.Event()
-        period = max(0.2, min(10.0, self.stale_after / 4))
+    def held(self, index: int, attempt: int) -> Claim:
+        """The claim this worker just made, as a ``Claim`` (its first heartbeat given)."""
+        claim = Claim(self, index, attempt)
+        claim.progress(force=True)
+        return claim
 
-        def beat():
-            while not stop.wait(period):
-                try:
-                    os.utime(path)
-                except FileNotFoundError:
-                    return
 
-        t = threading.Thread(target=beat, daemon=True)
-        t.start()
+class Claim:
+    """One claim this worker holds: ``holds()`` before every shared write, ``progress()`` as work advances (the
+    heartbeat; at most one touch per ``period`` seconds, so calling it every step costs nothing)."""
+
+    def __init__(self, claims: Claims, index: int, attempt: int):
+        self.claims, self.index, self.attempt = claims, index, attempt
+        self.period = max(0.05, min(10.0, claims.stale_after / 4))
+        self._last = float("-inf")
+
+    def holds(self) -> bool:
+        """Whether this worker still owns the unit (no later attempt exists): False once it was taken over."""
+        return self.claims.still_mine(self.index, self.attempt)
+
+    def progress(self, force: bool = False) -> None:
+        """Record progress: touch the claim (the server stamps it), unless it was touched less than ``period`` ago."""
+        now = time.monotonic()
+        if not force and now - self._last < self.period:
+            return
+        self._last = now
         try:
-            yield
-        finally:
-            stop.set()
-            t.join()
+            os.utime(self.claims.path(self.index, self.attempt))
+        except FileNotFoundError:
+            pass

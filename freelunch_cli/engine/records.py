@@ -8,8 +8,8 @@ from freelunch_cli.workdir.files import read_json
 
 
 def window_done(work, index: int, stage: str = "reconstruct") -> bool:
-    """Done when its record says so and its parameter file is recorded (a damaged one was forgotten), or, once the
-    stage is done and the assembled blocks hold every window, when its record says so (the file was deleted)."""
+    """Done when its record says so and its parameter file is recorded: written, or evicted once the assembled blocks
+    held it (a damaged one was forgotten, so the window runs again)."""
     p = work.window_record_path(index, stage)
     if not p.exists():
         return False
@@ -17,12 +17,7 @@ def window_done(work, index: int, stage: str = "reconstruct") -> bool:
         status = read_json(p).get("status")
     except FreelunchError:
         return False
-    if status != "done":
-        return False
-    if work.is_recorded(work.window_params_path(index, stage)):
-        return True
-    st = work.stage(stage)
-    return st is not None and st.status == "done"
+    return status == "done" and work.is_recorded(work.window_params_path(index, stage))
 
 
 def missing_windows(work, stage: str = "reconstruct") -> str:

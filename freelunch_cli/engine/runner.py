@@ -26,7 +26,7 @@ from torch import nn
 from freelunch_cli.core.device import available_memory, dtype_name, free_memory, parse_dtype
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
-from freelunch_cli.engine.claims import Claims, worker_id
+from freelunch_cli.engine.claims import Claim, worker_id
 from freelunch_cli.engine.records import window_done
 from freelunch_cli.model.activations import write_activations
 from freelunch_cli.model.arch import Halves, block_halves
@@ -219,16 +219,29 @@ class WindowRunner:
         return torch.nn.functional.kl_div(student[0], teacher[0], log_target=True, reduction="sum")
 
     # ---- one window --------------------------------------------------------------------------------
-    def run(self, win: Window, claims: Claims | None = None, attempt: int = 1) -> dict | None:
-        """Train, then write the window's parameters and its record; None if another worker took it over."""
+    def run(self, win: Window, claim: Claim | None = None) -> dict | None:
+        """Train, then write the window's parameters and its record; None if another worker took it over.
+
+        ``claim`` (this worker's claim on the window) hears of progress (every step: the heartbeat) and is asked before
+        every shared write (the running record, forgetting assembled blocks, the parameter file, the chained output,
+        the done record): once the window was taken over, nothing more is written and None is returned."""
         t0 = time.time()
         work, cfg = self.work, self.cfg
+        attempt = claim.attempt if claim is not None else 1
+        beat = claim.progress if claim is not None else None
+        lost = (lambda: not claim.holds()) if claim is not None else lambda: False
         self._begin_window()
+        if lost():
+            return None
         if self.sparse_inputs:
             self.ensure_chained_input(win)
         rec = {"window": win.as_dict(), "status": "running", "started": t0, "worker": worker_id(), "attempt": attempt}
         record = work.window_record_path(win.index, self.job.stage)
+        if lost():
+            return None
         write_json_atomic(record, rec)
+        if lost():
+            return None
         self.forget_assembled(win)
         blocks = {}
         for i in win.blocks:
@@ -245,6 +258,8 @@ class WindowRunner:
         else:
             trainable = prepare(scope, masks, cfg.peft_config(win.index))
         total, free = trainable.params.count()
+        if beat is not None:
+            beat()  # the window's modules are built: progress
         extra = (
             self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
         )
@@ -259,6 +274,7 @@ class WindowRunner:
             self.device,
             self.compute,
             extra_loss=extra,
+            on_step=beat,
         )
         if extra is not None:
             result["kl_weight"] = cfg.kl_weight
@@ -268,13 +284,17 @@ class WindowRunner:
             for k, v in module.state_dict().items():
                 params[qualify(prefix, k)] = v.detach().to(self.storage_dtype) if v.is_floating_point() else v.detach()
         del blocks, scope, trainable
-        if claims is not None and not claims.still_mine(win.index, attempt):
+        if lost():
             return None  # declared dead and taken over meanwhile: the new owner writes this window
         path = self.params_path(win)
         work.record_file(path, save_tensors_atomic(path, params))
         if self.sparse_inputs:
+            if lost():
+                return None
             self.write_chained_output(win, params)
         rec.update(result, status="done", seconds=time.time() - t0, trainable_params=total, trainable_nonzero=free)
+        if lost():
+            return None
         write_json_atomic(record, rec)
         if self.sparse_inputs and not cfg.keep_cache:
             for name in win.chained_release():

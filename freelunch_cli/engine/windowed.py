@@ -65,7 +65,8 @@ def run_windows(
     workers through window claims; the worker that sees every window done assembles the model. ``placement``:
     (device, compute dtype); ``what``: what trains, for the log."""
     device, compute = placement
-    pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)]
+    redo = [] if force else _to_redo(work, job, windows)
+    pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)] + redo
     needed = set().union(*(w.dense_boundaries() for w in pending))
     restore_dense_boundaries(work, needed, cfg.device, rep)  # deleted by an earlier windowed stage: recomputed
     for b in sorted(needed):  # before --force discards anything
@@ -87,6 +88,8 @@ def run_windows(
                 f"{job.stage} prepared in {work.root}: {len(windows)} {cfg.window} windows; start the workers",
                 {"windows": len(windows), "prepared": True},
             )
+        for w in _to_redo(work, job, windows):  # their parameters are evicted: they run again
+            work.forget([work.rel(work.window_params_path(w.index, job.stage))])
         runner = WindowRunner(work, cfg, windows, device, compute, job)
         claims = Claims(work.windows_dir(job.stage), cfg.stale_after if shard is not None else 0.0)
         by_index = {w.index: w for w in windows}
@@ -114,9 +117,10 @@ def run_windows(
         with rep.progress(job.stage, total=len(windows), completed=done_before) as bar:
             for index, attempt in turns:
                 win, oom = by_index[index], False
+                claim = claims.held(win.index, attempt)
+                kill_point(f"{job.stage}.claimed")  # tests: a worker suspended (STOP) or hung (HANG) right after claiming
                 try:
-                    with claims.heartbeat(win.index, attempt):
-                        rec = runner.run(win, claims, attempt)
+                    rec = runner.run(win, claim)
                 except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError too
                     oom = True  # memory is freed below, once the exception (and the frames it holds) is gone
                 if oom:
@@ -138,6 +142,17 @@ def run_windows(
                 if not cfg.keep_cache:
                     drop_unneeded_boundaries(work, windows, job.stage)
         return finish_windows(run, runner, windows, cfg, ran, shard)
+
+
+def _to_redo(work: WorkDir, job: WindowJob, windows: list[Window]) -> list[Window]:
+    """Finished windows whose parameters were evicted (the assembled blocks held them) and one of whose blocks is now
+    missing or damaged: to write the block again they run again."""
+    return [
+        w
+        for w in windows
+        if work.is_evicted(work.window_params_path(w.index, job.stage))
+        and any(work.problem(work.block_path(job.output, i)) is not None for i in w.blocks)
+    ]
 
 
 def _check_released(windows: list[Window], runner: WindowRunner, claims: Claims, released: dict, since: float | None):
@@ -187,7 +202,7 @@ def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], c
                 shutil.rmtree(work.acts_dir / job.stream, ignore_errors=True)
             summary = run.finish(summary, _summary_line(summary), config=cfg)
             if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight
-                work.forget([work.rel(runner.params_path(w)) for w in windows])
+                work.evict([runner.params_path(w) for w in windows])
             return summary
     except Busy:
         return run.report(

@@ -11,25 +11,77 @@ file of the chained stream (``--inputs sparse``) it reads, writes and releases:
   the dense block output).
 - ``Matrix`` (``matrix``): one linear layer: its input -> the dense layer's output on the dense input.
 
-The kinds read activations through a ``WindowRunner`` (``engine.runner``), which owns the files.
+The kinds see whoever runs them (``engine.ctx.WindowRunner``, which owns the files) only as a ``WindowContext``:
+the few members below, typed, so a kind cannot reach into the ctx's state.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from freelunch_cli.core.errors import FreelunchError
+from freelunch_cli.model.arch import Halves
 from freelunch_cli.model.hooks import capture_linear_io
 from freelunch_cli.model.skeleton import run_block
 
 GRANULARITIES = "matrix, submodule, block, blocks:K, model"
 
 Batches = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # sample indices -> (input, target), float32
+
+
+class Rows(Protocol):
+    """An activation file ``[samples, seqlen, hidden]`` as a context holds it: on disk (``TensorRows``) or resident on
+    the device."""
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def take(self, indices) -> torch.Tensor: ...
+
+
+class WindowContext(Protocol):
+    """What a window kind may ask of whoever runs it: activation files, their batches on the device, the block calls,
+    the block's halves and the dense references of windows inside a block. ``engine.runner.WindowRunner`` is one."""
+
+    stream: str  # the chained stream of this stage (``recon``, ``quant``)
+    sparse_inputs: bool  # --inputs sparse: windows read the chained stream
+
+    @property
+    def layout(self) -> Halves:
+        """How a block splits into its attention and MLP halves."""
+        ...
+
+    def input_stream(self, b: int) -> str:
+        """The stream a window starting at block ``b`` reads (the chained one, or dense)."""
+        ...
+
+    def rows(self, stream: str, name: str) -> Rows:
+        """An activation file ``[samples, seqlen, hidden]`` of a stream, by name (``boundary_003``)."""
+        ...
+
+    def load(self, rows: Rows, idx: list[int]) -> torch.Tensor:
+        """Rows ``idx`` of an activation file as float32 on the device."""
+        ...
+
+    def call(self, i: int, x: torch.Tensor):
+        """The arguments block ``i`` is called with for hidden states like ``x`` ``[batch, seqlen, hidden]``."""
+        ...
+
+    def dense_mid(self, i: int, x_dense: torch.Tensor) -> torch.Tensor:
+        """The dense residual stream between block ``i``'s halves, from its dense input (float32)."""
+        ...
+
+    def dense_matrix_io(self, i: int, name: str, x_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense matrix ``name``'s input and output inside dense block ``i``, from the block's dense input."""
+        ...
 
 
 def boundary(i: int) -> str:
@@ -66,25 +118,27 @@ class Window:
         return {"index": self.index, "kind": self.kind, "first": self.first, "last": self.last, "part": self.part}
 
     # ---- what trains ---------------------------------------------------------------------------------------
-    def module_names(self, runner) -> tuple[str, ...]:
+    def module_names(self, ctx: WindowContext) -> tuple[str, ...]:
         """The modules of block ``first`` this window trains (windows inside one block)."""
         raise NotImplementedError
 
-    def trained_modules(self, blocks: dict[int, nn.Module], runner) -> dict[str, nn.Module]:
+    def trained_modules(self, blocks: dict[int, nn.Module], ctx: WindowContext) -> dict[str, nn.Module]:
         """The modules this window trains, by qualified name ("block/" or "block/module")."""
-        return {f"{self.first}/{n}": blocks[self.first].get_submodule(n) for n in self.module_names(runner)}
+        return {f"{self.first}/{n}": blocks[self.first].get_submodule(n) for n in self.module_names(ctx)}
 
-    def start_state(self, pruned: dict[str, torch.Tensor], current: Callable[[], dict], runner) -> dict[str, torch.Tensor]:
+    def start_state(
+        self, pruned: dict[str, torch.Tensor], current: Callable[[], dict], ctx: WindowContext
+    ) -> dict[str, torch.Tensor]:
         """Tensors of a block the window starts from: its own modules pruned, the rest of the block as finished
         windows left it (``current()``)."""
-        names = self.module_names(runner)
+        names = self.module_names(ctx)
         return {**current(), **{k: v for k, v in pruned.items() if any(k.startswith(n + ".") for n in names)}}
 
     # ---- how it runs and what it learns from ---------------------------------------------------------------
-    def forward(self, blocks: dict[int, nn.Module], runner) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(self, blocks: dict[int, nn.Module], ctx: WindowContext) -> Callable[[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
-    def batches(self, blocks: dict[int, nn.Module], runner) -> Batches:
+    def batches(self, blocks: dict[int, nn.Module], ctx: WindowContext) -> Batches:
         raise NotImplementedError
 
     def dense_boundaries(self) -> set[int]:
@@ -108,17 +162,17 @@ class Window:
         """Recon-stream files no later window reads once this one is done."""
         return [boundary(self.first)] if self.first > 0 else []
 
-    def replay(self, blocks: dict[int, nn.Module], runner) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]:
+    def replay(self, blocks: dict[int, nn.Module], ctx: WindowContext) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]:
         """(stream, file, function): the finished window run, as stored, on its chained input gives its output."""
-        return runner.input_stream(self.first), boundary(self.first), _through(blocks, runner)
+        return ctx.input_stream(self.first), boundary(self.first), _through(blocks, ctx)
 
 
-def _through(blocks: dict[int, nn.Module], runner) -> Callable[[torch.Tensor], torch.Tensor]:
+def _through(blocks: dict[int, nn.Module], ctx: WindowContext) -> Callable[[torch.Tensor], torch.Tensor]:
     order = sorted(blocks)
 
     def forward(x):
         for j in order:
-            x = run_block(blocks[j], x, runner.call(j, x))
+            x = run_block(blocks[j], x, ctx.call(j, x))
         return x
 
     return forward
@@ -128,19 +182,19 @@ def _through(blocks: dict[int, nn.Module], runner) -> Callable[[torch.Tensor], t
 class BlockRange(Window):
     """Whole decoder blocks ``first``..``last``."""
 
-    def trained_modules(self, blocks, runner):
+    def trained_modules(self, blocks, ctx):
         return {f"{i}/": b for i, b in blocks.items()}
 
-    def start_state(self, pruned, current, runner):
+    def start_state(self, pruned, current, ctx):
         return pruned
 
-    def forward(self, blocks, runner):
-        return _through(blocks, runner)
+    def forward(self, blocks, ctx):
+        return _through(blocks, ctx)
 
-    def batches(self, blocks, runner):
-        src = runner.rows(runner.input_stream(self.first), boundary(self.first))
-        tgt = runner.rows("dense", boundary(self.last + 1))
-        return lambda idx: (runner.load(src, idx), runner.load(tgt, idx))
+    def batches(self, blocks, ctx):
+        src = ctx.rows(ctx.input_stream(self.first), boundary(self.first))
+        tgt = ctx.rows("dense", boundary(self.last + 1))
+        return lambda idx: (ctx.load(src, idx), ctx.load(tgt, idx))
 
     def dense_boundaries(self):
         return {self.first, self.last + 1}
@@ -152,17 +206,17 @@ class AttentionHalf(Window):
 
     part = "attn"
 
-    def module_names(self, runner):
-        return runner.layout.attention_modules
+    def module_names(self, ctx):
+        return ctx.layout.attention_modules
 
-    def forward(self, blocks, runner):
+    def forward(self, blocks, ctx):
         block, i = blocks[self.first], self.first
-        return lambda x: runner.layout.attention(block, x, runner.call(i, x))
+        return lambda x: ctx.layout.attention(block, x, ctx.call(i, x))
 
-    def batches(self, blocks, runner):
+    def batches(self, blocks, ctx):
         i = self.first
-        src, dense_in = runner.rows(runner.input_stream(i), boundary(i)), runner.rows("dense", boundary(i))
-        return lambda idx: (runner.load(src, idx), runner.dense_mid(i, runner.load(dense_in, idx)))
+        src, dense_in = ctx.rows(ctx.input_stream(i), boundary(i)), ctx.rows("dense", boundary(i))
+        return lambda idx: (ctx.load(src, idx), ctx.dense_mid(i, ctx.load(dense_in, idx)))
 
     def ends_at_block_output(self):
         return False
@@ -173,8 +227,8 @@ class AttentionHalf(Window):
     def chained_release(self):
         return []  # the MLP half releases the block's input: replaying this half needs it
 
-    def replay(self, blocks, runner):
-        return runner.input_stream(self.first), boundary(self.first), self.forward(blocks, runner)
+    def replay(self, blocks, ctx):
+        return ctx.input_stream(self.first), boundary(self.first), self.forward(blocks, ctx)
 
 
 @dataclass(frozen=True)
@@ -183,21 +237,21 @@ class MlpHalf(Window):
 
     part = "mlp"
 
-    def module_names(self, runner):
-        return runner.layout.mlp_modules
+    def module_names(self, ctx):
+        return ctx.layout.mlp_modules
 
-    def forward(self, blocks, runner):
+    def forward(self, blocks, ctx):
         block = blocks[self.first]
-        return lambda h: runner.layout.feed_forward(block, h)
+        return lambda h: ctx.layout.feed_forward(block, h)
 
-    def batches(self, blocks, runner):
+    def batches(self, blocks, ctx):
         i = self.first
-        tgt = runner.rows("dense", boundary(i + 1))
-        if runner.sparse_inputs:  # the reconstructed attention's output, as stored
-            src = runner.rows(runner.stream, mid(i))
-            return lambda idx: (runner.load(src, idx), runner.load(tgt, idx))
-        dense_in = runner.rows("dense", boundary(i))
-        return lambda idx: (runner.dense_mid(i, runner.load(dense_in, idx)), runner.load(tgt, idx))
+        tgt = ctx.rows("dense", boundary(i + 1))
+        if ctx.sparse_inputs:  # the reconstructed attention's output, as stored
+            src = ctx.rows(ctx.stream, mid(i))
+            return lambda idx: (ctx.load(src, idx), ctx.load(tgt, idx))
+        dense_in = ctx.rows("dense", boundary(i))
+        return lambda idx: (ctx.dense_mid(i, ctx.load(dense_in, idx)), ctx.load(tgt, idx))
 
     def chained_input(self):
         return mid(self.first)
@@ -205,8 +259,8 @@ class MlpHalf(Window):
     def chained_release(self):
         return [mid(self.first)] + super().chained_release()
 
-    def replay(self, blocks, runner):
-        return runner.stream, mid(self.first), self.forward(blocks, runner)
+    def replay(self, blocks, ctx):
+        return ctx.stream, mid(self.first), self.forward(blocks, ctx)
 
 
 @dataclass(frozen=True)
@@ -220,28 +274,28 @@ class Matrix(Window):
     def part(self) -> str:
         return self.name
 
-    def module_names(self, runner):
+    def module_names(self, ctx):
         return (self.name,)
 
-    def forward(self, blocks, runner):
+    def forward(self, blocks, ctx):
         return blocks[self.first].get_submodule(self.name)
 
-    def batches(self, blocks, runner):
+    def batches(self, blocks, ctx):
         i, name, block = self.first, self.name, blocks[self.first]
-        dense_in = runner.rows("dense", boundary(i))
-        if not runner.sparse_inputs:
+        dense_in = ctx.rows("dense", boundary(i))
+        if not ctx.sparse_inputs:
 
             def dense_io(idx):
-                x, y = runner.dense_matrix_io(i, name, runner.load(dense_in, idx))
+                x, y = ctx.dense_matrix_io(i, name, ctx.load(dense_in, idx))
                 return x.float(), y.float()
 
             return dense_io
-        src = runner.rows(runner.input_stream(i), boundary(i))
+        src = ctx.rows(ctx.input_stream(i), boundary(i))
 
         def chained_io(idx):  # the input as the block, with the finished matrices, gives it on the chained stream
-            _, y = runner.dense_matrix_io(i, name, runner.load(dense_in, idx))
-            xs = runner.load(src, idx)
-            x, _ = capture_linear_io(block, name, lambda: run_block(block, xs, runner.call(i, xs)))
+            _, y = ctx.dense_matrix_io(i, name, ctx.load(dense_in, idx))
+            xs = ctx.load(src, idx)
+            x, _ = capture_linear_io(block, name, lambda: run_block(block, xs, ctx.call(i, xs)))
             return x.float(), y.float()
 
         return chained_io

@@ -55,7 +55,9 @@ def calibrate(
     if previous is None or force or not work.is_recorded(work.tokens_path):  # sampling checks that the text suffices
         tokenizer = load_tokenizer(spec)
         ids = sample_sequences(tokenize(tokenizer, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
-    _check_disk(work, cfg, spec, lm, storage or getattr(config, "dtype", None), planned, force)
+    finished = previous is not None and previous.status == "done" and not force and not work.damaged_files("calibrate")
+    if not finished:  # a finished calibration (its cache evicted or not) writes nothing when run again
+        _check_disk(work, cfg, spec, lm, storage or getattr(config, "dtype", None), planned, force)
 
     with open_stage(work, "calibrate", signature, rep, resume=resume, force=force) as run:
         if run.state is StageState.FRESH or (cfg.cache_dir and run.state is StageState.RESUMED):

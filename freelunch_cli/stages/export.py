@@ -53,6 +53,9 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     limit = parse_size(cfg.max_shard_size, "--max-shard-size")
     signature = cfg.signature(str(work.root.resolve()), stage, work.stage(STAGE_OF[stage]).run_id)
     marker = _read_marker(out)
+    if not force and _finished(out, marker, signature):  # the same export, finished: a rerun is a no-op
+        rep.summary(f"the {stage} model is already exported to {out} with these options", marker["summary"])
+        return marker["summary"]
     resuming = resume and marker is not None and marker.get("signature") == signature
     if resume and marker is not None and not resuming:
         raise FreelunchError(f"{out} holds an export of another model or with other options; use --force to overwrite it")
@@ -130,7 +133,6 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
         if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" and not f.name.startswith("."):
             write_bytes_atomic(out / f.name, f.read_bytes())
     write_bytes_atomic(out / "README.md", model_card(work, stage, sparsity, cfg.format).encode())
-    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done"})
     summary = {
         "out": str(out),
         "stage": stage,
@@ -140,12 +142,29 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
         "format": cfg.format,
         "seconds": round(time.time() - t0, 2),
     }
+    for name in names:  # as finished: a rerun trusts a shard whose size and modification time are these
+        done[name]["mtime_ns"] = (out / name).stat().st_mtime_ns
+    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done", "summary": summary})
     rep.summary(
         f"exported the {stage} model to {out} as {cfg.format} ({len(shards)} shard(s), {total / 1e6:.1f} MB, "
         f"block weight sparsity {sparsity:.4f})",
         summary,
     )
     return summary
+
+
+def _finished(out: Path, marker: dict | None, signature: dict) -> bool:
+    """Whether ``out`` holds a finished export with ``signature`` whose shards are still as written (size, then the
+    hash where the modification time changed)."""
+    if marker is None or marker.get("status") != "done" or marker.get("signature") != signature or "summary" not in marker:
+        return False
+    for name, rec in marker["shards"].items():
+        path = out / name
+        if not path.exists() or path.stat().st_size != rec["size"]:
+            return False
+        if path.stat().st_mtime_ns != rec.get("mtime_ns") and sha256_file(path).sha256 != rec["sha256"]:
+            return False
+    return True
 
 
 def _read_marker(out: Path) -> dict | None:

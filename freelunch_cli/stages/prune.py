@@ -14,7 +14,7 @@ from freelunch_cli.core.device import dtype_name, resolve
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.engine.boundaries import restore_dense_boundaries
-from freelunch_cli.engine.claims import Claims, claim_in_turn, detect_shard, own_first, wait_seconds, worker_id
+from freelunch_cli.engine.claims import Claim, Claims, claim_in_turn, detect_shard, own_first, wait_seconds, worker_id
 from freelunch_cli.model.activations import cache_dtype_of, write_activations
 from freelunch_cli.model.arch import block_linears, prunable_linears
 from freelunch_cli.model.hooks import StopForward, capture_inputs, input_groups
@@ -77,11 +77,14 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
             if (i, name) not in skipped:
                 check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
     pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute, skipped, rep)
-    if work.cache_per_node:  # this node's cache may lack them (another node calibrated): recomputed here
-        restore_dense_boundaries(work, pruner.dense_inputs(), cfg.device, rep)
-    for path in pruner.inputs_needed():
-        work.check_file(path)
     signature = cfg.signature(calib.run_id)
+    prev = work.stage("prune")
+    if force or prev is None or prev.status != "done" or prev.signature != signature or work.damaged_files("prune"):
+        # evicted by a windowed stage, or never written on this node (a per-node cache): recomputed before anything
+        # is discarded; a finished prune run again reads none of them
+        restore_dense_boundaries(work, pruner.dense_inputs(), cfg.device, rep)
+        for path in pruner.inputs_needed():
+            work.check_file(path)
     with open_stage(
         work, "prune", signature, rep, resume=resume or shard is not None, force=force, shared=shard is not None
     ) as run:
@@ -106,8 +109,7 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
         with rep.progress("prune", total=n, completed=done_before) as bar:
             for i, attempt in turns:
                 started = run.seconds()
-                with claims.heartbeat(i, attempt):
-                    record = pruner.prune_block(i, lambda i=i, a=attempt: claims.still_mine(i, a))
+                record = pruner.prune_block(i, claims.held(i, attempt))
                 if record is None:
                     rep.info(f"  block {i:3d} was taken over by another worker; its result is theirs")
                     continue
@@ -298,7 +300,7 @@ class BlockPruner:
         self.rep.info("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan))
         return plan
 
-    def _sparsegpt(self, block, i: int, linears: dict, inputs: TensorRows, state: dict, pattern: Pattern):
+    def _sparsegpt(self, block, i: int, linears: dict, inputs: TensorRows, state: dict, pattern: Pattern, beat):
         """SparseGPT on each group of matrices that share an input (one Hessian per group); (weights, masks)."""
         cfg, new_weights, masks = self.cfg, {}, {}
         groups = input_groups(linears, lambda: list(self._run_all(block, i, inputs, limit=1)))
@@ -318,13 +320,16 @@ class BlockPruner:
                         f"damp {gpt.damp_used:g} instead (more calibration tokens, --samples or --seqlen, avoid this)"
                     )
                 new_weights[name], masks[name] = w.cpu(), keep.cpu()
+                beat()
         return new_weights, masks
 
-    def prune_block(self, i: int, still_mine=None) -> dict | None:
+    def prune_block(self, i: int, claim: Claim | None = None) -> dict | None:
         """Prune block ``i`` and write its shard, masks and record; returns the record (zeros counted from the weights).
 
-        ``still_mine()``, when given, is asked before anything is written: None is returned, and nothing written, if
-        the block was taken over by another worker meanwhile (a sharded worker declared dead)."""
+        ``claim``, when given, hears of progress (each matrix: its heartbeat) and is asked before every write: None is
+        returned, and nothing more written, once the block was taken over by another worker (this one declared dead)."""
+        beat = claim.progress if claim is not None else lambda: None
+        lost = (lambda: not claim.holds()) if claim is not None else lambda: False
         work, cfg = self.work, self.cfg
         pattern = (
             self.base_pattern if self.block_sparsity is None else replace(self.base_pattern, sparsity=self.block_sparsity[i])
@@ -336,7 +341,7 @@ class BlockPruner:
         inputs = self._inputs(i) if self.crit.needs == "hessian" or self.sparse_stream else None
         with torch.no_grad():
             if self.crit.needs == "hessian":
-                new_weights, masks = self._sparsegpt(block, i, linears, inputs, state, pattern)
+                new_weights, masks = self._sparsegpt(block, i, linears, inputs, state, pattern, beat)
             else:
                 stats = None
                 if self.crit.needs == "norms":
@@ -353,6 +358,7 @@ class BlockPruner:
                         self.crit.score(w.to(self.device), stats[name] if stats else None, opts, f"{i}.{name}"), pattern
                     ).cpu()
                     new_weights[name], masks[name] = w * keep.to(w.dtype), keep
+                    beat()
         for name, w in new_weights.items():
             if not bool(torch.isfinite(w).all()):
                 raise FreelunchError(f"block {i} {name}: pruning gave NaN or infinite weights; {RECALIBRATE}, or raise --damp")
@@ -364,14 +370,20 @@ class BlockPruner:
             "worker": worker_id(),
         }
         record.update(_pruned_share(record["matrices"]))
-        if still_mine is not None and not still_mine():
+        if lost():
             return None
         if self.sparse_stream and i + 1 < self.sk.num_blocks:
             self._write_stream(i, self.sk.build_block(i, state), inputs)
-        work.record_file(work.mask_path(i), save_tensors_atomic(work.mask_path(i), masks))
-        write_json_atomic(work.prune_block_record_path(i), record)
-        path = work.block_path("pruned", i)
-        work.record_file(path, save_tensors_atomic(path, state))  # the block is done once this is recorded
+            beat()
+        for path, write in (
+            (work.mask_path(i), lambda p: work.record_file(p, save_tensors_atomic(p, masks))),
+            (work.prune_block_record_path(i), lambda p: write_json_atomic(p, record)),
+            (work.block_path("pruned", i), lambda p: work.record_file(p, save_tensors_atomic(p, state))),
+        ):  # the block is done once its shard is recorded
+            if lost():
+                return None
+            write(path)
+            beat()
         if self.sparse_stream and i > 0 and not cfg.keep_cache:
             work.forget_file(work.boundary_path("pruned", i))
         return record

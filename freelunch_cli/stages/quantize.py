@@ -43,6 +43,7 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
         raise FreelunchError("--force cannot be combined with sharded workers (each would start over)")
     source = _source_model(work, cfg.start)
     cfg = cfg.resolved(source)
+    work.check_model(source)  # every block there before the stage begins
     scheme.check_block(load_tensors(work.model_block_path(source, 0)))  # before anything is written
     windows = plan_windows(work, cfg.window)
 

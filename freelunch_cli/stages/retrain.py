@@ -77,6 +77,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
     device, compute = resolve(cfg.device, cfg.dtype)
     cfg = replace(cfg, dtype=dtype_name(compute))  # recorded as run
     start = _start_model(work, cfg.start)
+    work.check_model(start)  # every block there before the stage begins
     chosen = cfg.peft is None and start == "reconstructed"
     cfg = cfg.resolved(start)
     if world is not None:

@@ -17,15 +17,17 @@ from freelunch_cli.workdir.directory import WorkDir
 
 
 def verify(work: WorkDir, rep: Reporter | None = None, threads: int | None = None) -> dict:
-    """Hash every recorded file that exists; return the counts, the damaged files by stage and the recorded files that
-    are gone (activation caches are deleted once no stage needs them). Raises FreelunchError naming the damaged files
-    and the command that recomputes them, when there are any."""
+    """Hash every recorded file that exists; return the counts, the damaged files by stage and the files evicted on
+    purpose (activation caches deleted once no stage needs them). Raises FreelunchError naming the missing or damaged
+    files and the command that recomputes them, when there are any."""
     rep = rep or Reporter(quiet=True)
     if not work.exists():
         raise FreelunchError(f"{work.root} is not a freelunch work directory (no manifest.json)")
     files = work.manifest()["files"]
-    missing = [rel for rel in files if not work.path_of(rel).exists()]
-    present = {rel: rec for rel, rec in files.items() if rel not in missing}
+    gone = {rel: rec for rel, rec in files.items() if not work.path_of(rel).exists()}
+    evicted = [rel for rel, rec in gone.items() if rec.get("evicted")]
+    missing = [rel for rel in gone if rel not in evicted]
+    present = {rel: rec for rel, rec in files.items() if rel not in gone}
     damaged: dict[str, list[str]] = {}
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool, rep.progress("verify", total=len(present)) as bar:
         checks = {rel: pool.submit(work.problem, work.path_of(rel), rec, "full") for rel, rec in present.items()}
@@ -33,15 +35,18 @@ def verify(work: WorkDir, rep: Reporter | None = None, threads: int | None = Non
             if check.result() is not None:
                 damaged.setdefault(work.owner_stage_of(rel), []).append(rel)
             bar.advance()
+    for rel in missing:  # deleted, but not on purpose: as damaged as an altered file
+        damaged.setdefault(work.owner_stage_of(rel), []).append(rel)
     total = sum(rec["size"] for rec in present.values())
-    summary = {"work": str(work.root), "files": len(present), "bytes": total, "damaged": damaged, "missing": missing}
+    summary = {"work": str(work.root), "files": len(present), "bytes": total, "damaged": damaged, "evicted": evicted}
     if damaged:
         stages = ", ".join(f"`freelunch {st} --work {work.root} --resume`" for st in damaged)
         names = [rel for rels in damaged.values() for rel in rels]
         more = ", ..." if len(names) > 6 else ""
         raise FreelunchError(
-            f"{len(names)} of {len(present)} files are damaged ({', '.join(names[:6])}{more}); {stages} recomputes them"
+            f"{len(names)} of {len(present) + len(missing)} files are missing or damaged ({', '.join(names[:6])}{more}); "
+            f"{stages} recomputes them"
         )
-    gone = f"; {len(missing)} recorded files are gone (activation caches are deleted once no stage needs them)" if missing else ""
-    rep.summary(f"verified {len(present)} files ({format_bytes(total)}) in {work.root}: all match their records{gone}", summary)
+    note = f"; {len(evicted)} evicted on purpose (activation caches no stage needs)" if evicted else ""
+    rep.summary(f"verified {len(present)} files ({format_bytes(total)}) in {work.root}: all match their records{note}", summary)
     return summary

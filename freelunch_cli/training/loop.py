@@ -244,9 +244,11 @@ def train_window(
     device,
     compute_dtype,
     extra_loss=None,
+    on_step=None,
 ) -> dict:
     """AdamW with linear warm-up and decay on ``loss(forward(x), target)`` (plus ``extra_loss(y, target)``
-    when given); returns the losses before and after."""
+    when given); returns the losses before and after. ``on_step()``, when given, is called after every optimizer step
+    (a sharded worker's heartbeat: a claim is kept alive by progress, not by a clock)."""
     base = loss_fn(cfg.loss)
     loss = base if extra_loss is None else (lambda y, t: base(y, t) + extra_loss(y, t))
     autocast = autocast_factory(device, compute_dtype)
@@ -283,6 +285,8 @@ def train_window(
                 opt.step(loss(y.float(), t))
                 step += 1
                 kill_point("train.step")
+                if on_step is not None:
+                    on_step()
                 if step >= total:
                     break
             if best is not None:

@@ -1,4 +1,8 @@
-"""File locks: one process per stage and work directory, cooperating sharded workers, and the manifest lock."""
+"""File locks: one process per stage and work directory, cooperating sharded workers, and the manifest lock.
+
+They are ``flock`` locks, which a shared filesystem honours across nodes only when it is mounted so (Lustre with
+``-o flock``; NFS gives them through its lock manager, not with ``-o nolock`` or ``local_lock=flock``). Before a
+stage takes its lock, ``check_locks`` makes sure locks work on the work directory's filesystem at all."""
 
 from __future__ import annotations
 
@@ -8,6 +12,43 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from freelunch_cli.core.errors import FreelunchError
+
+_CHECKED: set[str] = set()  # folders whose locks this process found working
+LOCK_HELP = (
+    "mount the filesystem with working file locks (Lustre: -o flock, not localflock; NFS: without -o nolock or "
+    "local_lock=flock) or use a work directory on a filesystem that has them (docs/scale-out.md)"
+)
+
+
+def check_locks(folder: Path) -> None:
+    """Make sure ``flock`` works in ``folder``: an exclusive lock taken through one descriptor must refuse a second
+    descriptor of the same file in the same process. FreelunchError naming the folder and the mount option otherwise
+    (without working locks two processes could run one stage, or write one manifest, at once)."""
+    key = str(Path(folder).resolve())
+    if key in _CHECKED:
+        return
+    probe = Path(folder) / f".lock-check.{os.getpid()}"
+    try:
+        with open(probe, "a+") as first, open(probe, "a+") as second:
+            try:
+                fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise FreelunchError(f"file locks do not work in {folder} ({e.strerror or e}); {LOCK_HELP}") from None
+            try:
+                fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # refused, as it must be
+            except OSError as e:
+                raise FreelunchError(f"file locks do not work in {folder} ({e.strerror or e}); {LOCK_HELP}") from None
+            else:
+                raise FreelunchError(
+                    f"file locks do not work in {folder}: a second lock on a locked file was granted; {LOCK_HELP}"
+                )
+            finally:
+                fcntl.flock(first, fcntl.LOCK_UN)
+    finally:
+        probe.unlink(missing_ok=True)
+    _CHECKED.add(key)
 
 
 class Busy(Exception):
@@ -57,6 +98,7 @@ def stage_lock(work, name: str, shared: bool = False):
     """One process per stage and work directory (a second one is refused with a clear message), or, with
     ``shared``, any number of cooperating workers (``reconstruct --shard``) but no exclusive process."""
     work.root.mkdir(parents=True, exist_ok=True)
+    check_locks(work.root)
     try:
         with locked_file(work.lock_path(name), blocking=False, shared=shared) as f:
             if not shared:

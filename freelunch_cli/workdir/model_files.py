@@ -21,6 +21,13 @@ class ModelFiles:
         file and the command that recomputes it when it is missing or damaged."""
         return self.check_file(self.block_path(model, i))
 
+    def check_model(self, model: str) -> None:
+        """Check every file of ``model`` (its blocks, embeddings and head) before a stage that reads it begins, so a
+        missing block stops it before it writes anything (FreelunchError naming the file and the command)."""
+        self.rest_path(model)
+        for i in range(self.stage("calibrate").summary["num_blocks"]):
+            self.model_block_path(model, i)
+
     def rest_path(self, model: str) -> Path:
         """The checked embeddings, final norm and head of a model: its own for dense and retrained (global retraining
         trains them), the dense model's for pruned and reconstructed, and those of the model it quantized for quantized."""

@@ -8,7 +8,8 @@ damaged files, time the work, record the summary and print it.
         return run.finish(summary, "pruned 30 blocks ...")
 
 A signature is what a stage computes (its inputs and options); a work directory holds one signature per stage,
-and a different one is refused unless ``--force`` starts the stage (and every later one) over.
+and a different one is refused unless ``--force`` starts the stage over, with the stages built from it
+(``workdir.dependencies``); stages that never read it keep their work.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from freelunch_cli.core.errors import FreelunchError
-from freelunch_cli.workdir.directory import STAGE_OUTPUTS, STAGES, StageRecord, WorkDir
+from freelunch_cli.workdir.dependencies import dependents
+from freelunch_cli.workdir.directory import STAGE_OUTPUTS, StageRecord, WorkDir
 from freelunch_cli.workdir.locks import stage_lock
 
 
 class StageState(Enum):
     """How a stage starts."""
 
-    FRESH = "fresh"  # no earlier run, or --force: outputs of this stage and later ones were cleared
+    FRESH = "fresh"  # no earlier run, or --force: outputs of this stage and of those built from it were cleared
     RESUMED = "resumed"  # an interrupted run continues (or damaged files are recomputed)
     DONE = "done"  # finished earlier with the same signature: nothing to do
 
@@ -107,9 +109,10 @@ def check_signature(work: WorkDir, name: str, signature: dict, force: bool) -> S
     diff = "; ".join(_differences(old.signature, signature)) if old is not None and not force else ""
     if diff:
         what = "another run" if name == "calibrate" else f"another {name} configuration"
+        built = dependents(work.manifest()["stages"], name)
         raise FreelunchError(
             f"{work.root} holds {what} ({diff}); use a new --work, or --force to redo {name}"
-            + ("" if name == "calibrate" else " (later stages are discarded)")
+            + (f" (and discard {', '.join(built)}, built from it)" if built else "")
         )
     return old
 
@@ -118,8 +121,9 @@ def begin(work: WorkDir, name: str, signature: dict, resume: bool, force: bool) 
     """Start or continue a stage: its state and the damaged files it must recompute.
 
     Refuses a different signature (another model, data, seed or config) unless ``force``, and a half-finished
-    stage unless ``resume`` or ``force``. Starting a stage over clears its outputs and those of every later stage;
-    earlier stages are kept. Atomic: concurrent workers starting the same stage create it once.
+    stage unless ``resume`` or ``force``. Starting a stage over clears its outputs and those of the stages built from
+    it (``dependencies.dependents``); every other stage is kept. Atomic: concurrent workers starting the same stage
+    create it once.
     """
     with work.manifest_lock():
         old = check_signature(work, name, signature, force)
@@ -143,7 +147,7 @@ def begin(work: WorkDir, name: str, signature: dict, resume: bool, force: bool) 
                     f"{name} was interrupted in {work.root}; rerun with --resume to continue, or --force to start it over"
                 )
             return StageState.RESUMED, []
-        clear(work, STAGES[STAGES.index(name) :] if name in STAGES else (name,))
+        clear(work, [name, *dependents(work.manifest()["stages"], name)])
         with work.update() as m:
             m["stages"][name] = {
                 "status": "running",

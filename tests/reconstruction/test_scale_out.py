@@ -1,5 +1,6 @@
 """Sharded reconstruction: concurrent workers, takeover of a dead worker's window, status, memory choice."""
 
+import signal
 import time
 
 import pytest
@@ -92,11 +93,11 @@ def test_status_and_cache_deletion(pruned4, tmp_path):
     st = reconstruct_status(work)
     assert st["done"] == [0, 1, 2, 3] and st["pending"] == st["running"] == st["stale"] == []
     assert not any(work.boundary_path("dense", b).exists() for b in range(5))  # nothing needs them any more
+    assert all(work.is_evicted(work.boundary_path("dense", b)) for b in range(5))  # on purpose: not damage
     cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
-    with pytest.raises(FreelunchError, match="missing or damaged"):
-        calibrate(work, cfg)
-    calibrate(work, cfg, resume=True)  # recomputes them for another reconstruction
-    assert all(work.check_file(work.boundary_path("dense", b)) for b in range(5))
+    for resume in (False, True):  # calibrate is done: rerun as it was, it recomputes nothing
+        assert calibrate(work, cfg, resume=resume) == work.stage("calibrate").summary
+        assert not any(work.boundary_path("dense", b).exists() for b in range(5))
 
 
 def test_sharding_refuses_sparse_inputs_and_force(pruned4):
@@ -169,3 +170,63 @@ def test_workers_share_the_writing_of_the_model(pruned4, tmp_path):
         assert got.keys() == want[i].keys() and all(torch.equal(got[k], want[i][k]) for k in got)
     runner.forget_assembled(windows[2])  # a window that runs again: the blocks it touches are written anew
     assert not runner.assembled(2) and runner.assembled(1) and not work.block_path("reconstructed", 2).exists()
+
+
+def _stopped(proc, timeout: float = 120.0) -> None:
+    """Wait until ``proc`` has stopped itself (SIGSTOP: state T in /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the worker never stopped")
+
+
+def _files(work) -> dict:
+    """Bytes of every file of the finished stage: the model's blocks and the window records."""
+    paths = sorted(work.model_dir("reconstructed").glob("block_*.safetensors")) + sorted(work.windows_dir().glob("*.json"))
+    return {p.name: p.read_bytes() for p in paths}
+
+
+BLOCK = ["--window", "block", "--epochs", "1", "--device", "cpu", "--quiet", "--stale-after", "2"]
+
+
+def test_a_suspended_worker_that_wakes_after_the_takeover_leaves_the_finished_stage_intact(pruned4, tmp_path):
+    """A worker stopped (SIGSTOP) right after claiming window 0, continued once another worker took its windows over
+    and finished the stage: it writes nothing (no running record over a done one, no assembled block deleted)."""
+    work = clone_work(pruned4, tmp_path / "w")
+    sleeper = start_worker("reconstruct", work, *BLOCK, "--shard", "0/2", env={"FREELUNCH_KILL_AT": "reconstruct.claimed:1:STOP"})
+    try:
+        _stopped(sleeper)
+        reconstruct(work, ReconstructConfig(window="block", epochs=1, device="cpu", shard="1/2", stale_after=2))
+        assert work.stage("reconstruct").status == "done"
+        assert read_json(work.window_record_path(0))["attempt"] == 2  # taken over
+        finished, manifest = _files(work), work.manifest()
+    finally:
+        sleeper.send_signal(signal.SIGCONT)
+    out, err = sleeper.communicate(timeout=300)
+    assert sleeper.returncode == 0, err
+    assert _files(work) == finished and work.manifest()["stages"] == manifest["stages"]
+    assert work.manifest()["files"] == manifest["files"]
+    assert all(work.problem(work.block_path("reconstructed", i)) is None for i in range(4))
+
+
+def test_a_hung_worker_loses_its_claim(pruned4, tmp_path):
+    """A worker that hangs while alive (its process would still run a heartbeat thread) stops making progress, so its
+    claim goes stale and another worker takes the window over and finishes the stage."""
+    work = clone_work(pruned4, tmp_path / "w")
+    hung = start_worker("reconstruct", work, *BLOCK, "--shard", "0/2", env={"FREELUNCH_KILL_AT": "window.train:1:HANG"})
+    try:
+        deadline = time.time() + 120
+        while not (work.windows_dir() / "000.claim.1").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        rescuer = start_worker("reconstruct", work, *BLOCK, "--shard", "1/2")
+        _, err = rescuer.communicate(timeout=300)
+        assert rescuer.returncode == 0, err
+        assert hung.poll() is None  # alive all along
+    finally:
+        hung.kill()
+        hung.wait()
+    assert work.stage("reconstruct").status == "done"
+    assert read_json(work.window_record_path(0))["attempt"] == 2

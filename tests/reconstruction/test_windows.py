@@ -211,3 +211,23 @@ def test_experts_are_trained_by_reconstruction_with_their_masks_kept(window, fre
             keep = masks[f"mlp.experts.down_proj.{e}"]
             assert torch.all(recon["mlp.experts.down_proj"][e][~keep] == 0)
         assert not torch.equal(recon["mlp.experts.gate_up_proj"], pruned["mlp.experts.gate_up_proj"])
+
+
+def test_window_kinds_use_only_their_context_protocol():
+    """Window kinds reach whoever runs them only through ``WindowContext``, and the runner provides all of it."""
+    import ast
+    import inspect
+
+    from freelunch_cli.engine.runner import WindowRunner
+    from freelunch_cli.reconstruction import windows
+
+    tree = ast.parse(inspect.getsource(windows))
+    protocol = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "WindowContext")
+    members = {n.name for n in protocol.body if isinstance(n, ast.FunctionDef)}
+    members |= {n.target.id for n in protocol.body if isinstance(n, ast.AnnAssign)}
+    used = {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "ctx"
+    }
+    assert used and used <= members, used - members
+    methods = {n.name for n in protocol.body if isinstance(n, ast.FunctionDef)}
+    assert all(hasattr(WindowRunner, m) for m in methods)  # the attributes (stream, sparse_inputs) are set in __init__

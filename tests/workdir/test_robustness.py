@@ -139,25 +139,24 @@ def test_a_second_process_on_the_same_stage_is_refused(fresh_work):
 
 
 def test_force_checks_every_input_before_discarding_anything(fresh_work):
-    """After reconstruct deleted the dense activations it no longer needed, `prune --force` must not delete the pruned
-    and reconstructed models and only then find its inputs missing."""
+    """After reconstruct evicted the dense activations it no longer needed, `prune --force` recomputes the ones it reads
+    before it discards anything; an input it cannot recompute stops it before the pruned and reconstructed models go."""
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="wanda", sparsity=0.5, device="cpu"))
     reconstruct(work, ReconstructConfig(window="block", epochs=1, device="cpu"))
-    assert not work.boundary_path("dense", 0).exists()
+    assert not work.boundary_path("dense", 0).exists() and work.is_evicted(work.boundary_path("dense", 0))
+    tokens = work.tokens_path.read_bytes()
+    work.tokens_path.unlink()  # what recomputing the embeddings' boundary needs
     before = {p: p.read_bytes() for p in sorted(work.root.rglob("*")) if p.is_file()}
-    with pytest.raises(
-        FreelunchError, match="boundary_000.safetensors is missing; rerun `freelunch calibrate --work .* --resume`"
-    ):
+    with pytest.raises(FreelunchError, match="tokens.safetensors is missing; rerun `freelunch calibrate --work .* --resume`"):
         prune(work, PruneConfig(criterion="wanda", sparsity=0.6, stats="sparse", device="cpu"), force=True)
     assert {p: p.read_bytes() for p in sorted(work.root.rglob("*")) if p.is_file()} == before
-    # a windowed stage recomputes the dense activations it needs (as calibrate --resume) before it discards anything
+    work.tokens_path.write_bytes(tokens)
+    # a windowed stage recomputes the dense activations it needs before it discards anything
     pruned = {p.name: p.read_bytes() for p in work.model_dir("pruned").iterdir()}
     reconstruct(work, ReconstructConfig(window="block", lr=3e-3, device="cpu"), force=True)
     assert work.stage("reconstruct").signature["lr"] == 3e-3
     assert {p.name: p.read_bytes() for p in work.model_dir("pruned").iterdir()} == pruned
-    calibrate_again = work.stage("calibrate").summary["config"]
-    calibrate(work, CalibrateConfig(**calibrate_again), resume=True)  # what the message says: recompute them
     prune(work, PruneConfig(criterion="wanda", sparsity=0.6, stats="sparse", device="cpu"), force=True)
     assert work.stage("reconstruct") is None and work.stage("prune").signature["sparsity"] == 0.6
 
@@ -253,7 +252,9 @@ def test_files_this_process_wrote_are_not_hashed_again_and_a_resume_checks_sizes
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     manifest.VERIFIED.clear()  # as in a new process
     assert work.problem(shard) is None
-    with pytest.raises(FreelunchError, match=r"1 of \d+ files are damaged \(pruned/block_001.safetensors\); `freelunch prune"):
+    with pytest.raises(
+        FreelunchError, match=r"1 of \d+ files are missing or damaged \(pruned/block_001.safetensors\); `freelunch prune"
+    ):
         verify(work)
     monkeypatch.setenv("FREELUNCH_VERIFY", "full")
     assert "do not match the hash" in work.problem(shard)
