@@ -362,6 +362,7 @@ class QuantizeConfig:
 
     # what the window runner reads of a reconstruction's options, fixed here
     kl_weight = 0.0
+    max_memory = None  # quantize has no --window auto: its windows may hold RESIDENT_SHARE of the free memory
     val_fraction = 0.0
     prepare = False
 
