@@ -1,6 +1,6 @@
 """The `freelunch` command: a thin Typer layer, one library call per subcommand.
 
-Each stage's options are the fields of its config (``stages.options``): ``stage_command`` turns them into the
+Each stage's options are the fields of its config (``configs.stage_configs``): ``stage_command`` turns them into the
 command's options, so a default or a help text is written once. Stage modules are imported when a command runs,
 so ``--help`` does not load torch.
 """

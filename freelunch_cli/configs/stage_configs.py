@@ -177,6 +177,9 @@ class WindowedOptions:
         None, "Take share I of N windows (I/N); default from torchrun or a Slurm array; 0/1: alone, whatever the environment."
     )
     stale_after: float = option(300.0, "Seconds without progress after which a claimed window is taken over.")
+    max_memory: str | None = option(
+        None, "Device memory budget (e.g. 40GiB, or 0.8 of the device): --window auto, and activations kept resident."
+    )
     prepare: bool = option(False, "Only set the stage up (before starting sharded workers).", "--prepare")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
@@ -221,7 +224,6 @@ class ReconstructConfig(WindowedOptions):
     weight_decay: float = option(0.0, "AdamW weight decay.")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.")
     keep_best: bool = option(False, "Keep the parameters with the lowest validation loss.", "--keep-best")
-    max_memory: str | None = option(None, "Budget for --window auto: e.g. 40GiB, or 0.8 of the device.")
 
     def train_config(self, window_index: int):
         """The training settings of one window; each window has its own seed, so windows are independent and a

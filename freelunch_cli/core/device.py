@@ -6,6 +6,10 @@
   SparseGPT's Hessian and its inverse (``exact_matmul``), which the reference code keeps exact.
 - ``--dtype auto`` is bfloat16 on CUDA (autocast; master weights, optimizer state and losses stay float32) and float32
   on the CPU. float16 training runs with a gradient scaler (``training.loop``).
+- ``FREELUNCH_DETERMINISTIC=1`` turns on ``torch.use_deterministic_algorithms`` (and the cuBLAS workspace setting it
+  needs on CUDA): a resumed run then repeats an uninterrupted one bit for bit on CUDA too; the CPU always does.
+- ``FREELUNCH_SYNC_DEBUG=warn|error`` (tests, the GPU check): inside a training loop's steps, every host sync on CUDA
+  warns or fails (``torch.cuda.set_sync_debug_mode``), except the intended ones (``host_sync``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,36 @@ import torch
 
 from freelunch_cli.core.dtypes import canonical_dtype
 from freelunch_cli.core.errors import FreelunchError
+
+DETERMINISTIC_ENV = "FREELUNCH_DETERMINISTIC"
+SYNC_DEBUG_ENV = "FREELUNCH_SYNC_DEBUG"
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic (CUDA's documentation); 24 MiB per stream
+
+
+def deterministic_requested(env: dict | None = None) -> bool:
+    """Whether ``FREELUNCH_DETERMINISTIC`` asks for deterministic algorithms (1/true/yes; 0/false/no/empty: no).
+    Raises FreelunchError for another value."""
+    value = (os.environ if env is None else env).get(DETERMINISTIC_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise FreelunchError(f"{DETERMINISTIC_ENV}={value!r}: use 1 (deterministic algorithms) or 0")
+
+
+def use_deterministic(on: bool) -> None:
+    """Deterministic algorithms on or off, process-wide: ``torch.use_deterministic_algorithms`` (an operation without a
+    deterministic implementation then raises), cuDNN without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG`` (set
+    before cuBLAS starts, when not set already)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+
+
+if os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes"):
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # at import: before any CUDA work starts cuBLAS
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -30,11 +64,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def resolve_device(name: str = "auto", env: dict | None = None) -> torch.device:
     """The device of ``--device``: ``auto`` and ``cuda`` are ``cuda:$LOCAL_RANK`` (``auto``: the CPU without CUDA);
-    on CUDA it becomes the current device and TF32 matrix products are switched on.
+    on CUDA it becomes the current device and TF32 matrix products are switched on. With ``FREELUNCH_DETERMINISTIC``
+    set, deterministic algorithms are switched on (``use_deterministic``).
 
     Raises FreelunchError for an unknown name, CUDA asked for without CUDA, or a GPU index the node lacks.
     """
     env = os.environ if env is None else env
+    if deterministic_requested(env):
+        use_deterministic(True)
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if name in ("auto", "cuda"):
@@ -106,3 +143,34 @@ def available_memory(device: torch.device) -> int:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@contextmanager
+def no_host_sync(device):
+    """Inside, on CUDA with ``FREELUNCH_SYNC_DEBUG`` warn or error, a host sync warns or raises RuntimeError
+    (``torch.cuda.set_sync_debug_mode``); otherwise it does nothing. Raises FreelunchError for another value."""
+    mode = os.environ.get(SYNC_DEBUG_ENV, "")
+    if not mode or torch.device(device).type != "cuda":
+        yield
+        return
+    if mode not in ("warn", "error"):
+        raise FreelunchError(f"{SYNC_DEBUG_ENV}={mode!r}: use warn or error")
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@contextmanager
+def host_sync():
+    """An intended host sync (the loss check every few steps) inside ``no_host_sync``: not reported."""
+    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)

@@ -33,6 +33,7 @@ from freelunch_cli.model.arch import Halves, block_halves
 from freelunch_cli.model.hooks import capture_linear_io
 from freelunch_cli.model.moe import put_tensor
 from freelunch_cli.model.skeleton import Skeleton, run_block
+from freelunch_cli.reconstruction.memory import block_numbers, estimate, parse_memory, resident_budget
 from freelunch_cli.reconstruction.windows import Window
 from freelunch_cli.training.loop import train_window
 from freelunch_cli.training.peft import prepare, qualify
@@ -59,14 +60,67 @@ class ResidentRows:
         return self.data[start:stop]
 
     def take(self, indices) -> torch.Tensor:
-        return self.data[torch.as_tensor(list(indices), device=self.data.device)]
+        """Rows at ``indices``: an int64 tensor on the device (no host round trip), or a list of ints (copied there)."""
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.as_tensor(list(indices), dtype=torch.long).to(self.data.device)
+        return self.data.index_select(0, indices)
+
+
+class Stager:
+    """Host-to-device copies of a window's batches, made by the prefetching thread: on CUDA through pinned staging
+    buffers allocated once per window and source (``SLOTS`` of them, reused in turn; grown only when a batch is
+    larger than any before) and a copy stream of their own, so that a copy overlaps the training step and nothing
+    waits on the host. A buffer is rewritten only once the copy out of it has finished (an event; the prefetching
+    thread waits on it, the training step never does). On the CPU a batch is handed over as read."""
+
+    SLOTS = 3
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._slots: dict[object, list] = {}  # key -> [[pinned buffer, event or None], ...]
+        self._turn: dict[object, int] = {}
+        self.allocations = 0  # pinned buffers allocated (tests: once per window and source)
+
+    def put(self, key, host: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """(``host`` on the device, the event its copy records, or None on the CPU); ``key`` names the source whose
+        buffers it goes through."""
+        if not self.cuda:
+            return host, None
+        slots = self._slots.setdefault(key, [])
+        turn = self._turn.get(key, 0)
+        self._turn[key] = (turn + 1) % self.SLOTS
+        if len(slots) < self.SLOTS:
+            slots.append([None, torch.cuda.Event()])
+        slot = slots[turn]
+        slot[1].synchronize()  # the copy out of this buffer, SLOTS batches ago, is done (at once if never recorded)
+        if slot[0] is None or slot[0].shape[0] < host.shape[0] or slot[0].shape[1:] != host.shape[1:]:
+            slot[0] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            self.allocations += 1
+        buf = slot[0][: host.shape[0]]
+        buf.copy_(host)
+        with torch.cuda.stream(self.stream):
+            out = buf.to(self.device, non_blocking=True)
+            slot[1].record(self.stream)
+        return out, slot[1]
+
+    def take(self, staged: tuple[torch.Tensor, object]) -> torch.Tensor:
+        """A staged tensor, safe to use on the current stream (which waits for its copy on the device)."""
+        tensor, event = staged
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            tensor.record_stream(current)  # its memory is not reused before the step that reads it is done
+        return tensor
 
 
 class _Batches:
-    """(input, target) batches of a window, by sample indices."""
+    """(input, target) batches of a window, by sample indices: ``batch(idx)`` computes them (on the training thread),
+    ``prefetch(idx)`` stages their activation rows ahead (on the prefetching thread: I/O and copies only)."""
 
-    def __init__(self, fn):
-        self.batch = fn
+    def __init__(self, fn, prefetch):
+        self.batch, self.prefetch = fn, prefetch
 
 
 @dataclass(frozen=True)
@@ -110,6 +164,9 @@ class WindowRunner:
         self._dense: tuple[int, nn.Module] | None = None
         self._resident: dict = {}
         self._resident_budget = 0
+        self._sources: list[TensorRows | ResidentRows] = []  # the activation files the current window's batches read
+        self._staged: dict[tuple, tuple] = {}  # (source, indices) -> staged rows or indices, from the prefetching thread
+        self._stager = Stager(device)  # a new one (new buffers) per window
         perm = torch.randperm(self.samples, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_val = int(round(self.samples * cfg.val_fraction))
         if cfg.val_fraction and (n_val < 1 or n_val >= self.samples):
@@ -158,31 +215,59 @@ class WindowRunner:
         """An activation file of the current window: held on the device (read once) while the window's files fit
         ``RESIDENT_SHARE`` of the memory free when the window began; read batch by batch from disk otherwise."""
         path = self.work.check_file(self.work.act_path(stream, name))
-        if path in self._resident:
-            return self._resident[path]
-        rows = TensorRows(path)
-        size = rows.nbytes
-        if size <= self._resident_budget:
-            self._resident_budget -= size
-            self._resident[path] = ResidentRows(rows, self.device)
-            return self._resident[path]
+        rows = self._resident.get(path)
+        if rows is None:
+            rows = TensorRows(path)
+            size = rows.nbytes
+            if size <= self._resident_budget:
+                self._resident_budget -= size
+                rows = self._resident[path] = ResidentRows(rows, self.device)
+        if all(r is not rows for r in self._sources):
+            self._sources.append(rows)
         return rows
 
-    def _begin_window(self) -> None:
-        self._resident = {}
+    def _begin_window(self, win: Window) -> None:
+        self._resident, self._sources, self._staged = {}, [], {}
+        self._stager = Stager(self.device)
         free_memory(torch.device(self.device))
-        self._resident_budget = int(RESIDENT_SHARE * available_memory(torch.device(self.device)))
+        self._resident_budget = self.resident_budget(win, available_memory(torch.device(self.device)))
+
+    def resident_budget(self, win: Window, free: int) -> int:
+        """Bytes of activation files window ``win`` may hold on the device, ``free`` bytes being free there: at most
+        ``RESIDENT_SHARE`` of them, and never what the window's training needs by the memory estimate (the estimate
+        ``--window auto`` chose the window by), within ``--max-memory`` when it is given."""
+        calib = self.work.stage("calibrate").summary
+        nums = block_numbers(self.sk.config, self.sk.templates[win.first])
+        act_bytes = torch.tensor([], dtype=self.compute).element_size()
+        kind = win.kind if win.kind in ("matrix", "submodule") else "blocks"
+        need = estimate(kind, len(win.blocks), nums, self.cfg.batch_size, calib["seqlen"], act_bytes)["total"]
+        limit = parse_memory(self.cfg.max_memory, torch.device(self.device)) if self.cfg.max_memory else None
+        return resident_budget(free, need, RESIDENT_SHARE, limit)
 
     def input_stream(self, b: int) -> str:
         """The stream a window starting at block ``b`` reads: the chained one, except at the embeddings."""
         return self.stream if self.sparse_inputs and b > 0 else "dense"
 
+    def prefetch(self, idx) -> None:
+        """Stage rows ``idx`` of every activation file the window's batches read (on the prefetching thread: I/O and
+        host-to-device copies only): a streamed file's rows, read from disk; a resident file's row indices."""
+        for src in list(self._sources):
+            self._staged[(id(src), tuple(idx))] = self._stage(src, idx)
+
+    def _stage(self, rows: TensorRows | ResidentRows, idx) -> tuple:
+        if isinstance(rows, ResidentRows):
+            return self._stager.put((id(rows), "indices"), torch.tensor(list(idx), dtype=torch.long))
+        return self._stager.put((id(rows), "rows"), rows.take(idx))
+
     def load(self, rows: TensorRows | ResidentRows, idx) -> torch.Tensor:
-        """Rows ``idx`` as float32 on the device; the cast happens there, a streamed batch arrives by a pinned,
-        non-blocking copy."""
-        x = rows.take(idx)
-        if x.device != self.device and self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        """Rows ``idx`` as float32 on the device, the cast done there: what ``prefetch`` staged for them, or staged
+        now (a streamed batch arrives through a pinned buffer and a non-blocking copy)."""
+        staged = self._staged.pop((id(rows), tuple(idx)), None)
+        if staged is None:
+            staged = self._stage(rows, idx)
+        x = self._stager.take(staged)
+        if isinstance(rows, ResidentRows):
+            x = rows.take(x)
         return x.to(self.device, torch.float32)
 
     def dense_mid(self, i: int, x_dense: torch.Tensor) -> torch.Tensor:
@@ -230,7 +315,7 @@ class WindowRunner:
         attempt = claim.attempt if claim is not None else 1
         beat = claim.progress if claim is not None else None
         lost = (lambda: not claim.holds()) if claim is not None else lambda: False
-        self._begin_window()
+        self._begin_window(win)
         if lost():
             return None
         if self.sparse_inputs:
@@ -264,18 +349,23 @@ class WindowRunner:
             self.logit_loss if cfg.kl_weight > 0 and win.last == self.sk.num_blocks - 1 and win.ends_at_block_output() else None
         )
         kill_point("window.train")  # tests: FREELUNCH_KILL_AT=window.train:1:OOM runs out of memory here
-        result = train_window(
-            win.forward(blocks, self),
-            trainable.params,
-            _Batches(win.batches(blocks, self)),
-            self.train_idx,
-            self.val_idx,
-            cfg.train_config(win.index),
-            self.device,
-            self.compute,
-            extra_loss=extra,
-            on_step=beat,
-        )
+        self._sources = []  # what the batches read, registered by rows() as the window kind asks for them
+        batches = _Batches(win.batches(blocks, self), self.prefetch)
+        try:
+            result = train_window(
+                win.forward(blocks, self),
+                trainable.params,
+                batches,
+                self.train_idx,
+                self.val_idx,
+                cfg.train_config(win.index),
+                self.device,
+                self.compute,
+                extra_loss=extra,
+                on_step=beat,
+            )
+        finally:
+            self._staged, self._sources = {}, []
         if extra is not None:
             result["kl_weight"] = cfg.kl_weight
         extra = trainable.finalize() or {}
@@ -299,13 +389,13 @@ class WindowRunner:
         if self.sparse_inputs and not cfg.keep_cache:
             for name in win.chained_release():
                 work.forget_file(work.act_path(self.stream, name))
-        self._resident = {}
+        self._resident, self._stager = {}, Stager(self.device)
         free_memory(torch.device(self.device))
         return rec
 
     def release_memory(self) -> None:
         """Drop what the last window held on the device (after it ran out of memory) and return it to the device."""
-        self._resident, self._dense = {}, None
+        self._resident, self._dense, self._staged, self._stager = {}, None, {}, Stager(self.device)
         gc.collect()
         free_memory(torch.device(self.device))
 

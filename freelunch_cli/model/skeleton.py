@@ -10,6 +10,7 @@ their shards. This is what lets every stage stream: one block plus its activatio
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -22,23 +23,34 @@ from freelunch_cli.model.source import trusts_remote_code, work_config
 from freelunch_cli.workdir.files import load_tensors
 
 
+class _Capture(threading.local):
+    """What the stubs record during one forward pass, and the hidden state the last one injects: one per thread, so
+    two threads running the same skeleton (a prefetching loader and the training step) never see each other's."""
+
+    def __init__(self, last: int):
+        self.last = last
+        self.calls: dict[int, tuple] = {}
+        self.embed: torch.Tensor | None = None
+        self.inject: torch.Tensor | None = None
+
+
 class _Stub(nn.Module):
     """Stands in for decoder block ``index``: records its call and passes the hidden state through."""
 
-    def __init__(self, index: int, shared: dict, original: nn.Module):
+    def __init__(self, index: int, capture: _Capture, original: nn.Module):
         super().__init__()
         self.index = index
-        self.shared = shared
+        self.capture = capture
         if hasattr(original, "attention_type"):
             self.attention_type = original.attention_type
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.shared["calls"][self.index] = (args, kwargs)
+        capture = self.capture  # this thread's
+        capture.calls[self.index] = (args, kwargs)
         if self.index == 0:
-            self.shared["embed"] = hidden_states
-        inject = self.shared.get("inject")
-        if inject is not None and self.index == self.shared["last"]:
-            return inject
+            capture.embed = hidden_states
+        if capture.inject is not None and self.index == capture.last:
+            return capture.inject
         return hidden_states
 
 
@@ -55,7 +67,10 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
 
 
 class Skeleton:
-    """Embeddings, final norm and head on a device; decoder blocks built on demand."""
+    """Embeddings, final norm and head on a device; decoder blocks built on demand.
+
+    Safe to call from several threads: what a forward pass records lives in per-thread state (``_Capture``), and the
+    cache of block calls is replaced whole, never changed in place."""
 
     def __init__(
         self,
@@ -73,8 +88,8 @@ class Skeleton:
         self.rest_device = torch.device(rest_device or device)  # where embeddings, norm and head live
         self.dtype = dtype
         self._templates = blocks  # meta-device blocks (work directory) or real blocks (in-memory model)
-        self._shared = {"calls": {}, "last": self.arch.num_blocks - 1}
-        stubs = nn.ModuleList([_Stub(i, self._shared, b) for i, b in enumerate(blocks)])
+        self._capture = _Capture(self.arch.num_blocks - 1)
+        stubs = nn.ModuleList([_Stub(i, self._capture, b) for i, b in enumerate(blocks)])
         _set_submodule(lm, self.arch.layers_path, stubs)
         self._calls_cache: dict[tuple[int, int], dict] = {}
         self.lm.eval()
@@ -173,19 +188,22 @@ class Skeleton:
     # ---- running ----------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self._shared["inject"] = None
+        """The embedding output ``[batch, seqlen, hidden]`` on the blocks' device, for ``input_ids`` ``[batch, seqlen]``."""
+        capture = self._capture
+        capture.inject, capture.calls = None, {}
         self._base_forward(input_ids.to(self.rest_device))
-        return self._shared["embed"].to(self.device)
+        return capture.embed.to(self.device)
 
     @torch.no_grad()
     def block_call(self, i: int, batch: int, seqlen: int):
         """The (args, kwargs) the model passes to block ``i`` for a batch of this shape."""
         key = (batch, seqlen)
-        if key not in self._calls_cache:
+        calls = self._calls_cache.get(key)  # one read: another thread may replace the cache meanwhile
+        if calls is None:
             self.embed(torch.zeros(batch, seqlen, dtype=torch.long))
-            calls = {i: _to_device(c, self.device) for i, c in self._shared["calls"].items()}
+            calls = {j: _to_device(c, self.device) for j, c in self._capture.calls.items()}
             self._calls_cache = {key: calls}  # keep one shape: masks can be large
-        return self._calls_cache[key][i]
+        return calls[i]
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,11 +213,12 @@ class Skeleton:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head (frozen), differentiable in ``hidden``: for a loss on the logits."""
         batch, seqlen = hidden.shape[:2]
-        self._shared["inject"] = hidden.to(self.rest_device, self.dtype)
+        capture = self._capture
+        capture.inject = hidden.to(self.rest_device, self.dtype)
         try:
             out = self.lm(input_ids=torch.zeros(batch, seqlen, dtype=torch.long, device=self.rest_device), use_cache=False)
         finally:
-            self._shared["inject"] = None
+            capture.inject = None
         return out.logits
 
     def _base_forward(self, input_ids):

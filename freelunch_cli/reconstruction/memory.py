@@ -2,9 +2,14 @@
 
 Training a window holds: its parameters in float32 (4 B), their gradients (4 B) and AdamW's two moments
 (8 B); the activations autograd saves for the backward pass (per token and block, about
-10·hidden + 4·intermediate + 3·kv_dim values, attention computed by SDPA without an L×L matrix); one
-batch of inputs and targets; and for submodule and matrix windows a frozen dense copy of the block that
-computes their targets. The estimate is deliberately simple; it is printed so it can be checked.
+10·hidden + 4·intermediate + 3·kv_dim values, attention computed by SDPA without an L×L matrix); two
+batches of inputs and targets (the one training and the next, staged by the prefetching thread); and for
+submodule and matrix windows a frozen dense copy of the block that computes their targets. The estimate is
+deliberately simple; it is printed so it can be checked.
+
+What the estimate leaves free is what a window may hold resident (its activation files, read once instead of
+once per step): ``resident_budget``. So a window ``--window auto`` chose never runs out of memory because the
+runner filled the rest.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def estimate(kind: str, blocks: int, nums: dict, batch: int, seqlen: int, act_by
         "trainable_params": params,
         "weights_grads_adam": 16 * params,
         "activations": acts * act_bytes,
-        "batch_io": 2 * tokens * h * 4,
+        "batch_io": 2 * 2 * tokens * h * 4,  # inputs and targets, float32: this batch and the prefetched one
         "frozen_dense": frozen * act_bytes,
     }
     out["total"] = sum(v for k, v in out.items() if k != "trainable_params")
@@ -106,3 +111,11 @@ def choose_window(
             f"{smallest / 2**30:.2f} GiB); lower --batch-size or raise --max-memory"
         )
     return chosen, table
+
+
+def resident_budget(free: int, need: int, share: float, limit: int | None = None) -> int:
+    """Bytes of activation files a window may keep on its device: at most ``share`` of the ``free`` bytes there, and
+    never what its training ``need``-s (``estimate(...)["total"]``): ``min(share · L, L - need)`` with L the free
+    bytes, or ``limit`` (``--max-memory``) when that is smaller; 0 when nothing is left."""
+    budget = free if limit is None else min(free, limit)
+    return max(0, min(int(share * budget), budget - need))

@@ -2,7 +2,7 @@
 reconstructed) model with its masks kept, resumable by step. `--from dense` fine-tunes the dense model the same way
 (no masks): the control that tells how much of retraining's gain is a fit to the calibration domain rather than
 recovery from pruning. After a reconstruction the default is not the baseline but the pipeline measured best: sparse
-(masked) LoRA adapters on the reconstructed model (``LR_BY_PEFT`` in ``stages.options``).
+(masked) LoRA adapters on the reconstructed model (``LR_BY_PEFT`` in ``configs.stage_configs``).
 
 The whole model is trained at once (this is what local reconstruction avoids): its memory is the full model with
 gradients and AdamW moments plus the activations of a batch through every block. One process holds all of it

@@ -38,9 +38,11 @@ class World:
 
 def torchrun_world(env: dict | None = None) -> World | None:
     """The torchrun world this process belongs to (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), or None for a single
-    process (no torchrun, or a world of one)."""
+    process (no torchrun, or a world of one; ``FREELUNCH_FSDP=1`` shards a world of one too, so that one GPU checks
+    the sharded path: bench/gpu_check.sh)."""
     env = os.environ if env is None else env
-    if int(env.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in env:
+    one = env.get("FREELUNCH_FSDP") == "1"
+    if "RANK" not in env or int(env.get("WORLD_SIZE", "1")) < (1 if one else 2):
         return None
     return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from freelunch_cli.core.device import host_sync, no_host_sync
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 
@@ -107,21 +108,37 @@ def _batches(indices: list[int], batch_size: int, generator: torch.Generator | N
         yield sorted(order[s : s + batch_size])
 
 
+PREFETCH: bool | None = None  # stage the next batch on a background thread; None: on CUDA only (tests force it on)
+
+
+def prefetching(device) -> bool:
+    """Whether batches on ``device`` are staged ahead by a background thread (``PREFETCH``, or CUDA when it is None)."""
+    return PREFETCH if PREFETCH is not None else torch.device(device).type == "cuda"
+
+
 def _prefetched(data, batches, ahead: bool):
-    """``data.batch(idx)`` for each index list; with ``ahead``, the next batch is read (from disk, pinned, copied
-    without blocking) by a background thread while the current one trains."""
-    if not ahead:
+    """``data.batch(idx)`` for each index list, always called on this thread (it may compute: dense references run
+    here). With ``ahead`` and a ``data.prefetch``, a background thread stages the next batch meanwhile: it reads it
+    from disk into pinned memory and copies it to the device without blocking (I/O and copies only, nothing that
+    computes), and ``data.batch`` then takes what was staged. An error of the thread is raised here."""
+    prefetch = getattr(data, "prefetch", None) if ahead else None
+    if prefetch is None:
         yield from (data.batch(idx) for idx in batches)
         return
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for idx in batches:
-            nxt = pool.submit(data.batch, idx)
-            if pending is not None:
-                yield pending.result()
-            pending = nxt
-        if pending is not None:
-            yield pending.result()
+    order = iter(batches)
+    idx = next(order, None)
+    if idx is None:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="freelunch-prefetch") as pool:
+        staged = pool.submit(prefetch, idx)
+        while idx is not None:
+            staged.result()  # this batch is staged (waits on the thread, never on the device)
+            nxt = next(order, None)
+            batch = data.batch(idx)
+            if nxt is not None:
+                staged = pool.submit(prefetch, nxt)  # the next one is read while this one trains
+            yield batch
+            idx = nxt
 
 
 def autocast_factory(device, compute_dtype):
@@ -196,9 +213,11 @@ class MaskedOptimizer:
             self.check()
 
     def check(self) -> None:
-        """Raise FreelunchError if a loss since the last check was NaN or infinite."""
+        """Raise FreelunchError if a loss since the last check was NaN or infinite (the one host sync of a step)."""
         finite = self._finite if self.agree is None else self.agree(self._finite)
-        if not bool(finite):
+        with host_sync():
+            ok = bool(finite)
+        if not ok:
             raise FreelunchError(
                 f"{self.what} loss became NaN or infinite within steps {self._checked}-{self.steps - 1}; lower --lr"
             )
@@ -219,14 +238,14 @@ class MaskedOptimizer:
         self.steps = self._checked = steps
 
 
-def mean_loss(forward, data, indices: list[int], loss, batch_size: int, autocast) -> float:
-    """Mean of ``loss(forward(x), target)`` over the given samples, weighted by batch size (NaN for no samples)."""
+def mean_loss(forward, data, indices: list[int], loss, batch_size: int, autocast, ahead: bool = False) -> float:
+    """Mean of ``loss(forward(x), target)`` over the given samples, weighted by batch size (NaN for no samples);
+    ``ahead``: batches staged by a background thread (``_prefetched``)."""
     if not indices:
         return float("nan")
     total, count = 0.0, 0
-    with torch.no_grad():
-        for idx in _batches(indices, batch_size, None):
-            x, t = data.batch(idx)
+    with torch.no_grad(), closing(_prefetched(data, _batches(indices, batch_size, None), ahead)) as batches:
+        for idx, (x, t) in zip(_batches(indices, batch_size, None), batches):
             with autocast():
                 y = forward(x)
             total = total + loss(y.float(), t).double() * len(idx)  # summed on the device: one transfer at the end
@@ -252,15 +271,16 @@ def train_window(
     base = loss_fn(cfg.loss)
     loss = base if extra_loss is None else (lambda y, t: base(y, t) + extra_loss(y, t))
     autocast = autocast_factory(device, compute_dtype)
+    ahead = prefetching(device)
     eval_bs = max(cfg.batch_size, 8)
     probe = train_idx if cfg.loss_samples is None else train_idx[: cfg.loss_samples]  # a fixed subset: the report is cheap
-    before = mean_loss(forward, data, probe, loss, eval_bs, autocast)
+    before = mean_loss(forward, data, probe, loss, eval_bs, autocast, ahead)
     if not math.isfinite(before):
         raise FreelunchError(
             f"the loss before training is {before}: the window's inputs or targets hold NaN or infinite values (the activation "
             f"cache overflowed); recalibrate with --dtype bfloat16 or float32"
         )
-    val_before = mean_loss(forward, data, val_idx, loss, eval_bs, autocast)
+    val_before = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
     best = (val_before, 0, params.snapshot()) if cfg.keep_best and val_idx else None
@@ -279,19 +299,21 @@ def train_window(
         )
         gen = torch.Generator().manual_seed(cfg.seed)
         while step < total:
-            for x, t in _prefetched(data, _batches(train_idx, cfg.batch_size, gen), torch.device(device).type == "cuda"):
-                with autocast():
-                    y = forward(x)
-                opt.step(loss(y.float(), t))
-                step += 1
-                kill_point("train.step")
-                if on_step is not None:
-                    on_step()
-                if step >= total:
-                    break
+            epoch = closing(_prefetched(data, _batches(train_idx, cfg.batch_size, gen), ahead))
+            with epoch as batches, no_host_sync(device):  # closed on break: the prefetching thread is done after
+                for x, t in batches:
+                    with autocast():
+                        y = forward(x)
+                    opt.step(loss(y.float(), t))
+                    step += 1
+                    kill_point("train.step")
+                    if on_step is not None:
+                        on_step()
+                    if step >= total:
+                        break
             if best is not None:
                 opt.check()
-                v = mean_loss(forward, data, val_idx, loss, eval_bs, autocast)
+                v = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
                 if v < best[0]:
                     best = (v, step, params.snapshot())
         opt.finish()
@@ -299,8 +321,8 @@ def train_window(
     if best is not None:
         params.restore(best[2])
     trained = step > 0
-    after = mean_loss(forward, data, probe, loss, eval_bs, autocast) if trained else before  # no step: the same model
-    val_after = mean_loss(forward, data, val_idx, loss, eval_bs, autocast) if trained else val_before
+    after = mean_loss(forward, data, probe, loss, eval_bs, autocast, ahead) if trained else before  # no step: the same model
+    val_after = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead) if trained else val_before
     out = {"loss_before": before, "loss_after": after, "loss_samples": len(probe), "steps": step}
     if val_idx:
         out.update(val_loss_before=val_before, val_loss_after=val_after)

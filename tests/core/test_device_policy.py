@@ -100,3 +100,31 @@ def test_a_non_finite_loss_is_caught_within_a_few_steps_without_a_sync_per_step(
     with pytest.raises(FreelunchError, match="reconstruction loss became NaN or infinite within steps 0-15; lower --lr"):
         for _ in range(20):
             opt.step(loss())
+
+
+def test_freelunch_deterministic_turns_on_deterministic_algorithms(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        policy.resolve_device("cpu", {"FREELUNCH_DETERMINISTIC": "1"})
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.deterministic
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs for it
+    finally:
+        policy.use_deterministic(False)
+    policy.resolve_device("cpu", {"FREELUNCH_DETERMINISTIC": "0"})
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(FreelunchError, match="FREELUNCH_DETERMINISTIC='maybe'"):
+        policy.resolve_device("cpu", {"FREELUNCH_DETERMINISTIC": "maybe"})
+
+
+def test_the_sync_guard_is_off_without_cuda_and_refuses_a_bad_mode(monkeypatch):
+    monkeypatch.setenv("FREELUNCH_SYNC_DEBUG", "error")
+    with policy.no_host_sync("cpu"), policy.host_sync():
+        assert float(torch.ones(())) == 1.0  # the CPU: nothing to report
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: pytest.fail("set on a bad mode"))
+    monkeypatch.setenv("FREELUNCH_SYNC_DEBUG", "loud")
+    with pytest.raises(FreelunchError, match="use warn or error"):
+        with policy.no_host_sync("cuda"):
+            pass

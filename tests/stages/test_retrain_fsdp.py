@@ -175,3 +175,13 @@ def test_sharded_retraining_refuses_an_uneven_batch_and_float16(fresh_work, monk
         retrain(work, RetrainConfig(dtype="float16", device="cpu"))
     with pytest.raises(FreelunchError, match="--max-memory must be a size"):
         retrain(work, RetrainConfig(max_memory="lots", device="cpu"))
+
+
+def test_a_world_of_one_shards_only_when_asked():
+    """bench/gpu_check.sh checks the FSDP2 path on one GPU: FREELUNCH_FSDP=1 under torchrun makes a world of one."""
+    from freelunch_cli.training.fsdp import World, torchrun_world
+
+    one = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    assert torchrun_world(one) is None and torchrun_world({"FREELUNCH_FSDP": "1"}) is None
+    assert torchrun_world({**one, "FREELUNCH_FSDP": "1"}) == World(0, 1, 0)
+    assert torchrun_world({"RANK": "1", "WORLD_SIZE": "2"}) == World(1, 2, 0)
