@@ -8,7 +8,7 @@ from freelunch_cli.engine.windowed import plan_windows
 from freelunch_cli.model import skeleton
 from freelunch_cli.model.skeleton import Skeleton, block_templates
 from freelunch_cli.reconstruction.memory import block_numbers
-from freelunch_cli.stages import reconstruct as stage
+from freelunch_cli.engine import windowed
 from freelunch_cli.stages.reconstruct import ReconstructConfig, resolve_auto_window
 
 
@@ -26,7 +26,7 @@ def test_planning_reads_no_tensor(fresh_work, monkeypatch):
         raise AssertionError("planning read a tensor file")
 
     monkeypatch.setattr(skeleton, "load_tensors", no_tensors)
-    monkeypatch.setattr(stage.Skeleton, "from_work", no_tensors)
+    monkeypatch.setattr(windowed.Skeleton, "from_work", no_tensors)
     work.own_rest_path("dense").rename(work.root / "rest-moved")  # embeddings and head out of reach
     assert len(plan_windows(work, "matrix")) == len(sk.templates) * 7
     cfg = resolve_auto_window(

@@ -87,10 +87,12 @@ def test_quantize_from_each_model_and_latest(fresh_work):
     work = fresh_work("llama")
     quantize(work, QuantizeConfig(group_size=32, steps=2, device="cpu"))  # latest = dense: no masks
     assert work.stage("quantize").signature["from"] == "dense" and work.stage("quantize").summary["config"]["lr"] == 1e-4
-    prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))  # a new prune discards the quantization
-    assert work.stage("quantize") is None
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))  # the dense model's quantization stays
+    assert work.stage("quantize").status == "done" and work.stage("quantize").signature["from"] == "dense"
     reconstruct(work, ReconstructConfig(steps=2, device="cpu"))
-    quantize(work, QuantizeConfig(group_size=32, steps=2, device="cpu"))
+    with pytest.raises(FreelunchError, match="another quantize configuration .*from: 'dense' then, 'reconstructed' now"):
+        quantize(work, QuantizeConfig(group_size=32, steps=2, device="cpu"))  # latest is now the reconstruction
+    quantize(work, QuantizeConfig(group_size=32, steps=2, device="cpu"), force=True)
     assert work.stage("quantize").signature["from"] == "reconstructed"
     ids = load_tensors(work.tokens_path)["input_ids"][:2]
     # the quantized model reads as any model: eval's latest is it, and its rest is the reconstructed model's
