@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from freelunch_cli.core.console import Reporter
+from freelunch_cli.engine import windowed
 from freelunch_cli.engine.windowed import plan_windows
 from freelunch_cli.model import skeleton
 from freelunch_cli.model.skeleton import Skeleton, block_templates
 from freelunch_cli.reconstruction.memory import block_numbers
-from freelunch_cli.engine import windowed
 from freelunch_cli.stages.reconstruct import ReconstructConfig, resolve_auto_window
 
 
