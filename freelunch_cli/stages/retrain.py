@@ -149,7 +149,7 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
         where = "" if world is None else f" sharded over {world.size} processes (FSDP2),"
         rep.info(
             f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters),{where} {total} steps of "
-            f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}"
+            f"{min(cfg.batch_size, n)} x {ids.shape[1]} tokens, lr {cfg.lr}"
             + (" (the default after a reconstruction; --peft full trains every weight)" if chosen else "")
         )
         autocast = autocast_factory(device, compute) if world is None else nullcontext  # sharded: FSDP's policy casts
@@ -178,7 +178,7 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
             "work": str(work.root),
             "from": start,
             "steps": total,
-            "tokens": total * cfg.batch_size * ids.shape[1],
+            "tokens": trained_rows(total, n, cfg.batch_size) * ids.shape[1],
             "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
             "trainable_params": n_train,
@@ -192,6 +192,13 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
         summary = run.finish(summary, line, config=cfg)
         model.discard_checkpoints()  # only once the stage is done: a kill before resumes from the last one
         return summary
+
+
+def trained_rows(steps: int, n: int, batch_size: int) -> int:
+    """The sequences ``steps`` steps train on: each epoch draws its ``n`` sequences in batches of ``batch_size``, the
+    last batch of an epoch holding the ``n mod batch_size`` left over (a batch larger than ``n`` holds all ``n``)."""
+    per_epoch = math.ceil(n / batch_size)
+    return sum(min(batch_size, n - (s % per_epoch) * batch_size) for s in range(steps))
 
 
 def _refuse_other_world(work: WorkDir, world) -> None:
