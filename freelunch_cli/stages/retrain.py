@@ -43,13 +43,13 @@ from freelunch_cli.workdir.stage import StageRun, open_stage
 LORA_KEYS = (".parametrizations.weight.original", ".parametrizations.weight.0.")
 
 
-def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict]:
+def _training_ids(work: WorkDir, cfg: RetrainConfig, warn) -> tuple[torch.Tensor, dict]:
     """Token ids ``[n, seqlen]`` to train on (the calibration sequences, or ``--data``) and their signature."""
     ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
     if cfg.data is None:
         return ids, {"data": "calibration windows"}  # as recorded since the first version: resumes compare it
     src = resolve_text(cfg.data)
-    text = read_text(src)
+    text = read_text(src, warn)
     tok = work_tokenizer(work)
     out = sample_sequences(tokenize(tok, text), cfg.samples or ids.shape[0], ids.shape[1], cfg.seed, cfg.allow_overlap)
     return out, {"data": src.spec, "data_sha": text_fingerprint(text)}
@@ -89,7 +89,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             raise FreelunchError(
                 "sharded retraining computes in bfloat16 or float32; use --dtype bfloat16 (or float32 on GPUs without bfloat16)"
             )
-    ids, data_sig = _training_ids(work, cfg)
+    ids, data_sig = _training_ids(work, cfg, rep.warn)
     signature = cfg.signature(start, work.stage(STAGE_OF[start]).run_id, data_sig)
     check_memory(work, cfg, start, world, device, compute, rep)
     if world is None:
