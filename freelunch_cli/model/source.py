@@ -236,11 +236,29 @@ class Checkpoint:
         if self._whole is None:
             self.log(f"loading {self.spec.spec} whole (GGUF or non-safetensors checkpoint; it cannot be streamed)")
             try:
-                full = AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype="auto", **self.spec.model_kwargs())
+                full, info = AutoModelForCausalLM.from_pretrained(
+                    self.spec.folder, dtype="auto", output_loading_info=True, **self.spec.model_kwargs()
+                )
             except Exception as e:
                 raise FreelunchError(f"cannot load the model {self.spec.spec}: {str(e).splitlines()[0]}") from None
+            params = {k for k, _ in full.named_parameters()}  # a tied head is one parameter, the embeddings
+            _refuse_missing(self.spec, sorted(k for k in info.get("missing_keys", ()) if k in params), self.tied)
             self._whole = full.state_dict()
         return self._whole
+
+
+def _refuse_missing(spec: ModelSpec, missing: list[str], tied: bool) -> None:
+    """FreelunchError naming the model weights ``missing`` from the checkpoint (nothing for none): the model would
+    otherwise run with random values in their place."""
+    if not missing:
+        return
+    head = " (the config does not tie the head to the embeddings: tie_word_embeddings is false)"
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    raise FreelunchError(
+        f"the checkpoint of {spec.spec} has no {', '.join(missing[:3])}{more}, which the model needs"
+        + (head if not tied and any(k.endswith("lm_head.weight") for k in missing) else "")
+        + "; every weight must come from the checkpoint"
+    )
 
 
 def iter_model_parts(spec: ModelSpec, config, log=print):
