@@ -21,7 +21,7 @@ from freelunch_cli.stages.models import latest_model, require_model
 from freelunch_cli.stages.options import QuantizeConfig
 from freelunch_cli.stages.reconstruct import plan_windows, run_windows
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
-from freelunch_cli.workdir.files import load_tensors
+from freelunch_cli.workdir.files import tensor_shapes
 
 
 def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
@@ -43,7 +43,8 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
         raise FreelunchError("--force cannot be combined with sharded workers (each would start over)")
     source = _source_model(work, cfg.start)
     cfg = cfg.resolved(source)
-    scheme.check_block(load_tensors(work.stage_block_path(source, 0)))  # before anything is written
+    for i in range(work.stage("calibrate").summary["num_blocks"]):  # every block, before anything is written
+        scheme.check_block(tensor_shapes(work.stage_block_path(source, i)), f"block {i}: ")
     windows = plan_windows(work, cfg.window)
 
     def prepare(scope, masks, index, storage_dtype):

@@ -202,6 +202,23 @@ def test_chained_inputs_and_smaller_windows(window, fresh_work):
 
 def test_mixture_of_experts_is_refused_before_anything_is_written(fresh_work):
     work = fresh_work("mixtral")
-    with pytest.raises(FreelunchError, match="quantize does not support 3-D expert weights yet"):
+    with pytest.raises(FreelunchError, match=r"does not support mixture-of-experts weights yet \(block 0: mlp\.experts\."):
         quantize(work, QuantizeConfig(group_size=32, steps=0, device="cpu"))
     assert work.stage("quantize") is None
+
+
+def test_experts_after_a_dense_first_block_are_refused_before_anything_is_written(tmp_path):
+    """Qwen2-MoE's mlp_only_layers (DeepSeek-V3's first_k_dense_replace): block 0 dense, block 1 experts. Checking
+    block 0 only accepted the model, and export then stopped half-written on block 1."""
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    from helpers import CALIB, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", "qwen2_moe", mlp_only_layers=[0])
+    work = WorkDir(tmp_path / "w")
+    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=4, seqlen=32, device="cpu"))
+    assert "mlp.gate_proj.weight" in load_tensors(work.block_path("dense", 0))  # the layout the test is about
+    with pytest.raises(FreelunchError, match=r"\(block 1: mlp\.experts\.\w+ is 3-D \(4, "):
+        quantize(work, QuantizeConfig(group_size=16, steps=0, device="cpu"))
+    assert work.stage("quantize") is None and not work.model_dir("quantized").exists()
