@@ -59,6 +59,13 @@ class ModelSpec:
         if quant.get("quant_method") == "compressed-tensors":
             import warnings
 
+            from freelunch_cli.quantization.compressed import check_folder
+
+            index = _safetensors_index(self.folder) or {}
+            config = AutoConfig.from_pretrained(self.folder, **self.hf_kwargs())
+            modules = dict(meta_model(config, self.trust_remote_code, split=False).named_modules())
+            check_folder(self.folder, quant, modules, set(index))  # what transformers and vLLM would load wrong
+
             from transformers import CompressedTensorsConfig
 
             kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -146,8 +153,11 @@ def load_config(spec: ModelSpec):
         config = AutoConfig.from_pretrained(spec.folder, **spec.hf_kwargs())
     except Exception as e:
         raise FreelunchError(f"cannot read the model config in {spec.folder}: {str(e).splitlines()[0]}") from None
-    if getattr(config, "quantization_config", None) is not None and spec.gguf_file:
-        # GGUF weights are dequantized on load; the working model is plain floating point.
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant is not None and (spec.gguf_file or str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")):
+        # GGUF and compressed-tensors weights are dequantized on load; the working model is plain floating point, and
+        # a config that still claimed the source's quantization would describe an export's weights wrongly.
         del config.quantization_config
     return config
 
