@@ -63,6 +63,7 @@ class ModelSpec:
 
             index = _safetensors_index(self.folder) or {}
             config = AutoConfig.from_pretrained(self.folder, **self.hf_kwargs())
+            del config.quantization_config  # the plain model's modules, as the checkpoint names them
             modules = dict(meta_model(config, self.trust_remote_code, split=False).named_modules())
             check_folder(self.folder, quant, modules, set(index))  # what transformers and vLLM would load wrong
 
@@ -153,11 +154,8 @@ def load_config(spec: ModelSpec):
         config = AutoConfig.from_pretrained(spec.folder, **spec.hf_kwargs())
     except Exception as e:
         raise FreelunchError(f"cannot read the model config in {spec.folder}: {str(e).splitlines()[0]}") from None
-    quant = getattr(config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if quant is not None and (spec.gguf_file or str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")):
-        # GGUF and compressed-tensors weights are dequantized on load; the working model is plain floating point, and
-        # a config that still claimed the source's quantization would describe an export's weights wrongly.
+    if getattr(config, "quantization_config", None) is not None and spec.gguf_file:
+        # GGUF weights are dequantized on load; the working model is plain floating point.
         del config.quantization_config
     return config
 
@@ -317,6 +315,10 @@ def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=Non
         if not written(part_path(part)):
             work.record_file(part_path(part), save_tensors_atomic(part_path(part), tensors))
     config.dtype = str(storage).removeprefix("torch.")
+    if getattr(config, "quantization_config", None) is not None:
+        # a compressed-tensors source was unpacked to float weights: the work directory's config, which every export
+        # writes, must not claim the source's quantization
+        del config.quantization_config
     for path, info in save_pretrained_atomic(config, folder).items():  # last: the import is complete once it is recorded
         work.record_file(path, info)
     return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}
