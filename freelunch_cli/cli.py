@@ -35,7 +35,8 @@ from freelunch_cli.core.options import cli_fields
 
 app = typer.Typer(
     name="freelunch",
-    help="Prune a causal LM, then repair it with local reconstruction (calibrate -> prune -> reconstruct -> [quantize] -> eval -> export).",
+    # help texts are rich markup: a bracketed word is written \\[word] or rich takes it for a tag and drops it
+    help="Prune a causal LM, then repair it with local reconstruction (calibrate -> prune -> reconstruct -> \\[quantize] -> eval -> export).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -24,12 +25,12 @@ class Reporter:
         if self.quiet:
             return
         if self._progress is not None:
-            self._progress.console.print(msg)
+            self._progress.console.print(escape(msg))
         else:
-            self.err.print(msg)
+            self.err.print(escape(msg))
 
     def warn(self, msg: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {msg}")
+        self.err.print(f"[yellow]warning:[/] {escape(msg)}")  # a message is text: its brackets are not markup
 
     @contextmanager
     def progress(self, description: str, total: int, completed: int = 0):
@@ -56,17 +57,17 @@ class Reporter:
     def table(self, title: str, columns: list[str], rows: list[list]) -> None:
         if self.quiet:
             return
-        t = Table(title=title)
+        t = Table(title=escape(title))
         for c in columns:
-            t.add_column(c)
+            t.add_column(escape(c))
         for r in rows:
-            t.add_row(*[str(x) for x in r])
+            t.add_row(*[escape(str(x)) for x in r])
         self.err.print(t)
 
     def summary(self, line: str, data: dict) -> None:
         """The stage's last word: one line for people, the full record for --json."""
         if not self.quiet:
-            self.err.print(f"[bold green]✓[/] {line}")
+            self.err.print(f"[bold green]✓[/] {escape(line)}")
         if self.json_mode:
             sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
             sys.stdout.flush()

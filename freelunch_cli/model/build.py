@@ -30,8 +30,9 @@ def prepare_config(config):
     return config
 
 
-def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
-    """The model of ``config`` on the meta device (shapes only), experts split (``model.moe``).
+def meta_model(config, trust_remote_code: bool = False, split: bool = True) -> nn.Module:
+    """The model of ``config`` on the meta device (shapes only), experts split (``model.moe``) unless ``split`` is
+    False (the modules as a checkpoint names them).
 
     Raises FreelunchError for an architecture transformers has no causal LM for, or an unsupported expert layout.
     """
@@ -43,8 +44,9 @@ def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
             f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it "
             f"({str(e).splitlines()[0]})"
         ) from None
-    with torch.device("meta"):
-        split_experts(lm)
+    if split:
+        with torch.device("meta"):
+            split_experts(lm)
     return lm
 
 

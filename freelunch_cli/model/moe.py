@@ -11,6 +11,8 @@ three or more dimensions) is refused with a message, never skipped.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -75,10 +77,39 @@ def _split(module, state, prefix, *args):
                 state[f"{prefix}{name}.{e}.weight"] = fused[e]
 
 
+def _is_fused_experts(module: nn.Module) -> bool:
+    """A module holding experts fused as 3-D ``gate_up_proj`` and ``down_proj`` tensors, in any layout."""
+    return all(isinstance(getattr(module, n, None), torch.Tensor) and getattr(module, n).dim() == 3 for n in _FUSED)
+
+
+def _layout_problem(module: nn.Module) -> str | None:
+    """Why ``ExpertLinears`` cannot reproduce a fused experts module (None when it can): the tensors' shapes must be
+    ``gate_up_proj [experts, 2 x intermediate, hidden]`` and ``down_proj [experts, hidden, intermediate]`` (Llama 4
+    keeps them transposed without a flag saying so), and its forward must take the router's choice
+    ``(hidden_states, top_k_index, top_k_weights)`` (Llama 4's takes tokens already routed and weighted)."""
+    gate_up, down = (tuple(getattr(module, n).shape) for n in _FUSED)
+    if gate_up[0] != down[0] or gate_up[1] != 2 * down[2] or gate_up[2] != down[1]:
+        if gate_up[0] == down[0] and gate_up[2] == 2 * down[1] and gate_up[1] == down[2]:
+            return (
+                f"stored transposed: gate_up_proj {gate_up} is [experts, hidden, 2 x intermediate] and down_proj "
+                f"{down} [experts, intermediate, hidden]"
+            )
+        return f"gate_up_proj {gate_up} and down_proj {down} are not [experts, 2 x intermediate, hidden] and [experts, hidden, intermediate]"
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if len(params) < 3:
+        return f"its forward takes ({', '.join(params)}), not the router's choice (hidden_states, top_k_index, top_k_weights)"
+    return None
+
+
 def _is_plain_experts(module: nn.Module) -> bool:
-    """The layout ``ExpertLinears`` reproduces: concatenated [gate; up], not transposed, no bias, no post-expert norm."""
+    """The layout ``ExpertLinears`` reproduces: concatenated [gate; up], not transposed, no bias, no post-expert norm,
+    called with the router's choice."""
     return (
-        all(isinstance(getattr(module, n, None), torch.Tensor) and getattr(module, n).dim() == 3 for n in _FUSED)
+        _is_fused_experts(module)
+        and _layout_problem(module) is None
         and getattr(module, "has_gate", True)
         and not getattr(module, "has_bias", False)
         and not getattr(module, "is_transposed", False)
@@ -99,6 +130,14 @@ def split_experts(model: nn.Module) -> int:
     for name, module in found:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, ExpertLinears(module))
+    for name, module in model.named_modules():  # a known layout's shapes, another one's meaning: say which
+        problem = _is_fused_experts(module) and _layout_problem(module)
+        if problem:
+            raise FreelunchError(
+                f"unsupported mixture-of-experts layout: the experts {name} ({type(module).__name__}) are {problem}; "
+                f"freelunch supports experts stored as gate_up_proj [experts, 2 x intermediate, hidden] and down_proj "
+                f"[experts, hidden, intermediate], as Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 keep them"
+            )
     left = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() >= 3]
     if left:
         name, shape = left[0]

@@ -59,6 +59,14 @@ class ModelSpec:
         if quant.get("quant_method") == "compressed-tensors":
             import warnings
 
+            from freelunch_cli.quantization.compressed import check_folder
+
+            index = _safetensors_index(self.folder) or {}
+            config = AutoConfig.from_pretrained(self.folder, **self.hf_kwargs())
+            del config.quantization_config  # the plain model's modules, as the checkpoint names them
+            modules = dict(meta_model(config, self.trust_remote_code, split=False).named_modules())
+            check_folder(self.folder, quant, modules, set(index))  # what transformers and vLLM would load wrong
+
             from transformers import CompressedTensorsConfig
 
             kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -236,11 +244,29 @@ class Checkpoint:
         if self._whole is None:
             self.log(f"loading {self.spec.spec} whole (GGUF or non-safetensors checkpoint; it cannot be streamed)")
             try:
-                full = AutoModelForCausalLM.from_pretrained(self.spec.folder, dtype="auto", **self.spec.model_kwargs())
+                full, info = AutoModelForCausalLM.from_pretrained(
+                    self.spec.folder, dtype="auto", output_loading_info=True, **self.spec.model_kwargs()
+                )
             except Exception as e:
                 raise FreelunchError(f"cannot load the model {self.spec.spec}: {str(e).splitlines()[0]}") from None
+            params = {k for k, _ in full.named_parameters()}  # a tied head is one parameter, the embeddings
+            _refuse_missing(self.spec, sorted(k for k in info.get("missing_keys", ()) if k in params), self.tied)
             self._whole = full.state_dict()
         return self._whole
+
+
+def _refuse_missing(spec: ModelSpec, missing: list[str], tied: bool) -> None:
+    """FreelunchError naming the model weights ``missing`` from the checkpoint (nothing for none): the model would
+    otherwise run with random values in their place."""
+    if not missing:
+        return
+    head = " (the config does not tie the head to the embeddings: tie_word_embeddings is false)"
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    raise FreelunchError(
+        f"the checkpoint of {spec.spec} has no {', '.join(missing[:3])}{more}, which the model needs"
+        + (head if not tied and any(k.endswith("lm_head.weight") for k in missing) else "")
+        + "; every weight must come from the checkpoint"
+    )
 
 
 def iter_model_parts(spec: ModelSpec, config, log=print):
@@ -289,6 +315,10 @@ def import_model(spec: ModelSpec, work, dtype: torch.dtype | None, tokenizer=Non
         if not written(part_path(part)):
             work.record_file(part_path(part), save_tensors_atomic(part_path(part), tensors))
     config.dtype = str(storage).removeprefix("torch.")
+    if getattr(config, "quantization_config", None) is not None:
+        # a compressed-tensors source was unpacked to float weights: the work directory's config, which every export
+        # writes, must not claim the source's quantization
+        del config.quantization_config
     for path, info in save_pretrained_atomic(config, folder).items():  # last: the import is complete once it is recorded
         work.record_file(path, info)
     return {"num_blocks": config.num_hidden_layers, "storage_dtype": config.dtype, "model_type": config.model_type}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,14 @@ def resolve_text(
     return TextSource(parts[0], None, config, split, field, label)
 
 
-def read_documents(src: TextSource) -> list[str]:
-    """The documents of a source, in order (a .txt file is one document)."""
+def read_documents(src: TextSource, warn: Callable[[str], None] | None = None) -> list[str]:
+    """The documents of a source, in order (a .txt file is one document).
+
+    A record (a .jsonl line, a parquet or dataset row) whose text field is null, missing or not a string holds no
+    document: it is skipped, never turned into text such as "None", and ``warn`` is told how many were skipped and
+    where (file and line, or row). Raises FreelunchError when ``warn`` is None and a record was skipped, when every
+    record was skipped, for a line that is not JSON, or for a file that cannot be read.
+    """
     if src.path is not None:
         suffix = src.path.suffix.lower()
         try:
@@ -91,7 +98,7 @@ def read_documents(src: TextSource) -> list[str]:
             if suffix == ".txt":
                 return [src.path.read_text(encoding="utf-8")]
             if suffix in (".jsonl", ".json"):
-                docs = []
+                records = []
                 with open(src.path, encoding="utf-8") as f:
                     for n, line in enumerate(f, 1):
                         if line.strip():
@@ -99,16 +106,17 @@ def read_documents(src: TextSource) -> list[str]:
                                 rec = json.loads(line)
                             except json.JSONDecodeError:
                                 raise FreelunchError(f"{src.path}:{n} is not a JSON object") from None
-                            if not isinstance(rec, dict) or src.field not in rec:
-                                raise FreelunchError(f"{src.path}:{n} has no field {src.field!r}")
-                            docs.append(str(rec[src.field]))
-                return docs
+                            if not isinstance(rec, dict):
+                                raise FreelunchError(f"{src.path}:{n} is not a JSON object")
+                            records.append((f"line {n}", rec[src.field] if src.field in rec else _MISSING))
+                return _strings(records, str(src.path), src.field, "lines", warn)
             import pyarrow.parquet as pq
 
             table = pq.read_table(src.path)
             if src.field not in table.column_names:
                 raise FreelunchError(f"{src.path} has no column {src.field!r} (columns: {', '.join(table.column_names)})")
-            return [str(x) for x in table.column(src.field).to_pylist()]
+            rows = table.column(src.field).to_pylist()
+            return _strings([(f"row {n}", x) for n, x in enumerate(rows)], str(src.path), src.field, "rows", warn)
         except UnicodeDecodeError as e:
             raise FreelunchError(f"{src.path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
@@ -122,12 +130,38 @@ def read_documents(src: TextSource) -> list[str]:
         raise FreelunchError(f"cannot load dataset {src.spec!r} (config {src.config}, split {src.split}): {first}") from None
     if src.field not in ds.column_names:
         raise FreelunchError(f"dataset {src.spec!r} has no column {src.field!r} (columns: {', '.join(ds.column_names)})")
-    return [str(x) for x in ds[src.field]]
+    rows = [(f"row {n}", x) for n, x in enumerate(ds[src.field])]
+    return _strings(rows, f"dataset {src.spec!r} ({src.split})", src.field, "rows", warn)
 
 
-def read_text(src: TextSource) -> str:
-    """All documents (rows) joined by "\\n\\n", as the WikiText perplexity protocol joins its rows."""
-    text = "\n\n".join(read_documents(src))
+_MISSING = object()  # a record without the text field
+
+
+def _strings(records: list[tuple[str, object]], where: str, field: str, unit: str, warn) -> list[str]:
+    """The string values of ``records`` ((position, value) pairs); the others skipped as ``read_documents`` says."""
+    docs = [v for _, v in records if isinstance(v, str)]
+    bad = [(pos, v) for pos, v in records if not isinstance(v, str)]
+    if not bad:
+        return docs
+
+    def what(v) -> str:
+        if v is _MISSING:
+            return f"no field {field!r}"
+        return f"{field!r} is null" if v is None else f"{field!r} is a {type(v).__name__}, not a string"
+
+    examples = ", ".join(f"{pos}: {what(v)}" for pos, v in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    if not docs:
+        raise FreelunchError(f"{where}: none of its {len(records)} {unit} holds text in {field!r} ({examples})")
+    if warn is None:
+        raise FreelunchError(f"{where}: {len(bad)} of {len(records)} {unit} hold no string in {field!r} ({examples})")
+    warn(f"{where}: skipped {len(bad)} of {len(records)} {unit} whose {field!r} is null, missing or not a string ({examples})")
+    return docs
+
+
+def read_text(src: TextSource, warn: Callable[[str], None] | None = None) -> str:
+    """All documents (rows) joined by "\\n\\n", as the WikiText perplexity protocol joins its rows; ``warn`` as for
+    ``read_documents``."""
+    text = "\n\n".join(read_documents(src, warn))
     if not text.strip():
         raise FreelunchError(f"{src.spec} holds no text")
     return text

@@ -10,7 +10,7 @@ import torch
 
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.quantization.fake_quant import SCALE_SUFFIX, ZERO_SUFFIX
-from freelunch_cli.quantization.schemes import QuantScheme
+from freelunch_cli.quantization.schemes import QuantScheme, _grouped, dequantize, quantize
 
 
 def _library():
@@ -46,6 +46,24 @@ def ct_config(scheme: QuantScheme, ignore: list[str]):
     )
 
 
+def stored_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The integer codes (int8 ``[out, in]``) that dequantize to ``weight`` (``[out, in]``, the stored dequantized
+    weight) exactly. Dividing by the scale finds them only up to one step when the storage dtype rounded
+    ``(q - z) · s`` (bfloat16's 8-bit mantissa, codes up to 255 from the zero point with 8 bits), so each code is the
+    one among the nearest three whose dequantization is the stored weight; where neighbouring codes round to the same
+    weight, either gives it. Raises FreelunchError where none does (the weight is not a quantized one)."""
+    first = quantize(weight.float(), scale, zero, scheme)
+    codes, found = first.clone(), torch.zeros_like(first, dtype=torch.bool)
+    for step in (0, -1, 1):
+        q = (first.int() + step).clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+        hit = (dequantize(q, scale, zero, scheme).to(weight.dtype) == weight) & ~found
+        codes[hit] = q[hit]
+        found |= hit
+    if not bool(found.all()):
+        raise FreelunchError("not a quantized weight")
+    return codes
+
+
 def pack_block(state: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor], scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """A block's tensors with every quantized weight (one with ``name.weight_scale`` in ``qparams``) replaced by
     compressed-tensors' ``weight_packed`` (int32), ``weight_scale``, ``weight_shape`` (and ``weight_zero_point`` for an
@@ -56,10 +74,20 @@ def pack_block(state: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor],
     for key in [k for k in qparams if k.endswith("." + SCALE_SUFFIX)]:
         module = key[: -len(SCALE_SUFFIX) - 1]
         weight = out.pop(f"{module}.weight")
-        local = {
-            "weight": weight.float(),  # divided in float32, so the codes come back exactly
-            SCALE_SUFFIX: qparams[key],
-            ZERO_SUFFIX: qparams[f"{module}.{ZERO_SUFFIX}"],
+        scale, zero = qparams[key], qparams[f"{module}.{ZERO_SUFFIX}"]
+        try:
+            codes = stored_codes(weight, scale, zero, scheme)
+        except FreelunchError:
+            raise FreelunchError(
+                f"{module}: the stored weight is not one its scales and zero points give; the quantized model is damaged, "
+                "rerun `freelunch quantize --force`"
+            ) from None
+        local = {  # (q - z) · s in float32 divides back to q exactly, whatever the storage dtype rounded
+            "weight": (_grouped(codes, scheme.group_size).float() - zero.float().unsqueeze(-1))
+            .mul(scale.float().unsqueeze(-1))
+            .flatten(-2),
+            SCALE_SUFFIX: scale,
+            ZERO_SUFFIX: zero,
         }
         packed = packer.compress(local, cts)
         back = packer.decompress(packed, cts)["weight"]
@@ -70,3 +98,40 @@ def pack_block(state: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor],
             )
         out.update({f"{module}.{k}": v for k, v in packed.items()})
     return out
+
+
+def check_folder(folder, quant: dict, modules: dict[str, torch.nn.Module], keys: set[str]) -> None:
+    """Refuse a compressed-tensors folder that transformers and vLLM would load wrong: every module its
+    ``quant`` (the ``quantization_config`` of config.json) targets and does not ignore must be stored packed
+    (``name.weight_packed``, with the zero point an asymmetric scheme needs, ``name.weight_zero_point``), and every
+    other linear layer as a plain ``name.weight``; those loaders fill a weight the checkpoint lacks with random
+    values (NaN in practice). ``modules``: the model's modules by checkpoint name (a meta model's will do);
+    ``keys``: the checkpoint's tensor names. Raises FreelunchError naming the first module that does not match.
+    """
+    from compressed_tensors.utils.match import is_match
+
+    if quant.get("format") not in (None, "pack-quantized") or not quant.get("config_groups"):
+        return
+    ignore = quant.get("ignore") or []
+    said = f"its quantization_config (ignore {ignore})"
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for group in quant["config_groups"].values():
+            if is_match(name, module, group.get("targets") or [], ignore):
+                if f"{name}.weight_packed" not in keys:
+                    raise FreelunchError(
+                        f"{folder}: {name} is quantized by {said} but stored as "
+                        f"{'a float weight' if f'{name}.weight' in keys else 'nothing'}; transformers and vLLM would "
+                        f"load it with missing weights (the quantization_config must ignore every unquantized layer)"
+                    )
+                weights = group.get("weights") or {}
+                if not weights.get("symmetric", True) and f"{name}.weight_zero_point" not in keys:
+                    raise FreelunchError(f"{folder}: {name} is quantized asymmetrically but has no weight_zero_point")
+                break
+        else:
+            if f"{name}.weight" not in keys and f"{name}.weight_packed" in keys:
+                raise FreelunchError(
+                    f"{folder}: {name} is stored packed but {said} does not quantize it; transformers and vLLM would "
+                    f"load it with a missing weight"
+                )

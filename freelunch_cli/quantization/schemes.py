@@ -56,14 +56,18 @@ class QuantScheme:
                 f"{name} has {cols} inputs, not a multiple of --group-size {self.group_size}{hint} (a divisor of every matrix's inputs)"
             )
 
-    def check_block(self, state: dict[str, torch.Tensor]) -> None:
-        """Raise FreelunchError unless every matrix of a block's tensors (2-D ``.weight``) splits into whole groups and the
-        block holds no 3-D expert weights (not supported yet)."""
+    def check_block(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        """Raise FreelunchError unless every matrix of a block's tensors (2-D ``.weight``; meta tensors will do) splits
+        into whole groups and the block holds no 3-D expert weights (not supported yet). ``where`` ("block 3: ")
+        prefixes the tensor the error names."""
         for key, value in state.items():
             if value.dim() > 2:
-                raise FreelunchError(f"quantize does not support 3-D expert weights yet ({key}); quantize a dense-MLP model")
+                raise FreelunchError(
+                    f"quantize does not support mixture-of-experts weights yet ({where}{key} is {value.dim()}-D "
+                    f"{tuple(value.shape)}); quantize a dense-MLP model"
+                )
             if value.dim() == 2 and key.endswith(".weight"):
-                self.check_shape(key[: -len(".weight")], value)
+                self.check_shape(where + key[: -len(".weight")], value)
 
 
 def parse_scheme(name: str, group_size: int, symmetric: bool) -> QuantScheme:

@@ -40,7 +40,7 @@ def calibrate(
     storage = None if cfg.storage_dtype == "auto" else parse_dtype(cfg.storage_dtype)
     spec = resolve_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     src = resolve_text(cfg.data, cfg.data_config, cfg.data_split, cfg.text_field)
-    text = read_text(src)
+    text = read_text(src, rep.warn)
     signature = cfg.signature(spec.signature(), src.signature(text_fingerprint(text)))
     config = load_config(spec)
     lm = meta_model(config, spec.trust_remote_code)

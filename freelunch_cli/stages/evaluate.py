@@ -119,7 +119,7 @@ def evaluate(work: WorkDir | None, cfg: EvalConfig, rep: Reporter | None = None)
         target.position_limit.check(seqlen, "--seqlen", rep.warn)
     results = []
     for src in sources:
-        text = read_text(src)
+        text = read_text(src, rep.warn)
         key = {
             **cfg.signature(target.label, target.run_id),
             "data": src.spec,

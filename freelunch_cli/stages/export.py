@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from freelunch_cli import __version__
 from freelunch_cli.configs.stage_configs import ExportConfig, QuantizeConfig
 from freelunch_cli.core.console import Reporter
@@ -25,6 +27,7 @@ from freelunch_cli.workdir.files import (
     save_pretrained_atomic,
     save_tensors_atomic,
     sha256_file,
+    tensor_names,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -72,9 +75,13 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     t0 = time.time()
     dense = work.model_dir("dense")
     config = work_config(work)
-    arch = find_arch(meta_model(config, trusts_remote_code(work)), config)
+    lm = meta_model(config, trusts_remote_code(work))
+    arch = find_arch(lm, config)
     parts = [("rest", work.rest_path(stage))]
     parts += [(i, work.model_block_path(stage, i)) for i in range(arch.num_blocks)]
+    ignore = _unquantized_linears(work, lm, arch) if packed else []  # the quantization_config says exactly these
+    if packed and not scheme.symmetric:
+        rep.warn(ASYMMETRIC_LOAD)
     shards = plan_shards(parts, target, limit)
     names = [
         "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -105,6 +112,12 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
                 for k, v in state.items():
                     if target is not None and v.is_floating_point():
                         v = v.to(target)
+                        if not bool(torch.isfinite(v).all()):
+                            raise FreelunchError(
+                                f"{prefix + k} overflows --dtype {dtype_name(target)} (values up to "
+                                f"{float(state[k].abs().max()):.4g}; it holds up to {torch.finfo(target).max:.4g}): export "
+                                f"without --dtype or with a wider one"
+                            )
                     tensors[prefix + k] = v
                 bar.advance()
             info = save_tensors_atomic(out / name, tensors, {"format": "pt"})
@@ -128,7 +141,7 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     if packed:  # the quantization_config in config.json, written by the library
         from compressed_tensors.compressors import ModelCompressor
 
-        ModelCompressor(quantization_config=ct_config(scheme, ignore=["lm_head"])).update_config(str(out))
+        ModelCompressor(quantization_config=ct_config(scheme, ignore=ignore)).update_config(str(out))
     for f in dense.iterdir():  # tokenizer files and the model's own code
         if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" and not f.name.startswith("."):
             write_bytes_atomic(out / f.name, f.read_bytes())
@@ -165,6 +178,28 @@ def _finished(out: Path, marker: dict | None, signature: dict) -> bool:
         if path.stat().st_mtime_ns != rec.get("mtime_ns") and sha256_file(path).sha256 != rec["sha256"]:
             return False
     return True
+
+
+ASYMMETRIC_LOAD = (
+    "an asymmetric scheme's zero points are packed eight (4-bit) or four (8-bit) per int32 along the output rows, as "
+    "the compressed-tensors library writes them and vLLM reads them; transformers 5 sizes them unpacked when it loads "
+    "the folder compressed, so load it there with AutoModelForCausalLM.from_pretrained(folder, "
+    "quantization_config=CompressedTensorsConfig(dequantize=True))"
+)
+
+
+def _unquantized_linears(work: WorkDir, lm, arch) -> list[str]:
+    """The linear layers of the model (checkpoint names) that the packed export stores as float weights: the head,
+    and any other linear outside the blocks (OPT-350m's project_in/project_out) or not quantized in them."""
+    from torch import nn
+
+    quantized = {
+        arch.block_prefix(i) + k.removesuffix(".weight_scale")
+        for i in range(arch.num_blocks)
+        for k in tensor_names(work.check_file(work.qparams_path(i)))
+        if k.endswith(".weight_scale")
+    }
+    return sorted(name for name, m in lm.named_modules() if isinstance(m, nn.Linear) and name not in quantized)
 
 
 def _read_marker(out: Path) -> dict | None:
@@ -266,6 +301,8 @@ def model_card(work: WorkDir, stage: str, sparsity: float, fmt: str = "hf") -> s
         if fmt == "compressed-tensors":
             lines.append(
                 "- Format: compressed-tensors pack-quantized (loads in vLLM and in transformers with compressed-tensors)"
+                if scheme.symmetric
+                else f"- Format: compressed-tensors pack-quantized, asymmetric: {ASYMMETRIC_LOAD}"
             )
     evals = work.eval_results("*")
     runs = {st: work.stage(name).run_id for st, name in STAGE_OF.items() if work.stage(name)}
@@ -274,7 +311,11 @@ def model_card(work: WorkDir, stage: str, sparsity: float, fmt: str = "hf") -> s
         lines += ["", "## Metrics", "", "| model | data | seqlen | tokens | perplexity |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['data']} | {r['seqlen']} | {r['tokens']} | {r['ppl']:.3f} |" for r in rows if "ppl" in r]
     if fmt == "compressed-tensors":
-        lines += ["", "Pruned weights are zero codes; embeddings and the head are not quantized.", ""]
+        lines += [
+            "",
+            "Pruned weights are zero codes; embeddings, the head and any linear layer outside the blocks are not quantized.",
+            "",
+        ]
     else:
         lines += ["", "Pruned weights are stored as zeros; the model loads with plain `transformers`.", ""]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from freelunch_cli.engine.runner import WindowJob
 from freelunch_cli.engine.windowed import plan_windows, run_windows
 from freelunch_cli.quantization.fake_quant import prepare_qat
 from freelunch_cli.workdir.directory import STAGE_OF, WorkDir
-from freelunch_cli.workdir.files import load_tensors
+from freelunch_cli.workdir.files import tensor_shapes
 
 
 def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, resume: bool = False, force: bool = False) -> dict:
@@ -44,7 +44,8 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
     source = _source_model(work, cfg.start)
     cfg = cfg.resolved(source)
     work.check_model(source)  # every block there before the stage begins
-    scheme.check_block(load_tensors(work.model_block_path(source, 0)))  # before anything is written
+    for i in range(work.stage("calibrate").summary["num_blocks"]):  # every block, before anything is written
+        scheme.check_block(tensor_shapes(work.model_block_path(source, i)), f"block {i}: ")
     windows = plan_windows(work, cfg.window)
 
     def prepare(scope, masks, index, storage_dtype):

@@ -43,13 +43,13 @@ from freelunch_cli.workdir.stage import StageRun, open_stage
 LORA_KEYS = (".parametrizations.weight.original", ".parametrizations.weight.0.")
 
 
-def _training_ids(work: WorkDir, cfg: RetrainConfig) -> tuple[torch.Tensor, dict]:
+def _training_ids(work: WorkDir, cfg: RetrainConfig, warn) -> tuple[torch.Tensor, dict]:
     """Token ids ``[n, seqlen]`` to train on (the calibration sequences, or ``--data``) and their signature."""
     ids = load_tensors(work.check_file(work.tokens_path))["input_ids"]
     if cfg.data is None:
         return ids, {"data": "calibration windows"}  # as recorded since the first version: resumes compare it
     src = resolve_text(cfg.data)
-    text = read_text(src)
+    text = read_text(src, warn)
     tok = work_tokenizer(work)
     out = sample_sequences(tokenize(tok, text), cfg.samples or ids.shape[0], ids.shape[1], cfg.seed, cfg.allow_overlap)
     return out, {"data": src.spec, "data_sha": text_fingerprint(text)}
@@ -90,7 +90,7 @@ def retrain(work: WorkDir, cfg: RetrainConfig, rep: Reporter | None = None, resu
             raise FreelunchError(
                 "sharded retraining computes in bfloat16 or float32; use --dtype bfloat16 (or float32 on GPUs without bfloat16)"
             )
-    ids, data_sig = _training_ids(work, cfg)
+    ids, data_sig = _training_ids(work, cfg, rep.warn)
     signature = cfg.signature(start, work.stage(STAGE_OF[start]).run_id, data_sig)
     check_memory(work, cfg, start, world, device, compute, rep)
     if world is None:
@@ -150,7 +150,7 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
         where = "" if world is None else f" sharded over {world.size} processes (FSDP2),"
         rep.info(
             f"retrain: the whole {start} model ({cfg.peft}, {n_train:,} trainable parameters),{where} {total} steps of "
-            f"{cfg.batch_size} x {ids.shape[1]} tokens, lr {cfg.lr}"
+            f"{min(cfg.batch_size, n)} x {ids.shape[1]} tokens, lr {cfg.lr}"
             + (" (the default after a reconstruction; --peft full trains every weight)" if chosen else "")
         )
         autocast = autocast_factory(device, compute) if world is None else nullcontext  # sharded: FSDP's policy casts
@@ -179,7 +179,7 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
             "work": str(work.root),
             "from": start,
             "steps": total,
-            "tokens": total * cfg.batch_size * ids.shape[1],
+            "tokens": trained_rows(total, n, cfg.batch_size) * ids.shape[1],
             "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
             "trainable_params": n_train,
@@ -193,6 +193,13 @@ def _train(work, cfg, start, ids, signature, world, device, compute, chosen, rep
         summary = run.finish(summary, line, config=cfg)
         model.discard_checkpoints()  # only once the stage is done: a kill before resumes from the last one
         return summary
+
+
+def trained_rows(steps: int, n: int, batch_size: int) -> int:
+    """The sequences ``steps`` steps train on: each epoch draws its ``n`` sequences in batches of ``batch_size``, the
+    last batch of an epoch holding the ``n mod batch_size`` left over (a batch larger than ``n`` holds all ``n``)."""
+    per_epoch = math.ceil(n / batch_size)
+    return sum(min(batch_size, n - (s % per_epoch) * batch_size) for s in range(steps))
 
 
 def _refuse_other_world(work: WorkDir, world) -> None:

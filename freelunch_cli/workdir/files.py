@@ -205,6 +205,16 @@ def tensor_names(path: Path) -> list[str]:
         return list(f.keys())
 
 
+def tensor_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors (shape and dtype, no data), read from its header only."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with safe_open(str(path), framework="pt") as f:
+        return {
+            k: torch.empty(f.get_slice(k).get_shape(), dtype=dtypes.get(f.get_slice(k).get_dtype(), torch.int64), device="meta")
+            for k in f.keys()
+        }
+
+
 def count_params(path: Path) -> int:
     """Number of elements in a safetensors file, read from its header only."""
     with safe_open(str(path), framework="pt") as f:

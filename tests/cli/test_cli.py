@@ -119,3 +119,27 @@ def test_the_work_directory_can_come_from_the_environment(calibrated, tmp_path):
     assert json.loads(result.stdout)["work"] == str(work)
     missing = CliRunner().invoke(app, ["prune", "--criterion", "magnitude"], env={"FREELUNCH_WORK": ""})
     assert missing.exit_code == 2 and "--work" in missing.output
+
+
+def test_every_help_text_and_message_shows_its_brackets(capsys):
+    """Help texts are rich markup: an unescaped ``[word]`` is taken for a tag and vanishes from ``--help`` (it read
+    "reconstruct ->  -> eval"). Every help text, rendered, must read as written; so must every console message."""
+    import typer.main
+    from rich.markup import render
+
+    from freelunch_cli.core.console import Reporter
+
+    root = typer.main.get_command(app)
+    texts = [("freelunch", root.help)]
+    for name, command in root.commands.items():
+        texts += [(name, command.help)] + [(f"{name} {p.name}", getattr(p, "help", None)) for p in command.params]
+    for where, text in texts:
+        if text and "[" in text:
+            assert render(text).plain == text.replace("\\[", "["), f"{where}: a bracketed word is eaten as markup"
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["--help"])
+    assert "reconstruct -> [quantize] -> eval" in result.output
+    rep = Reporter()
+    rep.warn("skipped [experts, hidden] and [bold]x[/bold]")
+    rep.info("shape [64, 32]")
+    err = capsys.readouterr().err
+    assert "skipped [experts, hidden] and [bold]x[/bold]" in err and "shape [64, 32]" in err

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -129,3 +130,32 @@ def test_a_model_with_its_own_code_needs_trust_remote_code_and_keeps_its_code(tm
     assert work.stage("calibrate").signature["trust_remote_code"] is True
     res = evaluate(work, EvalConfig(ppl=[str(HELDOUT)], seqlen=16, limit_sequences=2, stage="dense", device="cpu"))
     assert res["results"][0]["ppl"] > 1
+
+
+def test_transposed_experts_are_refused_by_layout_before_anything_is_written(tmp_path):
+    """Llama 4 keeps gate_up_proj as [experts, hidden, 2 x intermediate] without an is_transposed flag, and its
+    experts' forward takes the routed tokens only: taken for Mixtral's layout, calibrate failed with a TypeError after
+    writing the dense shards."""
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    from helpers import CALIB, VOCAB, train_tokenizer
+
+    config = transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, max_position_embeddings=256,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    experts = model.model.layers[1].feed_forward.experts
+    assert tuple(experts.gate_up_proj.shape) == (4, 64, 128)  # the layout the test is about
+    with pytest.raises(
+        FreelunchError, match=r"experts model\.layers\.1\.feed_forward\.experts \(Llama4TextExperts\) are stored transposed"
+    ):
+        split_experts(model)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    train_tokenizer(CALIB.read_text()[:50_000]).save_pretrained(folder)
+    with pytest.raises(FreelunchError, match=r"unsupported mixture-of-experts layout: .* stored transposed"):
+        calibrate(WorkDir(tmp_path / "w"), CalibrateConfig(model=str(folder), data=str(CALIB), samples=4, seqlen=32))
+    assert not (tmp_path / "w").exists() or not any(p.is_file() for p in (tmp_path / "w").rglob("*"))

@@ -50,3 +50,30 @@ def test_perplexity_matches_a_direct_computation(tiny_models, calibrated):
     expected = torch.exp(torch.stack(losses).mean())
     assert res["tokens"] == 6 * (SEQLEN - 1)
     assert res["ppl"] == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])  # streamed, or loaded whole by transformers
+def test_a_weight_missing_from_the_checkpoint_is_refused_by_name(tmp_path, layout):
+    """An untied checkpoint without ``lm_head.weight`` would get a random head; a tied one needs none."""
+    from safetensors.torch import load_file
+
+    from freelunch_cli.core.errors import FreelunchError
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    from helpers import CALIB, make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "m", "llama")  # tie_word_embeddings false
+    state = load_file(folder / "model.safetensors")
+    del state["lm_head.weight"]
+    (folder / "model.safetensors").unlink()
+    if layout == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = CalibrateConfig(model=str(folder), data=str(CALIB), samples=4, seqlen=32, device="cpu")
+    with pytest.raises(FreelunchError, match=r"has no lm_head\.weight, which the model needs \(the config does not tie"):
+        calibrate(WorkDir(tmp_path / "w"), cfg)
+    assert not (tmp_path / "w" / "dense" / "rest.safetensors").exists()

@@ -117,3 +117,28 @@ def test_bad_schemes_and_shapes_are_refused():
         FreelunchError, match=r"mlp.up_proj has 576 inputs, not a multiple of --group-size 128; pass --group-size 64"
     ):
         QuantScheme(4, 128, True).check_shape("mlp.up_proj", torch.zeros(8, 576))
+
+
+def test_packing_keeps_the_codes_of_bfloat16_weights_that_division_misses():
+    """w8a16 asymmetric stored in bfloat16: (q - z) · s rounded to bfloat16's 8-bit mantissa, divided by s, lands on
+    a neighbouring code for some of the 256; the packed weight must still unpack to the stored one bit for bit."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    from freelunch_cli.quantization.compressed import ct_scheme, pack_block
+    from freelunch_cli.quantization.schemes import QuantScheme, dequantize, minmax_qparams, quantize
+
+    scheme = QuantScheme(8, 16, symmetric=False)
+    torch.manual_seed(0)
+    w = torch.rand(64, 128) * 0.1  # all positive: the zero point at -128, codes up to 255 steps from it
+    scale, zero = minmax_qparams(w, scheme, torch.bfloat16)
+    codes = quantize(w, scale, zero, scheme)
+    stored = dequantize(codes, scale, zero, scheme)  # bfloat16, as quantize stores it
+    assert stored.dtype == torch.bfloat16
+    naive = dequantize(quantize(stored.float(), scale, zero, scheme), scale, zero, scheme)
+    assert not torch.equal(naive, stored)  # the case: dividing the stored weight finds other codes
+    packed = pack_block(
+        {"mlp.up_proj.weight": stored}, {"mlp.up_proj.weight_scale": scale, "mlp.up_proj.weight_zero_point": zero}, scheme
+    )
+    local = {k.removeprefix("mlp.up_proj."): v for k, v in packed.items()}
+    back = PackedQuantizationCompressor.decompress(local, ct_scheme(scheme))["weight"]
+    assert back.dtype == torch.bfloat16 and torch.equal(back, stored)

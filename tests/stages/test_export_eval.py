@@ -67,3 +67,24 @@ def test_eval_every_stage_and_cache(fresh_work):
     again = evaluate(work, EvalConfig(ppl=[str(HELDOUT)], seqlen=SEQLEN, limit_sequences=8, stage="dense", device="cpu"))
     assert again["results"][0]["ppl"] == dense["ppl"]
     assert len(list((work.root / "eval").glob("*.json"))) == 2
+
+
+def test_a_cast_that_overflows_the_export_dtype_is_an_error_naming_the_tensor(fresh_work, tmp_path, monkeypatch):
+    import freelunch_cli.stages.export as export_module
+
+    work = fresh_work("llama")
+    load = export_module.load_tensors
+
+    def large(path):  # one weight beyond float16's range (65504), as a badly scaled checkpoint has
+        state = load(path)
+        if "mlp.up_proj.weight" in state:
+            state["mlp.up_proj.weight"] = state["mlp.up_proj.weight"].clone()
+            state["mlp.up_proj.weight"][0, 0] = 1e6
+        return state
+
+    monkeypatch.setattr(export_module, "load_tensors", large)
+    with pytest.raises(
+        FreelunchError, match=r"model\.layers\.0\.mlp\.up_proj\.weight overflows --dtype float16 \(values up to 1e\+06"
+    ):
+        export(work, ExportConfig(out=str(tmp_path / "hf"), stage="dense", dtype="float16"))
+    assert export(work, ExportConfig(out=str(tmp_path / "bf"), stage="dense", dtype="bfloat16"))["shards"] == 1

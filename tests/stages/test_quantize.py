@@ -204,6 +204,75 @@ def test_chained_inputs_and_smaller_windows(window, fresh_work):
 
 def test_mixture_of_experts_is_refused_before_anything_is_written(fresh_work):
     work = fresh_work("mixtral")
-    with pytest.raises(FreelunchError, match="quantize does not support 3-D expert weights yet"):
+    with pytest.raises(FreelunchError, match=r"does not support mixture-of-experts weights yet \(block 0: mlp\.experts\."):
         quantize(work, QuantizeConfig(group_size=32, steps=0, device="cpu"))
     assert work.stage("quantize") is None
+
+
+def test_experts_after_a_dense_first_block_are_refused_before_anything_is_written(tmp_path):
+    """Qwen2-MoE's mlp_only_layers (DeepSeek-V3's first_k_dense_replace): block 0 dense, block 1 experts. Checking
+    block 0 only accepted the model, and export then stopped half-written on block 1."""
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    from helpers import CALIB, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", "qwen2_moe", mlp_only_layers=[0])
+    work = WorkDir(tmp_path / "w")
+    calibrate(work, CalibrateConfig(model=str(model), data=str(CALIB), samples=4, seqlen=32, device="cpu"))
+    assert "mlp.gate_proj.weight" in load_tensors(work.block_path("dense", 0))  # the layout the test is about
+    with pytest.raises(FreelunchError, match=r"\(block 1: mlp\.experts\.\w+ is 3-D \(4, "):
+        quantize(work, QuantizeConfig(group_size=16, steps=0, device="cpu"))
+    assert work.stage("quantize") is None and not work.model_dir("quantized").exists()
+
+
+def _calibrated(tmp_path, arch="llama", storage_dtype="auto", **overrides):
+    from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
+    from freelunch_cli.workdir.directory import WorkDir
+
+    from helpers import CALIB, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", arch, **overrides)
+    work = WorkDir(tmp_path / "w")
+    cfg = CalibrateConfig(model=str(model), data=str(CALIB), samples=4, seqlen=32, storage_dtype=storage_dtype, device="cpu")
+    calibrate(work, cfg)
+    return work
+
+
+def test_the_export_ignores_every_linear_it_stores_as_float_and_loads_plainly(tmp_path):
+    """OPT-350m's project_in/project_out are linear layers outside the blocks: an ignore list of lm_head alone made
+    transformers fill their packed weights at random (NaN); `eval --model` must refuse such a folder as they do."""
+    work = _calibrated(tmp_path, "opt", word_embed_proj_dim=32, do_layer_norm_before=False)
+    quantize(work, QuantizeConfig(group_size=16, steps=0, device="cpu"))
+    out = tmp_path / "ct"
+    export(work, ExportConfig(out=str(out), format="compressed-tensors"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head", "model.decoder.project_in", "model.decoder.project_out"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()  # the documented way: no dequantize=True
+    ids = load_tensors(work.tokens_path)["input_ids"][:2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, streamed_logits(work, "quantized", ids), atol=1e-4, rtol=1e-4)
+    config["quantization_config"]["ignore"] = ["lm_head"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        FreelunchError,
+        match=r"model\.decoder\.project_(in|out) is quantized by its quantization_config .* stored as a float weight",
+    ):
+        evaluate(None, EvalConfig(ppl=[str(HELDOUT)], model=str(out), limit_sequences=2, device="cpu"))
+
+
+def test_w8a16_asymmetric_on_bfloat16_weights_exports_its_codes_bit_for_bit(tmp_path):
+    """Dividing bfloat16-rounded weights by their scales lands some of the 256 codes on a neighbour: the export must
+    pack the codes whose dequantization is the stored weight, not refuse the model as damaged."""
+    work = _calibrated(tmp_path, storage_dtype="bfloat16")
+    prune(work, PruneConfig(criterion="wanda", sparsity=0.5, device="cpu"))
+    quantize(work, QuantizeConfig(scheme="w8a16", symmetric=False, group_size=16, steps=0, device="cpu"))
+    out = tmp_path / "ct"
+    export(work, ExportConfig(out=str(out), format="compressed-tensors"))
+    assert "CompressedTensorsConfig(dequantize=True)" in (out / "README.md").read_text()  # how asymmetric loads
+    model = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    for i, layer in enumerate(model.model.layers):
+        quant = load_tensors(work.block_path("quantized", i))
+        for name in _matrices(quant):
+            got = layer.get_submodule(name).weight
+            assert got.dtype == torch.bfloat16 and torch.equal(got, quant[f"{name}.weight"]), (i, name)

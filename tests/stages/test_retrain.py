@@ -332,3 +332,18 @@ def test_masked_lora_retraining_resumes_and_refuses_another_variant(fresh_work):
     for i in range(2):
         x, y = load_tensors(a.block_path("retrained", i)), load_tensors(b.block_path("retrained", i))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("batch_size", [5, 32])  # a short last batch; one batch larger than the data
+def test_retrain_reports_the_tokens_it_trained_on(fresh_work, monkeypatch, batch_size):
+    import freelunch_cli.stages.retrain as retrain_module
+
+    work = fresh_work("llama")
+    prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
+    seen = []  # tokens of every batch the model was trained on, counted where the loss is computed
+    loss = retrain_module.WholeModel.loss
+    monkeypatch.setattr(retrain_module.WholeModel, "loss", lambda self, batch: seen.append(batch.numel()) or loss(self, batch))
+    s = retrain(work, RetrainConfig(peft="full", epochs=1, batch_size=batch_size, device="cpu"))
+    assert s["tokens"] == sum(seen) == 16 * SEQLEN
+    assert s["steps"] == len(seen)
+    assert work.stage("retrain").summary["tokens"] == sum(seen)
