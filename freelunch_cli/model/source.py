@@ -59,13 +59,11 @@ class ModelSpec:
         if quant.get("quant_method") == "compressed-tensors":
             import warnings
 
-            from freelunch_cli.quantization.compressed import check_folder
-
             index = _safetensors_index(self.folder) or {}
             config = AutoConfig.from_pretrained(self.folder, **self.hf_kwargs())
             del config.quantization_config  # the plain model's modules, as the checkpoint names them
             modules = dict(meta_model(config, self.trust_remote_code, split=False).named_modules())
-            check_folder(self.folder, quant, modules, set(index))  # what transformers and vLLM would load wrong
+            check_compressed_folder(self.folder, quant, modules, set(index))  # what transformers and vLLM would load wrong
 
             from transformers import CompressedTensorsConfig
 
@@ -348,3 +346,40 @@ def work_config(work):
 def work_tokenizer(work):
     """The work directory's tokenizer."""
     return AutoTokenizer.from_pretrained(work.model_dir("dense"), trust_remote_code=trusts_remote_code(work))
+
+
+def check_compressed_folder(folder, quant: dict, modules: dict[str, torch.nn.Module], keys: set[str]) -> None:
+    """Refuse a compressed-tensors folder that transformers and vLLM would load wrong: every module its
+    ``quant`` (the ``quantization_config`` of config.json) targets and does not ignore must be stored packed
+    (``name.weight_packed``, with the zero point an asymmetric scheme needs, ``name.weight_zero_point``), and every
+    other linear layer as a plain ``name.weight``; those loaders fill a weight the checkpoint lacks with random
+    values (NaN in practice). ``modules``: the model's modules by checkpoint name (a meta model's will do);
+    ``keys``: the checkpoint's tensor names. Raises FreelunchError naming the first module that does not match.
+    """
+    from compressed_tensors.utils.match import is_match
+
+    if quant.get("format") not in (None, "pack-quantized") or not quant.get("config_groups"):
+        return
+    ignore = quant.get("ignore") or []
+    said = f"its quantization_config (ignore {ignore})"
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for group in quant["config_groups"].values():
+            if is_match(name, module, group.get("targets") or [], ignore):
+                if f"{name}.weight_packed" not in keys:
+                    raise FreelunchError(
+                        f"{folder}: {name} is quantized by {said} but stored as "
+                        f"{'a float weight' if f'{name}.weight' in keys else 'nothing'}; transformers and vLLM would "
+                        f"load it with missing weights (the quantization_config must ignore every unquantized layer)"
+                    )
+                weights = group.get("weights") or {}
+                if not weights.get("symmetric", True) and f"{name}.weight_zero_point" not in keys:
+                    raise FreelunchError(f"{folder}: {name} is quantized asymmetrically but has no weight_zero_point")
+                break
+        else:
+            if f"{name}.weight" not in keys and f"{name}.weight_packed" in keys:
+                raise FreelunchError(
+                    f"{folder}: {name} is stored packed but {said} does not quantize it; transformers and vLLM would "
+                    f"load it with a missing weight"
+                )
