@@ -13,7 +13,7 @@ from freelunch_cli.core.console import Reporter
 from freelunch_cli.core.device import dtype_name, parse_dtype, resolve
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.core.units import format_bytes
-from freelunch_cli.model.activations import write_activations
+from freelunch_cli.model.activations import cache_dtype_of, write_activations
 from freelunch_cli.model.arch import find_arch, prunable_linears
 from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton, run_block
@@ -33,6 +33,8 @@ def calibrate(
     """Write the dense model's shards, the calibration token ids ``[samples, seqlen]`` and the dense activation cache
     (``blocks + 1`` boundaries of ``[samples, seqlen, hidden]`` in ``--cache-dtype``) into ``work``; return the summary.
 
+    A float16 boundary whose hidden states exceed float16's range is stored in bfloat16 instead (its file records its
+    dtype; the console says so and the summary lists it under ``cache_widened``): the run never stops for it.
     Everything that can be wrong with the input is checked before the work directory is touched.
     """
     rep = rep or Reporter(quiet=True)
@@ -89,7 +91,7 @@ def calibrate(
         t_pass = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
             for b in missing:
-                _write_boundary(work, sk, b, ids, cfg, cache_dtype, compute, with_stats)
+                _write_boundary(work, sk, b, ids, cfg, cache_dtype, compute, with_stats, rep.info)
                 kill_point("calibrate.boundary")
                 bar.advance()
         summary = {
@@ -103,6 +105,7 @@ def calibrate(
             "tokens": cfg.samples * cfg.seqlen,
             "cache_bytes": planned,
             "storage_dtype": meta["storage_dtype"],
+            "cache_widened": _widened(work, n_blocks, cache_dtype),
             "seconds_import": round(t_import, 2),
             "seconds_dense_pass": round(time.time() - t_pass, 2),
         }
@@ -147,9 +150,23 @@ def _boundary_done(work: WorkDir, b: int, with_stats: bool) -> bool:
     return work.is_recorded(work.boundary_path("dense", b)) and stats
 
 
-def _write_boundary(work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConfig, cache_dtype, compute, with_stats: bool):
+def _widened(work: WorkDir, n_blocks: int, cache_dtype: torch.dtype) -> dict[str, list[int]]:
+    """The dense boundaries stored in another dtype than ``cache_dtype`` (beyond its range), by dtype name; read from
+    the files' headers, so boundaries written before a resume count too."""
+    out: dict[str, list[int]] = {}
+    for b in range(n_blocks + 1):
+        dtype = cache_dtype_of(TensorRows(work.check_file(work.boundary_path("dense", b))))
+        if dtype != cache_dtype:
+            out.setdefault(dtype_name(dtype), []).append(b)
+    return out
+
+
+def _write_boundary(
+    work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConfig, cache_dtype, compute, with_stats: bool, log=None
+):
     """Dense boundary ``b``: the embeddings of the calibration ids ``[samples, seqlen]`` (``b`` = 0), else dense block
-    ``b - 1`` run on boundary ``b - 1`` (with its input statistics when ``with_stats``)."""
+    ``b - 1`` run on boundary ``b - 1`` (with its input statistics when ``with_stats``). ``log`` hears of a boundary
+    stored in a wider dtype than ``cache_dtype`` (``model.activations.write_activations``)."""
     if b == 0:
         samples, seqlen = ids.shape
         write_activations(
@@ -162,14 +179,22 @@ def _write_boundary(work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConf
             cache_dtype,
             cfg.batch_size,
             "the embeddings",
+            log,
         )
     else:
         what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
-        _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats)
+        _dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats, log)
 
 
 def _dense_block_pass(
-    work: WorkDir, sk: Skeleton, i: int, cfg: CalibrateConfig, cache_dtype: torch.dtype, what: str, with_stats: bool = True
+    work: WorkDir,
+    sk: Skeleton,
+    i: int,
+    cfg: CalibrateConfig,
+    cache_dtype: torch.dtype,
+    what: str,
+    with_stats: bool = True,
+    log=None,
 ) -> None:
     """Dense block ``i`` on the stored boundary before it (so a resumed pass computes exactly what an uninterrupted one
     does): its output is boundary ``i + 1``, and the per-input sums of squares of its matrices, gathered on the way,
@@ -193,6 +218,8 @@ def _dense_block_pass(
             cache_dtype,
             cfg.batch_size,
             what,
+            log,
+            collector.reset,  # a boundary written again in a wider dtype gathers its statistics again
         )
     if with_stats:
         stats = {name: st.sumsq for name, st in collector.stats.items()}

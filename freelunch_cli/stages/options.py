@@ -51,7 +51,9 @@ class CalibrateConfig:
     seqlen: int = option(512, "Tokens per calibration sequence.")
     seed: int = option(0, "Seed of the sequence sampling.")
     allow_overlap: bool = option(False, "Let sequences overlap when the text is short.", "--allow-overlap")
-    cache_dtype: str = option("float16", "Storage dtype of the activation cache.")
+    cache_dtype: str = option(
+        "float16", "Storage dtype of the activation cache; a float16 file whose values exceed its range is stored in bfloat16."
+    )
     storage_dtype: str = option("auto", "Dtype of the working model's shards (auto: as the checkpoint).")
     batch_size: int = option(8, "Samples per forward batch.")
     cache_dir: str | None = option(
