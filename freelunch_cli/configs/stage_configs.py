@@ -29,7 +29,14 @@ MODEL_CHOICES = "latest, dense, pruned, reconstructed, retrained or quantized."
 # adapters at 1e-3 with recomputation were the best pipeline measured; from the pruned model full retraining stays
 # the baseline. Adapters want 10x full training's rate, and biases and norms take 1e-3 as well.
 PEFT_AFTER_RECONSTRUCTION = "masked-lora"
-QUANTIZE_LR = {"pruned": 1e-3}  # quantization-aware reconstruction of the pruned model repairs pruning too: reconstruct's rate
+# Windows' default rates are relative to each trained tensor's RMS (Adafactor's relative step), so that they transfer
+# across models: SmolLM2-135M's matrices have an RMS of about 0.2, where 5e-3 is the 1e-3 its sweeps chose; a model
+# whose weights are ten times smaller gets a ten times smaller step (issue 30: 1e-3 made such a model worse).
+RELATIVE_LR = 5e-3
+QUANTIZE_RELATIVE_LR = {"pruned": RELATIVE_LR}  # from a dense, reconstructed or retrained model: a tenth of it
+ADAPTER_LR = 1e-3  # LoRA's B starts at zero: its rate cannot be relative to its size
+WINDOW_RETRIES = 2
+WINDOW_VAL_FRACTION = 0.0625  # 8 of 128 calibration samples: where a window's loss must not rise
 LR_BY_PEFT = {"full": 1e-4, "bias-norm": 1e-3, "lora": 1e-3, "masked-lora": 1e-3}
 
 
@@ -51,7 +58,9 @@ class CalibrateConfig:
     seqlen: int = option(512, "Tokens per calibration sequence.")
     seed: int = option(0, "Seed of the sequence sampling.")
     allow_overlap: bool = option(False, "Let sequences overlap when the text is short.", "--allow-overlap")
-    cache_dtype: str = option("float16", "Storage dtype of the activation cache.")
+    cache_dtype: str = option(
+        "float16", "Storage dtype of the activation cache; a float16 file whose values exceed its range is stored in bfloat16."
+    )
     storage_dtype: str = option("auto", "Dtype of the working model's shards (auto: as the checkpoint).")
     batch_size: int = option(8, "Samples per forward batch.")
     cache_dir: str | None = option(
@@ -167,7 +176,9 @@ class WindowedOptions:
     batch_size: int = option(4, "Samples per step.")
     loss: str = option("mse", "mse, nmse or cosine.")
     kl_weight: float = option(0.0, "Last window: add this weight x KL to the dense next-token distribution.")
-    val_fraction: float = option(0.0, "Calibration samples held out for a validation loss.")
+    val_fraction: float = option(
+        WINDOW_VAL_FRACTION, "Calibration samples held out: no window ends with a higher loss on them than it started."
+    )
     loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
     seed: int = option(0, "Seed of the data order, validation split and adapters.")
     keep_cache: bool = option(
@@ -217,7 +228,19 @@ class ReconstructConfig(WindowedOptions):
     peft: str = option("full", "What trains: full, bias-norm, lora or masked-lora (adapters merged at the end, masks kept).")
     lora_rank: int = option(16, "LoRA rank (lora, masked-lora).")
     lora_alpha: float = option(32.0, "LoRA alpha: the update is alpha / rank x B A.")
-    lr: float = option(1e-3, "Peak AdamW learning rate (linear decay to 0).")
+    lr: float | None = option(
+        None, "Peak AdamW learning rate, linear decay to 0, the same for every tensor (default: see --lr-relative)."
+    )
+    lr_relative: float = option(
+        RELATIVE_LR,
+        "Without --lr: the peak rate as a fraction of each trained tensor's RMS, so that it transfers across models "
+        f"(lora and masked-lora: {ADAPTER_LR:g}).",
+    )
+    retries: int = option(
+        WINDOW_RETRIES,
+        "A window whose held-out loss ends above its start trains again at a tenth of the rate, this often; it keeps "
+        "its starting weights if no attempt improves.",
+    )
     epochs: int = option(2, "Passes over the calibration sequences (1 takes about half the time, at some quality).")
     steps: int | None = option(None, "Optimizer steps per window (overrides --epochs).")
     warmup: float = option(0.0, "Fraction of the steps with a linear warm-up.")
@@ -230,8 +253,9 @@ class ReconstructConfig(WindowedOptions):
         resumed run matches."""
         from freelunch_cli.training.loop import TrainConfig
 
+        lr, relative = self.rate()
         return TrainConfig(
-            self.lr,
+            lr,
             self.epochs,
             self.batch_size,
             self.seed * 100_003 + window_index,
@@ -242,7 +266,22 @@ class ReconstructConfig(WindowedOptions):
             self.grad_clip,
             self.keep_best,
             self.loss_samples or None,
+            relative,
+            self.retries,
         )
+
+    def rate(self) -> tuple[float, bool]:
+        """(peak rate, whether it is relative to each tensor's RMS): --lr as given, else --lr-relative (adapters:
+        ``ADAPTER_LR``, absolute)."""
+        if self.lr is not None:
+            return self.lr, False
+        if self.peft in ("lora", "masked-lora"):
+            return ADAPTER_LR, False
+        return self.lr_relative, True
+
+    def describe_rate(self) -> str:
+        lr, relative = self.rate()
+        return f"lr {lr:g}" + (" x each tensor's RMS" if relative else "")
 
     def peft_config(self, window_index: int):
         from freelunch_cli.training.peft import PeftConfig
@@ -255,6 +294,8 @@ class ReconstructConfig(WindowedOptions):
         self.peft_config(0).validate()
         if self.keep_best and self.val_fraction == 0:
             raise FreelunchError("--keep-best needs validation samples: set --val-fraction")
+        if self.lr_relative <= 0:
+            raise FreelunchError(f"--lr-relative must be positive, got {self.lr_relative}")
 
     def signature(self, prune_run: str) -> dict:
         return {"prune_run": prune_run, **self.what_it_computes()}
@@ -364,8 +405,17 @@ class QuantizeConfig(WindowedOptions):
     scale_lr: float = option(1e-2, "Peak learning rate of the scales' log factors (--learn-scales).")
     lr: float | None = option(
         None,
-        "Peak AdamW learning rate, linear decay to 0 (default: 1e-3 from the pruned model, repairing pruning too, as "
-        "reconstruct; 1e-4 from a dense, reconstructed or retrained one).",
+        "Peak AdamW learning rate, linear decay to 0, the same for every tensor (default: --lr-relative x each tensor's RMS).",
+    )
+    lr_relative: float | None = option(
+        None,
+        f"Without --lr: the peak rate as a fraction of each tensor's RMS (default {RELATIVE_LR:g} from the pruned model, "
+        f"repairing pruning too, as reconstruct; {RELATIVE_LR / 10:g} from a dense, reconstructed or retrained one).",
+    )
+    retries: int = option(
+        WINDOW_RETRIES,
+        "A window whose held-out loss ends above its start trains again at a tenth of the rate, this often; it keeps "
+        "its starting weights if no attempt improves.",
     )
 
     def quant_scheme(self):
@@ -376,15 +426,28 @@ class QuantizeConfig(WindowedOptions):
     def train_config(self, window_index: int):
         from freelunch_cli.training.loop import TrainConfig
 
+        lr, relative = self.rate()
         return TrainConfig(
-            lr=self.lr,
+            lr=lr,
             epochs=self.epochs,
             batch_size=self.batch_size,
             seed=self.seed * 100_003 + window_index,
             loss=self.loss,
             steps=self.steps,
             loss_samples=self.loss_samples or None,
+            relative_lr=relative,
+            retries=self.retries,
         )
+
+    def rate(self) -> tuple[float, bool]:
+        """(peak rate, whether it is relative to each tensor's RMS), once ``resolved``."""
+        if self.lr is not None:
+            return self.lr, False
+        return self.lr_relative or RELATIVE_LR, True
+
+    def describe_rate(self) -> str:
+        lr, relative = self.rate()
+        return f"lr {lr:g}" + (" x each tensor's RMS" if relative else "")
 
     def validate(self) -> None:
         if self.start not in QUANTIZE_STARTS:
@@ -394,13 +457,18 @@ class QuantizeConfig(WindowedOptions):
         if self.steps is not None and self.steps < 0:
             raise FreelunchError(f"--steps must be at least 0, got {self.steps}")
         if self.steps != 0:
-            replace(self, lr=self.lr or 1e-3).train_config(0).validate()
+            self.train_config(0).validate()
+        if self.lr_relative is not None and self.lr_relative <= 0:
+            raise FreelunchError(f"--lr-relative must be positive, got {self.lr_relative}")
         if self.scale_lr <= 0:
             raise FreelunchError(f"--scale-lr must be positive, got {self.scale_lr}")
 
     def resolved(self, start: str) -> QuantizeConfig:
-        """The options as run from model ``start``: an unset --lr takes the default for that model."""
-        return replace(self, lr=self.lr if self.lr is not None else QUANTIZE_LR.get(start, 1e-4))
+        """The options as run from model ``start``: without --lr, an unset --lr-relative takes the default for that
+        model."""
+        if self.lr is not None or self.lr_relative is not None:
+            return self
+        return replace(self, lr_relative=QUANTIZE_RELATIVE_LR.get(start, RELATIVE_LR / 10))
 
     def signature(self, start: str, start_run: str) -> dict:
         """What the stage computes from model ``start`` (of run ``start_run``); training options only when it trains."""
@@ -411,7 +479,19 @@ class QuantizeConfig(WindowedOptions):
                 sig.pop(k)
         sig["scheme"] = self.quant_scheme().name
         if self.steps == 0:
-            for k in ("epochs", "learn_scales", "lr", "batch_size", "loss", "seed", "inputs", "window", "dtype"):
+            for k in (
+                "epochs",
+                "learn_scales",
+                "lr",
+                "lr_relative",
+                "retries",
+                "batch_size",
+                "loss",
+                "seed",
+                "inputs",
+                "window",
+                "dtype",
+            ):
                 sig.pop(k)
         if self.steps == 0 or not self.learn_scales:
             sig.pop("scale_lr")

@@ -20,9 +20,12 @@ from freelunch_cli.workdir.files import TensorRows, load_tensors, save_tensors_a
 from freelunch_cli.workdir.locks import locked_file
 
 
-def write_boundary(work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConfig, cache_dtype, compute, with_stats: bool):
+def write_boundary(
+    work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConfig, cache_dtype, compute, with_stats: bool, log=None
+):
     """Dense boundary ``b``: the embeddings of the calibration ids ``[samples, seqlen]`` (``b`` = 0), else dense block
-    ``b - 1`` run on boundary ``b - 1`` (with its input statistics when ``with_stats``)."""
+    ``b - 1`` run on boundary ``b - 1`` (with its input statistics when ``with_stats``). ``log`` hears of a boundary
+    stored in a wider dtype than ``cache_dtype`` (``model.activations.write_activations``)."""
     if b == 0:
         samples, seqlen = ids.shape
         write_activations(
@@ -35,14 +38,22 @@ def write_boundary(work: WorkDir, sk: Skeleton, b: int, ids, cfg: CalibrateConfi
             cache_dtype,
             cfg.batch_size,
             "the embeddings",
+            log,
         )
     else:
         what = f"the output of dense block {b - 1} (in {dtype_name(compute)})"
-        dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats)
+        dense_block_pass(work, sk, b - 1, cfg, cache_dtype, what, with_stats, log)
 
 
 def dense_block_pass(
-    work: WorkDir, sk: Skeleton, i: int, cfg: CalibrateConfig, cache_dtype: torch.dtype, what: str, with_stats: bool = True
+    work: WorkDir,
+    sk: Skeleton,
+    i: int,
+    cfg: CalibrateConfig,
+    cache_dtype: torch.dtype,
+    what: str,
+    with_stats: bool = True,
+    log=None,
 ) -> None:
     """Dense block ``i`` on the stored boundary before it (so a resumed pass computes exactly what an uninterrupted one
     does): its output is boundary ``i + 1``, and the per-input sums of squares of its matrices, gathered on the way,
@@ -66,6 +77,8 @@ def dense_block_pass(
             cache_dtype,
             cfg.batch_size,
             what,
+            log,
+            collector.reset,  # a boundary written again in a wider dtype gathers its statistics again
         )
     if with_stats:
         stats = {name: st.sumsq for name, st in collector.stats.items()}

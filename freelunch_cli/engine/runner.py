@@ -381,7 +381,8 @@ class WindowRunner:
         if self.sparse_inputs:
             if lost():
                 return None
-            self.write_chained_output(win, params)
+            if wider := self.write_chained_output(win, params):
+                result["chained_dtype"] = wider  # its output exceeded the cache dtype's range
         rec.update(result, status="done", seconds=time.time() - t0, trainable_params=total, trainable_nonzero=free)
         if lost():
             return None
@@ -400,11 +401,12 @@ class WindowRunner:
         free_memory(torch.device(self.device))
 
     # ---- the chained stream (--inputs sparse) -------------------------------------------------------------
-    def write_chained_output(self, win: Window, params: dict[str, torch.Tensor]) -> None:
-        """Run the finished window, as it is stored, on its chained input; store the output for the next window."""
+    def write_chained_output(self, win: Window, params: dict[str, torch.Tensor]) -> str | None:
+        """Run the finished window, as it is stored, on its chained input; store the output for the next window.
+        Returns the dtype's name where the output exceeded the cache dtype's range and was stored in a wider one."""
         name = win.chained_output(self.sk.num_blocks)
         if name is None:
-            return
+            return None
         blocks = {}
         for j in win.blocks:
             blocks[j] = self.sk.build_block(j, apply_params(self.current_state(j), params, j))
@@ -415,7 +417,7 @@ class WindowRunner:
             with torch.no_grad():
                 return fn(src.rows(rows_slice.start, rows_slice.stop).to(self.device, self.compute))
 
-        write_activations(
+        stored = write_activations(
             self.work,
             self.work.act_path(self.stream, name),
             producer,
@@ -426,6 +428,7 @@ class WindowRunner:
             8,
             f"the output of reconstructed window {win.index} ({win.label()}, in {dtype_name(self.compute)})",
         )
+        return None if stored == self.cache_dtype else dtype_name(stored)
 
     def ensure_chained_input(self, win: Window) -> None:
         """Recreate a deleted chained input by replaying the finished windows that produce it, as stored."""

@@ -135,7 +135,7 @@ def run_windows(
                 ran.append(win.index)
                 rep.info(
                     f"  window {win.index:3d} ({win.label()}): loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g} "
-                    f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "")
+                    f"in {rec['seconds']:.1f}s" + (f" (attempt {attempt})" if attempt > 1 else "") + _retry_note(rec)
                 )
                 kill_point(f"{job.stage}.window")
                 bar.advance()
@@ -195,6 +195,8 @@ def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], c
                 "seconds": round(run.seconds(), 2),
                 "window_seconds": round(sum(r["seconds"] for r in records), 2),
                 "workers": sorted({r.get("worker", "?") for r in records}),
+                "windows_retried": [i for i, r in enumerate(records) if r.get("rejected") and not r.get("kept_start")],
+                "windows_kept_start": [i for i, r in enumerate(records) if r.get("kept_start")],
                 "ran_here": ran,
                 "assembled_here": sorted(mine),
             }
@@ -234,10 +236,27 @@ def assemble_blocks(work: WorkDir, runner: WindowRunner, shard, wait: bool) -> l
 
 def _summary_line(summary: dict) -> str:
     done = "quantized" if summary.get("stage") == "quantize" else "reconstructed"
+    retried, kept = summary.get("windows_retried"), summary.get("windows_kept_start")
     return (
         f"{done} {summary['windows']} {summary['window']} windows: summed loss {summary['loss_before']:.4g} -> "
         f"{summary['loss_after']:.4g} in {summary['seconds']:.1f}s"
+        + (f"; windows {_ids(retried)} retried at a lower rate (their held-out loss rose)" if retried else "")
+        + (f"; windows {_ids(kept)} kept their starting weights (their held-out loss rose at every rate)" if kept else "")
     )
+
+
+def _ids(indices: list[int]) -> str:
+    return ", ".join(map(str, indices[:12])) + (f" and {len(indices) - 12} more" if len(indices) > 12 else "")
+
+
+def _retry_note(rec: dict) -> str:
+    """What a window's record says of attempts given up because its held-out loss rose (``training.loop.train_window``)."""
+    if not rec.get("rejected"):
+        return ""
+    tried = ", ".join(f"{r['lr']:.3g}" + (" diverged" if r["loss"] is None else f" -> {r['loss']:.4g}") for r in rec["rejected"])
+    if rec.get("kept_start"):
+        return f"; its {rec['guard']} loss rose at every rate (lr {tried}): kept its starting weights"
+    return f"; its {rec['guard']} loss rose at lr {tried}: kept lr {rec['lr']:.3g}"
 
 
 def drop_unneeded_boundaries(work: WorkDir, windows: list[Window], stage: str = "reconstruct") -> None:

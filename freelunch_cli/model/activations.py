@@ -12,6 +12,13 @@ from freelunch_cli.core.device import dtype_name
 from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.workdir.files import StreamingTensorWriter
 
+WIDER = {torch.float16: torch.bfloat16}  # float32's range in the same two bytes: the planned cache size still holds
+
+
+class _BeyondRange(Exception):
+    def __init__(self, peak: float):
+        self.peak = peak
+
 
 def write_activations(
     work,
@@ -23,13 +30,40 @@ def write_activations(
     dtype: torch.dtype,
     batch_size: int,
     what: str,
-) -> None:
+    log: Callable[[str], None] | None = None,
+    restart: Callable[[], None] | None = None,
+) -> torch.dtype:
     """Compute an activation cache file batch by batch (``producer(rows)`` gives rows ``[b, seqlen, hidden]``) in
-    ``dtype`` and record it in ``work``'s manifest. ``what`` says where the rows come from, for errors.
+    ``dtype`` and record it in ``work``'s manifest; return the dtype the file holds. ``what`` says where the rows come
+    from, for errors.
+
+    A file whose values exceed float16's range (65504; real models' residual streams do) is written again from its
+    first row in bfloat16, which has float32's range in the same two bytes: ``restart()`` is called before (so that
+    what the producer gathers on the way starts over) and ``log`` is told. The file's header records its dtype, so
+    each file of a cache may have its own; readers take it from there.
 
     Raises FreelunchError when a value is NaN or infinite (naming the file, its source and the compute dtypes that
-    help) or exceeds ``dtype``'s range (naming --cache-dtype); nothing is recorded then.
+    help); nothing is recorded then.
     """
+    try:
+        _write(work, path, producer, samples, seqlen, hidden, dtype, batch_size, what)
+        return dtype
+    except _BeyondRange as e:
+        wider = WIDER[dtype]
+        if log is not None:
+            log(
+                f"hidden states in {path.name} reach {e.peak:.0f}, beyond {dtype_name(dtype)}'s range "
+                f"({torch.finfo(dtype).max:.0f}): stored in {dtype_name(wider)}"
+            )
+        if restart is not None:
+            restart()
+        _write(work, path, producer, samples, seqlen, hidden, wider, batch_size, what)
+        return wider
+
+
+def _write(work, path, producer, samples, seqlen, hidden, dtype, batch_size, what) -> None:
+    """One attempt of ``write_activations`` in ``dtype``; raises _BeyondRange (the file discarded) when a value
+    exceeds the range of a dtype that has a wider one."""
     limit = torch.finfo(dtype).max
     with StreamingTensorWriter(path, "hidden", (samples, seqlen, hidden), dtype) as w, torch.no_grad():
         for start in range(0, samples, batch_size):
@@ -41,10 +75,9 @@ def write_activations(
                     f"computation overflowed; use --dtype bfloat16 or float32 (float16 ends at 65504)"
                 )
             if peak > limit:
-                raise FreelunchError(
-                    f"hidden states in {path.name} reach {peak:.0f}, beyond {dtype_name(dtype)}'s range; "
-                    f"rerun calibrate with --cache-dtype bfloat16 --force"
-                )
+                if dtype in WIDER:
+                    raise _BeyondRange(peak)
+                raise FreelunchError(f"hidden states in {path.name} reach {peak:.0f}, beyond {dtype_name(dtype)}'s range")
             w.append(out)
     work.record_file(path, w.info)
 

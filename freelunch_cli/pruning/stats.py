@@ -50,6 +50,13 @@ class StatsCollector:
 
         return hook
 
+    def reset(self) -> None:
+        """Forget what was gathered (the hooks stay, on the same objects): the batches are run again."""
+        for st in self.stats.values():
+            st.tokens = 0
+            st.sumsq.zero_()
+        self._last = None
+
     def __enter__(self):
         for name, lin in self.linears.items():
             self._handles.append(lin.register_forward_pre_hook(self._hook(self.stats[name])))

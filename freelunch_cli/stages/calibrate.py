@@ -14,13 +14,14 @@ from freelunch_cli.core.device import dtype_name, parse_dtype, resolve
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.core.units import format_bytes
 from freelunch_cli.engine.boundaries import write_boundary
+from freelunch_cli.model.activations import cache_dtype_of
 from freelunch_cli.model.arch import find_arch
 from freelunch_cli.model.build import meta_model, position_limit
 from freelunch_cli.model.skeleton import Skeleton
 from freelunch_cli.model.source import import_model, load_config, load_tokenizer, resolve_model
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
 from freelunch_cli.workdir.directory import WorkDir, expand_cache_dir
-from freelunch_cli.workdir.files import check_free_space, load_tensors, save_tensors_atomic
+from freelunch_cli.workdir.files import TensorRows, check_free_space, load_tensors, save_tensors_atomic
 from freelunch_cli.workdir.stage import StageState, check_signature, open_stage
 
 
@@ -30,6 +31,8 @@ def calibrate(
     """Write the dense model's shards, the calibration token ids ``[samples, seqlen]`` and the dense activation cache
     (``blocks + 1`` boundaries of ``[samples, seqlen, hidden]`` in ``--cache-dtype``) into ``work``; return the summary.
 
+    A float16 boundary whose hidden states exceed float16's range is stored in bfloat16 instead (its file records its
+    dtype; the console says so and the summary lists it under ``cache_widened``): the run never stops for it.
     Everything that can be wrong with the input is checked before the work directory is touched.
     """
     rep = rep or Reporter(quiet=True)
@@ -88,7 +91,7 @@ def calibrate(
         t_pass = time.time()
         with torch.no_grad(), rep.progress("dense pass", total=n_blocks + 1, completed=n_blocks + 1 - len(missing)) as bar:
             for b in missing:
-                write_boundary(work, sk, b, ids, cfg, cache_dtype, compute, with_stats)
+                write_boundary(work, sk, b, ids, cfg, cache_dtype, compute, with_stats, rep.info)
                 kill_point("calibrate.boundary")
                 bar.advance()
         summary = {
@@ -102,6 +105,7 @@ def calibrate(
             "tokens": cfg.samples * cfg.seqlen,
             "cache_bytes": planned,
             "storage_dtype": meta["storage_dtype"],
+            "cache_widened": _widened(work, n_blocks, cache_dtype),
             "seconds_import": round(t_import, 2),
             "seconds_dense_pass": round(time.time() - t_pass, 2),
         }
@@ -144,3 +148,14 @@ def _boundary_done(work: WorkDir, b: int, with_stats: bool) -> bool:
     are recorded."""
     stats = not with_stats or b == 0 or work.is_recorded(work.input_stats_path(b - 1))
     return work.is_recorded(work.boundary_path("dense", b)) and stats
+
+
+def _widened(work: WorkDir, n_blocks: int, cache_dtype: torch.dtype) -> dict[str, list[int]]:
+    """The dense boundaries stored in another dtype than ``cache_dtype`` (beyond its range), by dtype name; read from
+    the files' headers, so boundaries written before a resume count too."""
+    out: dict[str, list[int]] = {}
+    for b in range(n_blocks + 1):
+        dtype = cache_dtype_of(TensorRows(work.check_file(work.boundary_path("dense", b))))
+        if dtype != cache_dtype:
+            out.setdefault(dtype_name(dtype), []).append(b)
+    return out

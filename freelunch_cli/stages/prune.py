@@ -255,6 +255,7 @@ class BlockPruner:
             cache_dtype_of(inputs),
             self.cfg.batch_size,
             f"the output of pruned block {i} (in {dtype_name(self.compute)})",
+            self.rep.info,
         )
 
     def _run_all(self, block, i, inputs: TensorRows, limit: int | None = None):

@@ -49,14 +49,14 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
     windows = plan_windows(work, cfg.window)
 
     def prepare(scope, masks, index, storage_dtype):
-        return prepare_qat(scope, masks, scheme, cfg.learn_scales, storage_dtype, cfg.scale_lr / cfg.lr)
+        return prepare_qat(scope, masks, scheme, cfg.learn_scales, storage_dtype, cfg.scale_lr / cfg.rate()[0])
 
     job = WindowJob(stage="quantize", source=source, stream="quant", masks=source != "dense", prepare=prepare)
     trains = (
         "round-to-nearest (no training)"
         if cfg.steps == 0
         else (
-            f"quantization-aware, lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, "
+            f"quantization-aware, {cfg.describe_rate()}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, "
             f"batch {cfg.batch_size}, loss {cfg.loss}" + (f", learned scales (lr {cfg.scale_lr})" if cfg.learn_scales else "")
         )
     )

@@ -47,7 +47,7 @@ def reconstruct(
     cfg = resolve_auto_window(work, cfg, device, rep)
     windows = plan_windows(work, cfg.window)
     what = (
-        f"{cfg.peft}; lr {cfg.lr}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
+        f"{cfg.peft}; {cfg.describe_rate()}, {cfg.steps or cfg.epochs} {'steps' if cfg.steps else 'epoch(s)'}, batch {cfg.batch_size}, "
         f"loss {cfg.loss}"
     )
     return run_windows(

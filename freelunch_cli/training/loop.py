@@ -16,6 +16,8 @@ from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 
 LOSSES = ("mse", "nmse", "cosine")
+RETRY_FACTOR = 0.1  # the rate of a window's next attempt, after its held-out loss rose
+RMS_FLOOR = 1e-3  # a relative rate's RMS for a tensor smaller than this (zeros, new biases), as Adafactor's eps2
 
 
 @dataclass
@@ -31,6 +33,8 @@ class TrainConfig:
     grad_clip: float | None = None
     keep_best: bool = False  # keep the parameters with the lowest validation loss (needs validation samples)
     loss_samples: int | None = 32  # training samples the reported before/after loss is measured on (None: all)
+    relative_lr: bool = False  # lr is a fraction of each tensor's RMS (one without an lr factor), not a rate
+    retries: int = 0  # a window ending above its starting held-out loss starts over at RETRY_FACTOR x the rate, this often
 
     def validate(self) -> None:
         loss_fn(self.loss)
@@ -42,6 +46,8 @@ class TrainConfig:
             raise FreelunchError("--grad-clip must be positive")
         if self.loss_samples is not None and self.loss_samples < 1:
             raise FreelunchError("--loss-samples must be at least 1")
+        if self.retries < 0:
+            raise FreelunchError("--retries must be at least 0")
 
 
 def loss_fn(name: str):
@@ -63,8 +69,18 @@ class MaskedParams:
         self.masks = masks  # id(param) -> bool mask on the param's device
         self.lr_factors = lr_factors or {}
 
-    def groups(self, lr: float) -> list[dict]:
-        """Optimizer parameter groups: one per learning rate."""
+    def groups(self, lr: float, relative: bool = False) -> list[dict]:
+        """Optimizer parameter groups: one per learning rate. With ``relative``, ``lr`` is a fraction of each tensor's
+        root mean square (at least ``RMS_FLOOR``; Adafactor's relative step size), so that the step is the same on
+        models whose weights differ in scale; tensors with an lr factor (dimensionless: quantization scales' log
+        factors) take ``lr`` times their factor as before."""
+        if relative:
+            groups = []
+            for p in self.params:
+                factor = self.lr_factors.get(id(p))
+                rate = lr * factor if factor is not None else lr * max(float(p.detach().float().pow(2).mean().sqrt()), RMS_FLOOR)
+                groups.append({"params": [p], "lr": rate})
+            return groups
         by_factor: dict[float, list] = {}
         for p in self.params:
             by_factor.setdefault(self.lr_factors.get(id(p), 1.0), []).append(p)
@@ -159,6 +175,10 @@ def linear_schedule(warm: int, total: int):
     return factor
 
 
+class Diverged(FreelunchError):
+    """A training loss became NaN or infinite."""
+
+
 class MaskedOptimizer:
     """AdamW with a linear schedule that keeps pruned weights at exactly zero (masked gradients, masks re-applied after
     every step), fused on CUDA, with a gradient scaler for float16 autocast.
@@ -180,10 +200,12 @@ class MaskedOptimizer:
         compute_dtype: torch.dtype,
         grad_clip: float | None,
         what: str,
+        relative_lr: bool = False,
     ):
         device = torch.device(device)
         self.params, self.grad_clip, self.what = params, grad_clip, what
-        self.opt = torch.optim.AdamW(params.groups(lr), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda" or None)
+        groups = params.groups(lr, relative_lr)
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda" or None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, linear_schedule(warmup, total))
         self.scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
         self.steps = 0
@@ -218,9 +240,7 @@ class MaskedOptimizer:
         with host_sync():
             ok = bool(finite)
         if not ok:
-            raise FreelunchError(
-                f"{self.what} loss became NaN or infinite within steps {self._checked}-{self.steps - 1}; lower --lr"
-            )
+            raise Diverged(f"{self.what} loss became NaN or infinite within steps {self._checked}-{self.steps - 1}; lower --lr")
         self._checked = self.steps
 
     def finish(self) -> None:
@@ -266,8 +286,19 @@ def train_window(
     on_step=None,
 ) -> dict:
     """AdamW with linear warm-up and decay on ``loss(forward(x), target)`` (plus ``extra_loss(y, target)``
-    when given); returns the losses before and after. ``on_step()``, when given, is called after every optimizer step
-    (a sharded worker's heartbeat: a claim is kept alive by progress, not by a clock)."""
+    when given); returns the losses before and after (float, on ``loss_samples`` training samples and on ``val_idx``).
+
+    A window never ends worse than it started: when its loss on the held-out samples ``val_idx`` (without any, on the
+    reported training samples) ends above where it began, or a loss becomes NaN or infinite, its parameters go back
+    to their starting values and it trains again at ``RETRY_FACTOR`` x the rate, up to ``cfg.retries`` times; when no
+    attempt ends at or below the start, it keeps its starting parameters. The result says so: ``lr`` (the rate of
+    the attempt kept), ``rejected`` (each attempt given up: its rate and the loss it reached, None when it diverged)
+    and ``kept_start``.
+
+    ``on_step()``, when given, is called after every optimizer step (a sharded worker's heartbeat: a claim is kept
+    alive by progress, not by a clock). Raises FreelunchError when the loss before training is not finite (the
+    window's data overflowed).
+    """
     base = loss_fn(cfg.loss)
     loss = base if extra_loss is None else (lambda y, t: base(y, t) + extra_loss(y, t))
     autocast = autocast_factory(device, compute_dtype)
@@ -281,51 +312,101 @@ def train_window(
             f"cache overflowed); recalibrate with --dtype bfloat16 or float32"
         )
     val_before = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
+    guard_idx, guard_before = (val_idx, val_before) if val_idx else (probe, before)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
-    best = (val_before, 0, params.snapshot()) if cfg.keep_best and val_idx else None
-    step = 0
+    lr, rejected, step, best_step, kept_start = cfg.lr, [], 0, None, False
     if params.params:
-        opt = MaskedOptimizer(
-            params,
-            cfg.lr,
-            cfg.weight_decay,
-            int(total * cfg.warmup),
-            total,
-            device,
-            compute_dtype,
-            cfg.grad_clip,
-            "reconstruction",
-        )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        while step < total:
-            epoch = closing(_prefetched(data, _batches(train_idx, cfg.batch_size, gen), ahead))
-            with epoch as batches, no_host_sync(device):  # closed on break: the prefetching thread is done after
-                for x, t in batches:
-                    with autocast():
-                        y = forward(x)
-                    opt.step(loss(y.float(), t))
-                    step += 1
-                    kill_point("train.step")
-                    if on_step is not None:
-                        on_step()
-                    if step >= total:
-                        break
-            if best is not None:
-                opt.check()
-                v = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
-                if v < best[0]:
-                    best = (v, step, params.snapshot())
-        opt.finish()
-        del opt
-    if best is not None:
-        params.restore(best[2])
+        start = params.snapshot()
+        for attempt in range(cfg.retries + 1):
+            try:
+                step, best_step = _train(
+                    forward, params, data, train_idx, val_idx, cfg, lr, total, loss, device, compute_dtype, on_step
+                )
+                guard_after = mean_loss(forward, data, guard_idx, loss, eval_bs, autocast, ahead)
+            except Diverged:
+                guard_after = float("nan")
+            if guard_after <= guard_before:  # False for NaN
+                break
+            rejected.append({"lr": lr, "loss": guard_after if math.isfinite(guard_after) else None})
+            params.restore(start)
+            if attempt < cfg.retries:
+                lr *= RETRY_FACTOR
+        else:
+            kept_start, step, best_step = True, 0, None
+        del start
     trained = step > 0
     after = mean_loss(forward, data, probe, loss, eval_bs, autocast, ahead) if trained else before  # no step: the same model
     val_after = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead) if trained else val_before
     out = {"loss_before": before, "loss_after": after, "loss_samples": len(probe), "steps": step}
     if val_idx:
         out.update(val_loss_before=val_before, val_loss_after=val_after)
-    if best is not None:
-        out["best_step"] = best[1]
+    if best_step is not None:
+        out["best_step"] = best_step
+    if params.params:
+        out.update(lr=lr, guard="held-out" if val_idx else "training")
+    if rejected:
+        out.update(rejected=rejected, kept_start=kept_start)
     return out
+
+
+def _train(
+    forward,
+    params: MaskedParams,
+    data,
+    train_idx,
+    val_idx,
+    cfg: TrainConfig,
+    lr: float,
+    total: int,
+    loss,
+    device,
+    compute_dtype,
+    on_step=None,
+):
+    """``total`` optimizer steps at peak rate ``lr`` (with ``cfg.keep_best``: the parameters restored to the epoch
+    with the lowest validation loss); returns (steps, the step kept by keep_best or None). Raises Diverged."""
+    autocast = autocast_factory(device, compute_dtype)
+    ahead = prefetching(device)
+    eval_bs = max(cfg.batch_size, 8)
+    best = None
+    if cfg.keep_best and val_idx:
+        best = (mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead), 0, params.snapshot())
+    opt = MaskedOptimizer(
+        params,
+        lr,
+        cfg.weight_decay,
+        int(total * cfg.warmup),
+        total,
+        device,
+        compute_dtype,
+        cfg.grad_clip,
+        "reconstruction",
+        cfg.relative_lr,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    while step < total:
+        epoch = closing(_prefetched(data, _batches(train_idx, cfg.batch_size, gen), ahead))
+        with epoch as batches, no_host_sync(device):  # closed on break: the prefetching thread is done after
+            for x, t in batches:
+                with autocast():
+                    y = forward(x)
+                opt.step(loss(y.float(), t))
+                step += 1
+                kill_point("train.step")
+                if on_step is not None:
+                    on_step()
+                if step >= total:
+                    break
+        if best is not None:
+            opt.check()
+            v = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
+            if v < best[0]:
+                best = (v, step, params.snapshot())
+    opt.finish()
+    del opt
+    if best is not None:
+        params.restore(best[2])
+        return step, best[1]
+    return step, None

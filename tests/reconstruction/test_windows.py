@@ -122,7 +122,10 @@ def test_sparse_inputs_in_the_first_block_read_what_its_reconstructed_windows_gi
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
     reconstruct(
-        work, ReconstructConfig(window=window, inputs="sparse", lr=3e-3, epochs=2, keep_cache=True, loss_samples=0, device="cpu")
+        work,
+        ReconstructConfig(
+            window=window, inputs="sparse", lr=3e-3, epochs=2, keep_cache=True, loss_samples=0, val_fraction=0.0, device="cpu"
+        ),
     )
     sk = Skeleton.from_work(work, "dense", "cpu", torch.float32)
     x0 = TensorRows(work.boundary_path("dense", 0)).rows(0, 16).float()
@@ -161,7 +164,7 @@ def test_steps_warmup_validation_and_keep_best(fresh_work):
         assert rec["val_loss_after"] <= rec["val_loss_before"]
         assert "best_step" in rec
     with pytest.raises(FreelunchError, match="--keep-best needs"):
-        reconstruct(work, ReconstructConfig(keep_best=True), force=True)
+        reconstruct(work, ReconstructConfig(keep_best=True, val_fraction=0.0), force=True)
 
 
 @pytest.mark.parametrize("chunk", [512, 5])  # the head on all positions of a sequence at once, or 5 at a time
@@ -171,7 +174,7 @@ def test_kl_term_on_the_last_window(chunk, fresh_work, monkeypatch):
     monkeypatch.setattr(runner, "KL_CHUNK", chunk)
     work = fresh_work("llama")
     prune(work, PruneConfig(criterion="magnitude", sparsity=0.5, device="cpu"))
-    reconstruct(work, ReconstructConfig(window="block", lr=1e-3, kl_weight=0.5, keep_cache=True, device="cpu"))
+    reconstruct(work, ReconstructConfig(window="block", lr=1e-3, kl_weight=0.5, keep_cache=True, val_fraction=0.0, device="cpu"))
     first, last = read_json(work.window_record_path(0)), read_json(work.window_record_path(1))
     assert "kl_weight" not in first and last["kl_weight"] == 0.5
     # the last window's starting loss is MSE + 0.5 * KL(dense || pruned) of the next-token distributions
