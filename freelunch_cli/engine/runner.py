@@ -24,7 +24,6 @@ import torch.utils.checkpoint
 from torch import nn
 
 from freelunch_cli.core.device import available_memory, dtype_name, free_memory, parse_dtype
-from freelunch_cli.core.errors import FreelunchError
 from freelunch_cli.core.kill_points import kill_point
 from freelunch_cli.engine.claims import Claim, worker_id
 from freelunch_cli.engine.records import window_done
@@ -168,11 +167,7 @@ class WindowRunner:
         self._staged: dict[tuple, tuple] = {}  # (source, indices) -> staged rows or indices, from the prefetching thread
         self._stager = Stager(device)  # a new one (new buffers) per window
         perm = torch.randperm(self.samples, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_val = int(round(self.samples * cfg.val_fraction))
-        if cfg.val_fraction and (n_val < 1 or n_val >= self.samples):
-            raise FreelunchError(
-                f"--val-fraction {cfg.val_fraction} of {self.samples} samples leaves no validation or no training samples"
-            )
+        n_val = held_out(self.samples, cfg.val_fraction)
         self.val_idx, self.train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
 
     @cached_property
@@ -467,6 +462,15 @@ class WindowRunner:
         if self.job.output == "quantized":  # the scales written beside its blocks (never another stage's files)
             stale += [work.qparams_path(i) for i in window.blocks]
         work.forget([work.rel(p) for p in stale if work.is_recorded(p)])
+
+
+def held_out(samples: int, fraction: float) -> int:
+    """How many of ``samples`` calibration samples a window holds out for ``--val-fraction`` ``fraction``: the nearest
+    count, at least one and never all of them; none without a fraction or with a single sample (windows then guard on
+    their training samples, and their records say ``guard: training``)."""
+    if not fraction or samples < 2:
+        return 0
+    return min(max(1, round(samples * fraction)), samples - 1)
 
 
 def window_extra(params: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:

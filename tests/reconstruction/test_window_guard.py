@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from freelunch_cli.configs.stage_configs import PruneConfig, QuantizeConfig, ReconstructConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
-from freelunch_cli.stages.options import PruneConfig, QuantizeConfig, ReconstructConfig
 from freelunch_cli.stages.prune import prune
 from freelunch_cli.stages.quantize import quantize
 from freelunch_cli.stages.reconstruct import reconstruct
@@ -116,3 +116,10 @@ def test_relative_rates_are_each_tensors_rms_times_the_rate():
     assert rates[id(b)] == pytest.approx(1e-2 * float(b.detach().pow(2).mean().sqrt()))
     assert rates[id(z)] == pytest.approx(1e-2 * RMS_FLOOR)
     assert rates[id(f)] == pytest.approx(2e-2)  # an lr factor (quantization scales): as before
+
+
+def test_held_out_samples_are_at_least_one_and_never_all():
+    from freelunch_cli.engine.runner import held_out
+
+    assert [held_out(n, 0.0625) for n in (1, 2, 4, 16, 128)] == [0, 1, 1, 1, 8]
+    assert held_out(4, 0.9) == 3 and held_out(128, 0.0) == 0

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from freelunch_cli.configs.stage_configs import PruneConfig, ReconstructConfig
 from freelunch_cli.core.console import Reporter
 from freelunch_cli.stages.calibrate import CalibrateConfig, calibrate
-from freelunch_cli.stages.options import PruneConfig, ReconstructConfig
 from freelunch_cli.stages.prune import prune
 from freelunch_cli.stages.reconstruct import reconstruct
 from freelunch_cli.workdir.directory import WorkDir
