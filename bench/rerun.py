@@ -54,7 +54,7 @@ def main() -> None:
     text = (
         f"# Rerunning a finished pipeline\n\n`python bench/rerun.py --samples {args.samples} --seqlen {args.seqlen}` "
         f"(SmolLM2-135M, {result['machine']['cpu_cores']} cores, {result['machine']['date']}).\n\n{table}\n\n"
-        f"After reconstruct, {evicted} dense activation files were evicted on purpose; every rerun exited 0 and the "
+        f"{evicted} files were evicted on purpose (dense activations no window needed, windows' parameters once assembled); every rerun exited 0 and the "
         f"manifest was {'unchanged' if unchanged else 'CHANGED'} (no file written, deleted or restarted). A rerun's "
         f"seconds are the process start-up (importing torch and transformers) and the checks of the stage's files.\n"
     )
