@@ -277,12 +277,13 @@ class Bench:
         return OUT / self.m.key / f"{name}.json"
 
     def stage(self, where: Path, name: str, *args: str) -> dict:
-        """Run one stage with --resume; its cost is measured once per work directory and stage (kept next to the
+        """Run one stage (with --resume); its cost is measured once per work directory and stage (kept next to the
         directory), so that cells sharing it report the run that did the work, not a later no-op."""
         path = cost_file(where, name)
         if path.exists() and where.is_dir():
             return json.loads(path.read_text())
-        s = run_stage(*args, "--work", str(where), "--resume", check=False)
+        resume = () if args[0] == "eval" else ("--resume",)  # eval has no --resume: it caches its results itself
+        s = run_stage(*args, "--work", str(where), *resume, check=False)
         if "failed" in s:
             raise StageFailed(f"freelunch {name} on {where} failed with exit code {s['failed']}")
         seconds = s.get("seconds")

@@ -121,7 +121,7 @@ class PruneConfig:
     shard: str | None = option(
         None, "Take share I of N blocks (I/N; --stats dense only); default from torchrun or a Slurm array; 0/1: alone."
     )
-    stale_after: float = option(300.0, "Seconds without a heartbeat after which a claimed block is taken over.")
+    stale_after: float = option(300.0, "Seconds without progress after which a claimed block is taken over.")
     prepare: bool = option(False, "Only set the stage up (and OWL's plan) before starting sharded workers.", "--prepare")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)

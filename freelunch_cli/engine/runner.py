@@ -195,11 +195,14 @@ class WindowRunner:
         return load_tensors(self.work.check_file(self.params_path(win)))
 
     def current_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Block ``i``: the source shard, with the parameters of every finished window that touched it."""
+        """Block ``i``: the source shard, with the parameters of every finished window that touched it; the assembled
+        block, which holds them all, where their parameter files were evicted after assembly."""
+        finished = [w for w in self.windows if i in w.blocks and self.done(w)]
+        if any(self.work.is_evicted(self.params_path(w)) for w in finished):
+            return load_tensors(self.work.model_block_path(self.job.output, i))
         state = self.source_state(i)
-        for w in self.windows:
-            if i in w.blocks and self.done(w):
-                apply_params(state, self.window_params(w), i)
+        for w in finished:
+            apply_params(state, self.window_params(w), i)
         return state
 
     def call(self, i: int, x: torch.Tensor):
@@ -396,15 +399,17 @@ class WindowRunner:
         free_memory(torch.device(self.device))
 
     # ---- the chained stream (--inputs sparse) -------------------------------------------------------------
-    def write_chained_output(self, win: Window, params: dict[str, torch.Tensor]) -> str | None:
-        """Run the finished window, as it is stored, on its chained input; store the output for the next window.
+    def write_chained_output(self, win: Window, params: dict[str, torch.Tensor] | None) -> str | None:
+        """Run the finished window, as it is stored, on its chained input; store the output for the next window
+        (``params`` None: the window's parameter file was evicted, and its assembled blocks hold them).
         Returns the dtype's name where the output exceeded the cache dtype's range and was stored in a wider one."""
         name = win.chained_output(self.sk.num_blocks)
         if name is None:
             return None
         blocks = {}
         for j in win.blocks:
-            blocks[j] = self.sk.build_block(j, apply_params(self.current_state(j), params, j))
+            state = self.current_state(j)
+            blocks[j] = self.sk.build_block(j, state if params is None else apply_params(state, params, j))
         stream, source, fn = win.replay(blocks, self)
         src = self.rows(stream, source)
 
@@ -432,13 +437,14 @@ class WindowRunner:
             return
         producer = next(w for w in reversed(self.windows[: win.index]) if w.chained_output(self.sk.num_blocks) == needed)
         self.ensure_chained_input(producer)
-        self.write_chained_output(producer, self.window_params(producer))
+        evicted = self.work.is_evicted(self.params_path(producer))
+        self.write_chained_output(producer, None if evicted else self.window_params(producer))
 
     # ---- assembly ----------------------------------------------------------------------------------
     def assemble_block(self, i: int) -> None:
         """Write block ``i`` of the stage's model: the source shard with its windows' parameters (and, where windows
         stored extra tensors, the block's quantization parameters beside it). Every window touching it must be done;
-        ``stages.reconstruct.assemble_blocks`` shares the blocks between workers."""
+        ``engine.windowed.assemble_blocks`` shares the blocks between workers."""
         state, extra = self.source_state(i), {}
         for w in self.windows:  # each window file read once per block it touches
             if i in w.blocks:

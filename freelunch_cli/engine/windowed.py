@@ -25,15 +25,15 @@ from freelunch_cli.model.arch import block_halves, block_linears, check_halves
 from freelunch_cli.model.skeleton import Skeleton, block_templates, float_call
 from freelunch_cli.reconstruction.windows import Window, enumerate_windows
 from freelunch_cli.workdir.directory import WorkDir
-from freelunch_cli.workdir.files import TensorRows, read_json
+from freelunch_cli.workdir.files import load_tensors, read_json
 from freelunch_cli.workdir.locks import Busy, locked_file
-from freelunch_cli.workdir.stage import StageRun, open_stage
+from freelunch_cli.workdir.stage import StageRun, finished, open_stage
 
 
 def plan_windows(work: WorkDir, window: str) -> list[Window]:
     """The windows of ``--window`` for this work directory's model; submodule windows only where the block's halves,
     composed, reproduce the block on calibration inputs (FreelunchError otherwise)."""
-    calib = work.require_done("calibrate", "reconstruct")
+    calib = work.require_done("calibrate", "planning windows")
     kind = window.strip().lower()
     matrices = None
     if kind in ("matrix", "submodule"):
@@ -41,8 +41,10 @@ def plan_windows(work: WorkDir, window: str) -> list[Window]:
         matrices = list(block_linears(template))
         if kind == "submodule":  # block 0 in float32 on a real call; embeddings and head stay in their stored dtype
             halves = block_halves(template, calib.summary["model_type"])
-            x = TensorRows(work.check_file(work.boundary_path("dense", 0))).rows(0, 2).float()
             sk = Skeleton.from_work(work, "dense", "cpu", parse_dtype(calib.summary.get("storage_dtype", "float32")))
+            ids = load_tensors(work.check_file(work.tokens_path))["input_ids"][:2]  # never evicted, unlike boundary 0
+            with torch.no_grad():
+                x = sk.embed(ids).float()
             call = float_call(sk.block_call(0, *x.shape[:2]), torch.float32)
             check_halves(halves, sk.build_block(0, dtype=torch.float32), x, call, calib.summary["model_type"])
     return enumerate_windows(calib.summary["num_blocks"], window, matrices)
@@ -65,9 +67,14 @@ def run_windows(
     workers through window claims; the worker that sees every window done assembles the model. ``placement``:
     (device, compute dtype); ``what``: what trains, for the log."""
     device, compute = placement
-    redo = [] if force else _to_redo(work, job, windows)
-    pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)] + redo
+    if not force and finished(work, job.stage, signature):
+        pending = []  # done with these options: nothing will run, so nothing is restored
+    else:
+        redo = [] if force else _to_redo(work, job, windows)
+        pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)] + redo
     needed = set().union(*(w.dense_boundaries() for w in pending))
+    if pending and cfg.inputs == "sparse":  # a chained input replayed from the start reads the embeddings' boundary
+        needed.add(0)
     restore_dense_boundaries(work, needed, cfg.device, rep)  # deleted by an earlier windowed stage: recomputed
     for b in sorted(needed):  # before --force discards anything
         work.check_file(work.boundary_path("dense", b))
@@ -200,7 +207,8 @@ def finish_windows(run: StageRun, runner: WindowRunner, windows: list[Window], c
                 "ran_here": ran,
                 "assembled_here": sorted(mine),
             }
-            if cfg.inputs == "sparse" and not cfg.keep_cache:
+            if cfg.inputs == "sparse" and not cfg.keep_cache:  # the chained stream, records and files
+                work.forget([rel for rel in work.manifest()["files"] if rel.startswith(f"acts/{job.stream}/")])
                 shutil.rmtree(work.acts_dir / job.stream, ignore_errors=True)
             summary = run.finish(summary, _summary_line(summary), config=cfg)
             if not cfg.keep_cache:  # the assembled blocks hold them: a second copy of every trained weight

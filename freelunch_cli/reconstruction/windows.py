@@ -11,7 +11,7 @@ file of the chained stream (``--inputs sparse``) it reads, writes and releases:
   the dense block output).
 - ``Matrix`` (``matrix``): one linear layer: its input -> the dense layer's output on the dense input.
 
-The kinds see whoever runs them (``engine.ctx.WindowRunner``, which owns the files) only as a ``WindowContext``:
+The kinds see whoever runs them (``engine.runner.WindowRunner``, which owns the files) only as a ``WindowContext``:
 the few members below, typed, so a kind cannot reach into the ctx's state.
 """
 

@@ -22,7 +22,7 @@ from freelunch_cli.model.source import import_model, load_config, load_tokenizer
 from freelunch_cli.model.text import read_text, resolve_text, sample_sequences, text_fingerprint, tokenize
 from freelunch_cli.workdir.directory import WorkDir, expand_cache_dir
 from freelunch_cli.workdir.files import TensorRows, check_free_space, load_tensors, save_tensors_atomic
-from freelunch_cli.workdir.stage import StageState, check_signature, open_stage
+from freelunch_cli.workdir.stage import StageState, check_signature, finished, open_stage
 
 
 def calibrate(
@@ -58,8 +58,7 @@ def calibrate(
     if previous is None or force or not work.is_recorded(work.tokens_path):  # sampling checks that the text suffices
         tokenizer = load_tokenizer(spec)
         ids = sample_sequences(tokenize(tokenizer, text), cfg.samples, cfg.seqlen, cfg.seed, cfg.allow_overlap)
-    finished = previous is not None and previous.status == "done" and not force and not work.damaged_files("calibrate")
-    if not finished:  # a finished calibration (its cache evicted or not) writes nothing when run again
+    if force or not finished(work, "calibrate", signature):  # a finished calibration writes nothing when run again
         _check_disk(work, cfg, spec, lm, storage or getattr(config, "dtype", None), planned, force)
 
     with open_stage(work, "calibrate", signature, rep, resume=resume, force=force) as run:
@@ -155,6 +154,8 @@ def _widened(work: WorkDir, n_blocks: int, cache_dtype: torch.dtype) -> dict[str
     the files' headers, so boundaries written before a resume count too."""
     out: dict[str, list[int]] = {}
     for b in range(n_blocks + 1):
+        if work.is_evicted(work.boundary_path("dense", b)):  # deleted on purpose by a later stage: its dtype was counted
+            continue
         dtype = cache_dtype_of(TensorRows(work.check_file(work.boundary_path("dense", b))))
         if dtype != cache_dtype:
             out.setdefault(dtype_name(dtype), []).append(b)

@@ -157,7 +157,9 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
     }
     for name in names:  # as finished: a rerun trusts a shard whose size and modification time are these
         done[name]["mtime_ns"] = (out / name).stat().st_mtime_ns
-    write_json_atomic(out / MARKER, {"signature": signature, "shards": done, "status": "done", "summary": summary})
+    files = {f.name: f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != MARKER}  # config, tokenizer, card
+    marker = {"signature": signature, "shards": done, "files": files, "status": "done", "summary": summary}
+    write_json_atomic(out / MARKER, marker)
     rep.summary(
         f"exported the {stage} model to {out} as {cfg.format} ({len(shards)} shard(s), {total / 1e6:.1f} MB, "
         f"block weight sparsity {sparsity:.4f})",
@@ -167,10 +169,13 @@ def export(work: WorkDir, cfg: ExportConfig, rep: Reporter | None = None, resume
 
 
 def _finished(out: Path, marker: dict | None, signature: dict) -> bool:
-    """Whether ``out`` holds a finished export with ``signature`` whose shards are still as written (size, then the
-    hash where the modification time changed)."""
+    """Whether ``out`` holds a finished export with ``signature`` whose files are all still there with their sizes, and
+    whose shards are as written (size, then the hash where the modification time changed)."""
     if marker is None or marker.get("status") != "done" or marker.get("signature") != signature or "summary" not in marker:
         return False
+    for name, size in marker.get("files", {}).items():
+        if not (out / name).is_file() or (out / name).stat().st_size != size:
+            return False
     for name, rec in marker["shards"].items():
         path = out / name
         if not path.exists() or path.stat().st_size != rec["size"]:

@@ -37,7 +37,7 @@ from freelunch_cli.workdir.files import (
     write_json_atomic,
 )
 from freelunch_cli.workdir.locks import Busy, locked_file
-from freelunch_cli.workdir.stage import StageRun, open_stage
+from freelunch_cli.workdir.stage import StageRun, finished, open_stage
 
 RECALIBRATE = "recalibrate with --dtype bfloat16 or float32 (`freelunch calibrate --force ...`)"
 
@@ -78,8 +78,7 @@ def prune(work: WorkDir, cfg: PruneConfig, rep: Reporter | None = None, resume: 
                 check_fits(pattern, tuple(lin.weight.shape), f"block {i} {name}")
     pruner = BlockPruner(work, sk, crit, pattern, cfg, calib.summary["samples"], device, compute, skipped, rep)
     signature = cfg.signature(calib.run_id)
-    prev = work.stage("prune")
-    if force or prev is None or prev.status != "done" or prev.signature != signature or work.damaged_files("prune"):
+    if force or not finished(work, "prune", signature):
         # evicted by a windowed stage, or never written on this node (a per-node cache): recomputed before anything
         # is discarded; a finished prune run again reads none of them
         restore_dense_boundaries(work, pruner.dense_inputs(), cfg.device, rep)

@@ -40,7 +40,10 @@ def quantize(work: WorkDir, cfg: QuantizeConfig, rep: Reporter | None = None, re
     if shard is not None and cfg.inputs == "sparse":
         raise FreelunchError("--inputs sparse chains windows in order and cannot be sharded; use --inputs dense with --shard")
     if shard is not None and force:
-        raise FreelunchError("--force cannot be combined with sharded workers (each would start over)")
+        raise FreelunchError(
+            "--force cannot be combined with sharded workers (each would start over); run "
+            "`freelunch quantize --prepare --force ...` once, then start the workers"
+        )
     source = _source_model(work, cfg.start)
     cfg = cfg.resolved(source)
     work.check_model(source)  # every block there before the stage begins

@@ -1,8 +1,8 @@
 """Stage 3: local reconstruction, one window at a time, resumable per window, shared by any number of workers.
 
-Scheduling lives here (shards, claims, assembly, cache cleanup, ``--window auto``, ``--status``); ``run_windows`` is
-the engine of every windowed stage (reconstruct, and quantize with its own ``WindowJob``). What a window does is in
-``engine.runner`` and ``reconstruction.windows``.
+What is reconstruct's own lives here (``--window auto``, ``--status``); planning, claims, running windows, assembly and
+cache eviction are the engine's (``engine.windowed.run_windows``, shared with quantize, which brings its own
+``WindowJob``). What a window does is in ``engine.runner`` and ``reconstruction.windows``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,6 @@ def verify(work: WorkDir, rep: Reporter | None = None, threads: int | None = Non
             f"{len(names)} of {len(present) + len(missing)} files are missing or damaged ({', '.join(names[:6])}{more}); "
             f"{stages} recomputes them"
         )
-    note = f"; {len(evicted)} evicted on purpose (activation caches no stage needs)" if evicted else ""
+    note = f"; {len(evicted)} evicted on purpose (activations and window parameters no stage needs)" if evicted else ""
     rep.summary(f"verified {len(present)} files ({format_bytes(total)}) in {work.root}: all match their records{note}", summary)
     return summary

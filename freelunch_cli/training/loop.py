@@ -106,7 +106,9 @@ class MaskedParams:
         return total, free
 
     def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
+        """A copy of every parameter in host memory (a window's starting or best values: never device memory that
+        the window's memory estimate did not count)."""
+        return [p.detach().to("cpu", copy=True) for p in self.params]
 
     @torch.no_grad()
     def restore(self, values: list[torch.Tensor]) -> None:
@@ -312,11 +314,16 @@ def train_window(
             f"cache overflowed); recalibrate with --dtype bfloat16 or float32"
         )
     val_before = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
+    if not math.isfinite(val_before):
+        raise FreelunchError(
+            f"the held-out loss before training is {val_before}: the window's held-out inputs or targets hold NaN or "
+            f"infinite values (the activation cache overflowed); recalibrate with --dtype bfloat16 or float32"
+        )
     guard_idx, guard_before = (val_idx, val_before) if val_idx else (probe, before)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
     lr, rejected, step, best_step, kept_start = cfg.lr, [], 0, None, False
-    if params.params:
+    if params.params and total > 0:  # no step (round-to-nearest): nothing to guard
         start = params.snapshot()
         for attempt in range(cfg.retries + 1):
             try:
@@ -333,7 +340,7 @@ def train_window(
             if attempt < cfg.retries:
                 lr *= RETRY_FACTOR
         else:
-            kept_start, step, best_step = True, 0, None
+            kept_start, step, best_step, lr = True, 0, None, None
         del start
     trained = step > 0
     after = mean_loss(forward, data, probe, loss, eval_bs, autocast, ahead) if trained else before  # no step: the same model

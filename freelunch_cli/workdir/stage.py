@@ -100,6 +100,15 @@ def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
 
 
+def finished(work: WorkDir, name: str, signature: dict) -> bool:
+    """Whether stage ``name`` is done with this signature and none of its files is missing or damaged: what a run with
+    the same options will find (``StageState.DONE``), so that it can skip preparing inputs it will not read."""
+    old = work.stage(name) if work.exists() else None
+    return (
+        old is not None and old.status == "done" and not _differences(old.signature, signature) and not work.damaged_files(name)
+    )
+
+
 def check_signature(work: WorkDir, name: str, signature: dict, force: bool) -> StageRecord | None:
     """The stage's earlier record; refuses (FreelunchError naming the differences) another signature without ``force``.
 

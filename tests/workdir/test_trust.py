@@ -163,3 +163,44 @@ def test_evicted_dense_activations_are_recomputed_bit_for_bit_by_a_later_stage(f
     quantize(work, QuantizeConfig(start="pruned", steps=1, group_size=16, keep_cache=True, device="cpu"))
     assert {b: work.boundary_path("dense", b).read_bytes() for b in range(3)} == kept
     assert all(work.problem(work.boundary_path("dense", b)) is None for b in range(3))
+
+
+def test_submodule_windows_plan_and_rerun_after_their_inputs_were_evicted(fresh_work):
+    work = fresh_work("llama")
+    prune(work, PruneConfig(device="cpu"))
+    cfg = ReconstructConfig(window="submodule", epochs=1, device="cpu")
+    first = reconstruct(work, cfg)
+    assert work.is_evicted(work.boundary_path("dense", 0))  # what planning submodule windows used to read
+    assert reconstruct(work, cfg) == first  # the same options again: done, nothing recomputed
+    out = quantize(work, QuantizeConfig(window="submodule", steps=0, group_size=16, device="cpu"))
+    assert out["windows"] == 4
+
+
+def test_calibrate_resumes_a_damaged_shard_after_later_stages_evicted_its_cache(fresh_work):
+    work = fresh_work("llama")
+    prune(work, PruneConfig(device="cpu"))
+    reconstruct(work, RECON)
+    shard = work.block_path("dense", 1)
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cfg = CalibrateConfig(**work.stage("calibrate").summary["config"])
+    with pytest.raises(FreelunchError, match="dense/block_001.safetensors"):
+        calibrate(work, cfg)
+    calibrate(work, cfg, resume=True)  # recomputes the shard; the evicted activations stay evicted
+    assert work.problem(shard) is None and work.is_evicted(work.boundary_path("dense", 1))
+
+
+def test_a_lost_block_of_a_chained_reconstruction_is_rebuilt_bit_for_bit(fresh_work):
+    """--inputs sparse: the windows' parameter files and the chained stream are gone once the model is assembled; a
+    lost block is rebuilt by replaying the windows before it from their assembled blocks, to the same bits."""
+    work = fresh_work("llama")
+    prune(work, PruneConfig(device="cpu"))
+    cfg = ReconstructConfig(window="block", inputs="sparse", epochs=1, device="cpu", dtype="float32")
+    reconstruct(work, cfg)
+    lost = work.block_path("reconstructed", 1)
+    want = lost.read_bytes()
+    lost.unlink()
+    reconstruct(work, cfg, resume=True)
+    assert lost.read_bytes() == want
+    assert reconstruct(work, cfg)["windows"] == 2 and not work.damaged_files("reconstruct")

