@@ -314,7 +314,7 @@ def train_window(
             f"cache overflowed); recalibrate with --dtype bfloat16 or float32"
         )
     val_before = mean_loss(forward, data, val_idx, loss, eval_bs, autocast, ahead)
-    if not math.isfinite(val_before):
+    if val_idx and not math.isfinite(val_before):
         raise FreelunchError(
             f"the held-out loss before training is {val_before}: the window's held-out inputs or targets hold NaN or "
             f"infinite values (the activation cache overflowed); recalibrate with --dtype bfloat16 or float32"

@@ -56,6 +56,7 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
         work = Path(args[args.index("--work") + 1])
         work.mkdir(parents=True, exist_ok=True)
         calls.append((args[0], work.name))
+        assert ("--resume" in args) == (args[0] != "eval")  # eval has no --resume
         if args[0] == "eval":
             stage = args[args.index("--stage") + 1]
             base = {"dense": 20.0, "pruned": 40.0, "reconstructed": 30.0, "retrained": 25.0, "quantized": 32.0}[stage]
