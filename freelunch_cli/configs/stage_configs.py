@@ -179,6 +179,11 @@ class WindowedOptions:
     val_fraction: float = option(
         WINDOW_VAL_FRACTION, "Calibration samples held out: no window ends with a higher loss on them than it started."
     )
+    retries: int = option(
+        WINDOW_RETRIES,
+        "A window whose held-out loss ends above its start trains again at a tenth of the rate, this often; it keeps "
+        "its starting weights if no attempt improves.",
+    )
     loss_samples: int = option(32, "Training samples the reported loss before/after is measured on (0: all).")
     seed: int = option(0, "Seed of the data order, validation split and adapters.")
     keep_cache: bool = option(
@@ -215,6 +220,15 @@ class WindowedOptions:
         if not 0 <= self.val_fraction < 1:
             raise FreelunchError("--val-fraction must be in [0, 1)")
 
+    def rate(self) -> tuple[float, bool]:
+        """(peak rate, whether it is relative to each trained tensor's RMS), as the stage resolves its options."""
+        raise NotImplementedError
+
+    def describe_rate(self) -> str:
+        """The rate as the console line states it."""
+        lr, relative = self.rate()
+        return f"lr {lr:g}" + (" x each tensor's RMS" if relative else "")
+
     def what_it_computes(self) -> dict:
         """The options as a dict, without those that say how the stage runs (``HOW``)."""
         sig = asdict(self)
@@ -235,11 +249,6 @@ class ReconstructConfig(WindowedOptions):
         RELATIVE_LR,
         "Without --lr: the peak rate as a fraction of each trained tensor's RMS, so that it transfers across models "
         f"(lora and masked-lora: {ADAPTER_LR:g}).",
-    )
-    retries: int = option(
-        WINDOW_RETRIES,
-        "A window whose held-out loss ends above its start trains again at a tenth of the rate, this often; it keeps "
-        "its starting weights if no attempt improves.",
     )
     epochs: int = option(2, "Passes over the calibration sequences (1 takes about half the time, at some quality).")
     steps: int | None = option(None, "Optimizer steps per window (overrides --epochs).")
@@ -278,10 +287,6 @@ class ReconstructConfig(WindowedOptions):
         if self.peft in ("lora", "masked-lora"):
             return ADAPTER_LR, False
         return self.lr_relative, True
-
-    def describe_rate(self) -> str:
-        lr, relative = self.rate()
-        return f"lr {lr:g}" + (" x each tensor's RMS" if relative else "")
 
     def peft_config(self, window_index: int):
         from freelunch_cli.training.peft import PeftConfig
@@ -412,11 +417,6 @@ class QuantizeConfig(WindowedOptions):
         f"Without --lr: the peak rate as a fraction of each tensor's RMS (default {RELATIVE_LR:g} from the pruned model, "
         f"repairing pruning too, as reconstruct; {RELATIVE_LR / 10:g} from a dense, reconstructed or retrained one).",
     )
-    retries: int = option(
-        WINDOW_RETRIES,
-        "A window whose held-out loss ends above its start trains again at a tenth of the rate, this often; it keeps "
-        "its starting weights if no attempt improves.",
-    )
 
     def quant_scheme(self):
         from freelunch_cli.quantization.schemes import parse_scheme
@@ -444,10 +444,6 @@ class QuantizeConfig(WindowedOptions):
         if self.lr is not None:
             return self.lr, False
         return self.lr_relative or RELATIVE_LR, True
-
-    def describe_rate(self) -> str:
-        lr, relative = self.rate()
-        return f"lr {lr:g}" + (" x each tensor's RMS" if relative else "")
 
     def validate(self) -> None:
         if self.start not in QUANTIZE_STARTS:
