@@ -67,11 +67,12 @@ def run_windows(
     workers through window claims; the worker that sees every window done assembles the model. ``placement``:
     (device, compute dtype); ``what``: what trains, for the log."""
     device, compute = placement
-    if not force and finished(work, job.stage, signature):
+    if force:
+        pending = windows
+    elif finished(work, job.stage, signature):
         pending = []  # done with these options: nothing will run, so nothing is restored
     else:
-        redo = [] if force else _to_redo(work, job, windows)
-        pending = windows if force else [w for w in windows if not window_done(work, w.index, job.stage)] + redo
+        pending = [w for w in windows if not window_done(work, w.index, job.stage)] + _to_redo(work, job, windows)
     needed = set().union(*(w.dense_boundaries() for w in pending))
     if pending and cfg.inputs == "sparse":  # a chained input replayed from the start reads the embeddings' boundary
         needed.add(0)
