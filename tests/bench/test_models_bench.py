@@ -72,7 +72,7 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
     monkeypatch.setattr(models, "run_stage", fake_stage)
     monkeypatch.setattr(models, "OUT", tmp_path / "out")
     m = models.MODELS["smollm2"]
-    settings = {"samples": 8, "seqlen": 128, "epochs": None, "group_size": m.group_size}
+    settings = {**models.PROTOCOL, "samples": 8, "seqlen": 128, "group_size": m.group_size}
     b = models.Bench(m, settings, tmp_path / "runs", keep_work=False)
     b.gguf = tmp_path / "toy.gguf"
     for cell in models.plan():
@@ -87,7 +87,7 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
     assert recs["wanda50-recon"]["settings"] == settings
     assert not (tmp_path / "runs" / "smollm2" / "c8x128--wanda50-recon-retrain").exists()  # a cell's own copy goes
     text = models.write_report(models.load_records(), "test")
-    assert "8 x 128, 2 ep" in text
+    assert "8 x 128, 2 ep; eval 16 x 512" in text
     assert "+0% / +0%" in text  # Wanda 50% vs SparseGPT 50% (equal stand-in perplexities)
     assert "50% / 50%" in text  # reconstruct: (40 - 30) / (40 - 20)
     n = len(calls)
