@@ -60,6 +60,7 @@ from common import (  # noqa: E402
     run_stage,
     smollm2_gguf,
     write_json,
+    write_section,
 )
 
 MODELS_DIR = ROOT / "runs" / "models"
@@ -433,6 +434,7 @@ def model_table(recs: dict[str, dict]) -> str:
         "training tokens",
         "stage seconds",
         "peak RSS MiB",
+        "windows retried / kept their start",
     ]
     rows = []
     for cell in plan():
@@ -451,9 +453,21 @@ def model_table(recs: dict[str, dict]) -> str:
                 " + ".join(f"{t:,}" for t in r["training_tokens"]) or "0",
                 secs or "-",
                 f"{max(peaks):,}" if peaks else "-",
+                guard_text(st),
             ]
         )
     return markdown_table(header, rows)
+
+
+def guard_text(stages: dict) -> str:
+    """How many windows of reconstruct and quantize the held-out guard retried or left at their start, of how many."""
+    parts = []
+    for name in ("reconstruct", "quantize"):
+        s = stages.get(name, {}).get("summary")
+        if s and "windows_retried" in s:
+            n = len(s.get("ran_here") or []) or "?"
+            parts.append(f"{name} {len(s['windows_retried'])} / {len(s['windows_kept_start'])} of {n}")
+    return "; ".join(parts) or "-"
 
 
 def rel_gap(x: float, ref: float) -> str:
@@ -511,6 +525,43 @@ def scale_tables(recs: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _wikitext_adapted(r: dict, name: str) -> str:
+    """A cell's WikiText perplexity and the share of Wanda 50%'s gap to dense it recovers, '-' if not measured."""
+    a, w, d = r.get(name), r.get("wanda50"), r.get("dense")
+    if a is None or w is None or d is None:
+        return "-"
+    return f"{a['wikitext']:.2f} ({recovered(w['wikitext'], a['wikitext'], d['wikitext'])})"
+
+
+def _magnitude_gap(r: dict, suffix: str) -> str:
+    """Magnitude 50%'s WikiText perplexity relative to SparseGPT 50%'s, at one stage."""
+    x, ref = r.get("magnitude50" + suffix), r.get("sparsegpt50" + suffix)
+    return "-" if x is None or ref is None else rel_gap(x["wikitext"], ref["wikitext"])
+
+
+def headline(recs: dict[str, dict[str, dict]]) -> str:
+    """The README's short scale table: WikiText perplexity of Wanda 50% and its adaptations, and magnitude's gap to
+    SparseGPT before and after reconstruction, per model size."""
+    rows = []
+    for key, m in MODELS.items():
+        r = recs.get(key, {})
+        if "dense" not in r:
+            continue
+        w = r.get("wanda50")
+        rows.append(
+            [
+                f"{m.label} ({m.size})",
+                f"{r['dense']['wikitext']:.2f}",
+                f"{w['wikitext']:.2f}" if w else "-",
+                _wikitext_adapted(r, "wanda50-recon"),
+                _wikitext_adapted(r, "wanda50-recon-retrain"),
+                f"{_magnitude_gap(r, '')} -> {_magnitude_gap(r, '-recon')}",
+            ]
+        )
+    head = ["model", "dense", "Wanda 50%", "+ reconstruct (gap recovered)", "+ reconstruct + retrain", "magnitude vs SparseGPT"]
+    return markdown_table(head, rows)
+
+
 def write_report(recs: dict[str, dict[str, dict]], command: str) -> str:
     lines = [
         "## Model sizes: SmolLM2-135M, Qwen2.5-Coder-0.5B, Qwen2.5-Coder-1.5B",
@@ -546,6 +597,12 @@ def main() -> None:
     ap.add_argument("--eval-sequences", type=int, default=None, help=f"evaluation sequences of {EVAL_SEQLEN} tokens (16)")
     ap.add_argument("--runs", type=Path, default=MODELS_DIR / "work", help="where the work directories go")
     ap.add_argument("--keep-work", action="store_true", help="keep the work directories once a model's cells are recorded")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only write the tables from the recorded cells: bench/out/models.md, and the sections of docs/results.md "
+        "and README.md",
+    )
     a = ap.parse_args()
     keys = a.models.split(",")
     if unknown := [k for k in keys if k not in MODELS]:
@@ -556,6 +613,15 @@ def main() -> None:
         if unknown := [n for n in names if n not in {c.name for c in cells}]:
             sys.exit(f"unknown cell(s) {unknown}; known: {', '.join(c.name for c in cells)}")
         cells = [next(c for c in cells if c.name == n) for n in dict.fromkeys(names)]  # in the order given
+    if a.report_only:
+        recs = load_records()
+        command = "python bench/models.py"
+        stamp = f"Written by `{command} --report-only` from the cells recorded by {time.strftime('%Y-%m-%d %H:%M')}."
+        REPORT.write_text(write_report(recs, command) + "\n")
+        write_section(ROOT / "docs" / "results.md", "models", write_report(recs, command).split("\n", 2)[2])
+        write_section(ROOT / "README.md", "models-headline", f"{stamp}\n\n{headline(recs)}")
+        print(f"wrote {REPORT.relative_to(ROOT)} and the sections of docs/results.md and README.md")
+        return
     if a.assemble_only:
         for k in keys:
             path = gguf_path(MODELS[k])

@@ -90,6 +90,8 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
     assert "8 x 128, 2 ep; eval 16 x 512" in text
     assert "+0% / +0%" in text  # Wanda 50% vs SparseGPT 50% (equal stand-in perplexities)
     assert "50% / 50%" in text  # reconstruct: (40 - 30) / (40 - 20)
+    head = models.headline(models.load_records())
+    assert "| 20.00 | 40.00 | 30.00 (50%) | 25.00 (75%) | +200% -> +200% |" in head  # magnitude: 3x SparseGPT's
     n = len(calls)
     b.run(models.plan()[1])  # a shared stage already measured is read back, not run again; eval runs (cached by the CLI)
     assert [c[0] for c in calls[n:]] == []
