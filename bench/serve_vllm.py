@@ -16,7 +16,7 @@ the token ids as prompts and returns each prompt token's log-probability (`promp
 perplexity follows the same protocol (every token of a sequence but the first is predicted); prefill speed is the
 same prompts without log-probabilities, decode speed 64 new tokens after a 32-token prompt, one sequence and eight.
 
-Writes bench/out/serve_vllm.json and bench/out/serve_vllm.md. Every stage and export resumes (a rerun redoes only
+Writes bench/out/serve_vllm.json, bench/out/serve_vllm.md and its section of docs/results.md. Every stage and export resumes (a rerun redoes only
 what is missing). An export vLLM cannot load is reported with vLLM's error, not skipped.
 """
 
@@ -167,7 +167,7 @@ def main() -> None:
         sys.exit(f"{a.vllm_python} not found: install vLLM's CPU build in its own environment (see this script's help)")
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
-    from common import HELDOUT, markdown_table, run_stage, write_json
+    from common import HELDOUT, markdown_table, run_stage, write_json, write_section
 
     runs = a.runs.resolve()
     folders = prepare(runs)
@@ -229,6 +229,7 @@ def main() -> None:
         + "\n"
     )
     (ROOT / "bench" / "out" / "serve_vllm.md").write_text(text)
+    write_section(ROOT / "docs" / "results.md", "serve", text.split("\n", 2)[2])  # without the title
     print(text)
 
 
