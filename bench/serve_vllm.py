@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -151,10 +152,44 @@ def folder_mib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 
+def root_cause(log: str) -> str:
+    """Why vLLM did not load a folder, in one line: the first exception its processes raised, with each kernel's reason
+    for refusing the layer where vLLM lists them (not the engine's generic "Engine core initialization failed")."""
+    lines = [re.sub(r"^\(\S+ pid=\d+\) \w+ [\d-]+ [\d:]+ \[[^\]]*\] ?", "", ln).strip() for ln in log.splitlines()]
+    first = next(
+        (ln for ln in lines if re.match(r"\w+(Error|Exception): ", ln) and "Engine core initialization failed" not in ln),
+        None,
+    )
+    reasons = [ln for ln in lines if "cannot implement due to" in ln]
+    found = [first] if first else []
+    found += [r for r in reasons if r not in found[0:1] and r not in (first or "")]
+    if found:
+        return " ".join(dict.fromkeys(found))
+    rest = [ln for ln in lines if ln]
+    return rest[-1] if rest else "no output"
+
+
+def table_row(name: str, rec: dict) -> list[str]:
+    ev = f"{rec['freelunch_eval_ppl']:.2f}"
+    if "error" in rec:
+        return [name, f"{rec['mib']:.0f}", ev, "does not load: " + rec["error"], "", "", ""]
+    ok = "yes" if abs(rec["rel_diff"]) <= PARITY else "**no**"
+    return [
+        name,
+        f"{rec['mib']:.0f}",
+        ev,
+        f"{rec['ppl']:.2f}",
+        f"{100 * rec['rel_diff']:+.2f}% ({ok})",
+        f"{rec['prefill_tok_s']:,.0f}",
+        f"{rec['decode_tok_s']['batch1']:.1f} / {rec['decode_tok_s']['batch8']:.1f}",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-python", type=Path, default=ROOT / "runs" / "vllm-venv" / "bin" / "python")
     ap.add_argument("--sequences", type=int, default=40, help=f"held-out sequences of {SEQLEN} tokens")
+    ap.add_argument("--exports", default=",".join(EXPORTS), help="measure only these (the others keep their records)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "serve")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one folder, under vLLM's environment
     ap.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
@@ -165,6 +200,9 @@ def main() -> None:
         return
     if not a.vllm_python.is_file():
         sys.exit(f"{a.vllm_python} not found: install vLLM's CPU build in its own environment (see this script's help)")
+    names = a.exports.split(",")
+    if unknown := [n for n in names if n not in EXPORTS]:
+        sys.exit(f"unknown export(s) {unknown}; known: {', '.join(EXPORTS)}")
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
     from common import HELDOUT, markdown_table, run_stage, write_json, write_section
@@ -173,8 +211,11 @@ def main() -> None:
     folders = prepare(runs)
     ids_file = runs / f"heldout-{a.sequences}x{SEQLEN}.json"
     ids_file.write_text(json.dumps(token_ids(folders["dense-bf16"], a.sequences)))
-    rows, records = [], {}
-    for name, folder in folders.items():
+    result = ROOT / "bench" / "out" / "serve_vllm.json"
+    old = json.loads(result.read_text()) if result.is_file() else {}
+    records = old.get("exports", {}) if old.get("sequences") == a.sequences else {}
+    for name in names:
+        folder = folders[name]
         ev = run_stage(
             "eval", "--model", str(folder), "--ppl", str(HELDOUT), "--seqlen", str(SEQLEN),
             "--limit-sequences", str(a.sequences),
@@ -185,30 +226,14 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         rec = {"freelunch_eval_ppl": ev["ppl"], "freelunch_eval_tokens": ev["tokens"], "mib": round(folder_mib(folder), 1)}
         if proc.returncode != 0 or not out.is_file():
-            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-            rec["error"] = lines[-1] if lines else f"exit code {proc.returncode}"
+            rec["error"] = root_cause(proc.stderr + proc.stdout)
         else:
             v = json.loads(out.read_text())
             rec.update(v, rel_diff=v["ppl"] / ev["ppl"] - 1)
             assert v["tokens"] == ev["tokens"], (v["tokens"], ev["tokens"])  # the very same predictions
         records[name] = rec
         print(f"{name}: {rec}", flush=True)
-        if "error" in rec:
-            rows.append([name, f"{rec['mib']:.0f}", f"{ev['ppl']:.2f}", "does not load: " + rec["error"][:160], "", "", ""])
-        else:
-            ok = "yes" if abs(rec["rel_diff"]) <= PARITY else "**no**"
-            rows.append(
-                [
-                    name,
-                    f"{rec['mib']:.0f}",
-                    f"{ev['ppl']:.2f}",
-                    f"{rec['ppl']:.2f}",
-                    f"{100 * rec['rel_diff']:+.2f}% ({ok})",
-                    f"{rec['prefill_tok_s']:,.0f}",
-                    f"{rec['decode_tok_s']['batch1']:.1f} / {rec['decode_tok_s']['batch8']:.1f}",
-                ]
-            )
-    write_json(ROOT / "bench" / "out" / "serve_vllm.json", {"sequences": a.sequences, "seqlen": SEQLEN, "exports": records})
+    write_json(result, {"sequences": a.sequences, "seqlen": SEQLEN, "exports": records})
     head = [
         "export (SmolLM2-135M)",
         "weights MiB",
@@ -218,6 +243,7 @@ def main() -> None:
         "prefill tok/s",
         "decode tok/s (1 / 8 sequences)",
     ]
+    rows = [table_row(n, records[n]) for n in EXPORTS if n in records]
     text = (
         f"# Our exports served by vLLM's CPU build\n\n`.venv/bin/python bench/serve_vllm.py --sequences {a.sequences}` on "
         f"{time.strftime('%Y-%m-%d')}: WikiText perplexity on the first {a.sequences} x {SEQLEN} tokens of heldout.txt, "

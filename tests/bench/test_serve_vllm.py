@@ -61,3 +61,21 @@ def test_perplexity_is_the_mean_nll_of_every_token_but_each_sequences_first(tmp_
     assert r["tokens"] == tokens
     assert math.isclose(r["ppl"], math.exp(nll / tokens), rel_tol=1e-9)
     assert set(r["decode_tok_s"]) == {"batch1", "batch8"} and r["decode_tok_s"]["batch1"] > 0
+
+
+def test_a_refused_export_is_reported_by_its_root_cause_not_the_engines_last_line():
+    log = "\n".join(
+        [
+            "INFO 12-06 03:44:50 [config.py:1] loading",
+            "(Worker pid=9249) ERROR 12-06 03:44:58 [multiproc_executor.py:953] Traceback (most recent call last):",
+            "(Worker pid=9249) ERROR 12-06 03:44:58 [multiproc_executor.py:953] ValueError: Failed to find a kernel "
+            "that can implement the WNA16 linear layer. Reasons: ",
+            "(Worker pid=9249) ERROR 12-06 03:44:58 [multiproc_executor.py:953]  CPUWNA16LinearKernel cannot implement "
+            "due to: Quant type (uint8b128) not supported by CPUWNA16",
+            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}",
+        ]
+    )
+    msg = serve_vllm.root_cause(log)
+    assert msg.startswith("ValueError: Failed to find a kernel") and "uint8b128" in msg and "Engine core" not in msg
+    assert "\n" not in msg and "pid=" not in msg
+    assert serve_vllm.root_cause("warming up\nKilled\n") == "Killed"  # no exception: the last line
