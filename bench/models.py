@@ -616,7 +616,10 @@ def main() -> None:
     if a.report_only:
         recs = load_records()
         command = "python bench/models.py"
-        stamp = f"Written by `{command} --report-only` from the cells recorded by {time.strftime('%Y-%m-%d %H:%M')}."
+        stamp = (
+            f"Across sizes: written by `{command} --report-only` (WikiText perplexity; calibration and evaluation as in "
+            f"docs/results.md) from the cells recorded by {time.strftime('%Y-%m-%d %H:%M')}."
+        )
         REPORT.write_text(write_report(recs, command) + "\n")
         write_section(ROOT / "docs" / "results.md", "models", write_report(recs, command).split("\n", 2)[2])
         write_section(ROOT / "README.md", "models-headline", f"{stamp}\n\n{headline(recs)}")

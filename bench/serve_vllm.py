@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -88,7 +89,7 @@ def measure(folder: Path, ids_file: Path, out: Path) -> None:
         json.dumps(
             {
                 "vllm": vllm.__version__,
-                "ppl": float(__import__("math").exp(nll / tokens)),
+                "ppl": math.exp(nll / tokens),
                 "tokens": tokens,
                 "load_seconds": round(load_s, 1),
                 "prefill_tok_s": round(len(seqs) * SEQLEN / prefill_s, 1),
