@@ -65,6 +65,11 @@ def run_stage(*args: str, check: bool = True) -> dict:
     return res
 
 
+def safetensors_bytes(folder: Path) -> int:
+    """Bytes of a checkpoint folder's safetensors files (its weights; not the tokenizer, config or card)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors") if f.is_file())
+
+
 def clone_work(src: Path, dst: Path) -> None:
     """A cheap snapshot: hard links (every write in a work directory replaces files by rename)."""
     if dst.exists():

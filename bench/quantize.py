@@ -27,15 +27,12 @@ from common import (  # noqa: E402
     machine,
     markdown_table,
     run_stage,
+    safetensors_bytes,
     write_json,
     write_section,
 )
 
 OUT = ROOT / "bench" / "out" / "quantize.json"
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(".safetensors"))
 
 
 def evaluate(*where: str) -> dict:
@@ -69,7 +66,7 @@ def main() -> None:
         if export:
             dest = a.out / f"ct-{name}"
             run_stage("export", *w, "--format", "compressed-tensors", "--out", str(dest), "--force")
-            sizes["bytes"] = folder_bytes(dest)
+            sizes["bytes"] = safetensors_bytes(dest)
         record(
             name, seconds=round(s["_wall"], 1), peak_rss_mib=round(s["_peak_rss_mib"]), **sizes, **evaluate(*w, "--stage", model)
         )
@@ -83,8 +80,8 @@ def main() -> None:
             "dense",
             seconds=round(s["_wall"], 1),
             peak_rss_mib=round(s["_peak_rss_mib"]),
-            bytes=folder_bytes(dense_hf),
-            bytes_bf16=folder_bytes(a.out / "dense-hf-bf16"),
+            bytes=safetensors_bytes(dense_hf),
+            bytes_bf16=safetensors_bytes(a.out / "dense-hf-bf16"),
             **evaluate(*w, "--stage", "dense"),
         )
     quant = ("quantize", "--scheme", "w4a16", "--group-size", g)
@@ -131,7 +128,7 @@ def llmc(a, work: Path, name: str, source: Path, done: dict, record) -> None:
         seconds=peer["oneshot_s"],
         wall_s=round(time.time() - t0, 1),
         peak_rss_mib=peer["peak_rss_mib"],
-        bytes=folder_bytes(dest),
+        bytes=safetensors_bytes(dest),
         sparsity=block_sparsity(dest),
         **evaluate("--model", str(dest)),
     )

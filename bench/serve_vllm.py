@@ -149,10 +149,6 @@ def token_ids(folder: Path, n: int) -> list[list[int]]:
     return split_sequences(tokenize(tok, read_text(resolve_text(str(HELDOUT)))), SEQLEN, n).tolist()
 
 
-def folder_mib(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
-
-
 def root_cause(log: str) -> str:
     """Why vLLM did not load a folder, in one line: the first exception its processes raised, with each kernel's reason
     for refusing the layer where vLLM lists them (not the engine's generic "Engine core initialization failed")."""
@@ -206,7 +202,7 @@ def main() -> None:
         sys.exit(f"unknown export(s) {unknown}; known: {', '.join(EXPORTS)}")
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
-    from common import HELDOUT, markdown_table, run_stage, write_json, write_section
+    from common import HELDOUT, markdown_table, run_stage, safetensors_bytes, write_json, write_section
 
     runs = a.runs.resolve()
     folders = prepare(runs)
@@ -225,7 +221,11 @@ def main() -> None:
         out.unlink(missing_ok=True)
         cmd = [str(a.vllm_python), __file__, "--measure", str(folder), "--ids", str(ids_file), "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        rec = {"freelunch_eval_ppl": ev["ppl"], "freelunch_eval_tokens": ev["tokens"], "mib": round(folder_mib(folder), 1)}
+        rec = {
+            "freelunch_eval_ppl": ev["ppl"],
+            "freelunch_eval_tokens": ev["tokens"],
+            "mib": round(safetensors_bytes(folder) / 2**20, 1),
+        }
         if proc.returncode != 0 or not out.is_file():
             rec["error"] = root_cause(proc.stderr + proc.stdout)
         else:
