@@ -30,8 +30,9 @@ cells; a killed run resumes the unfinished stage with --resume):
     dense-w4a16                `quantize --from dense`
 
 Calibration, pruning and reconstruction are shared by the cells that use them (hard-linked copies of one work
-directory under runs/models/work/<model>/); a model's work directories are deleted once all its cells are recorded
-(--keep-work keeps them). Writes bench/out/models.md: a table per model, and the scale tables (each criterion's
+directory under runs/models/work/<model>/). A shared directory is deleted as soon as no unrecorded cell reads it,
+and a model's last one once all its cells are recorded (--keep-work keeps them); a cell whose stages would write
+more than the free disk space (estimated from the dense model's size) is refused before it starts. Writes bench/out/models.md: a table per model, and the scale tables (each criterion's
 perplexity gap to SparseGPT before and after reconstruction, and the share of the pruning gap each adaptation
 recovers, per model size).
 """
@@ -270,6 +271,19 @@ def clone(src: Path, dst: Path) -> Path:
     return dst
 
 
+# What a stage writes, in units of the dense model's float32 blocks (calib's dense/ folder), measured on the 1.5B
+# model: pruned blocks and masks 0.93x, reconstructed blocks with the kept activation cache 1.46x.
+WRITES = {"prune": 1.0, "reconstruct": 1.5, "then": 1.0}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+class DiskTooFull(Exception):
+    pass
+
+
 class Bench:
     def __init__(self, m: Model, settings: dict, runs: Path, keep_work: bool):
         self.m, self.settings, self.keep_work = m, settings, keep_work
@@ -342,8 +356,61 @@ class Bench:
         wt, sh = r["summary"]["results"]
         return {"wikitext": wt["ppl"], "shakespeare": sh["ppl"], "eval_tokens": [wt["tokens"], sh["tokens"]], "eval": r}
 
+    def work_needed(self, cells: list[Cell]) -> set[str]:
+        """Names of the work directories under self.root that the given cells read or resume."""
+        keep = {self.calib_key}
+        for c in cells:
+            if c.prune is not None:
+                keep.add(f"{self.calib_key}--{c.prune}")
+                if c.recon:
+                    keep.add(f"{self.calib_key}--{c.prune}--recon")
+            if c.then is not None:
+                keep.add(f"{self.calib_key}--{c.name}")  # a killed cell's own directory, resumed by the next run
+        return keep
+
+    def release(self) -> list[str]:
+        """Delete this protocol's shared work directories that no unrecorded cell of the whole plan reads any more
+        (a 1.5B model's pruned and reconstructed copies take 6 and 10 GB); returns their names. --keep-work keeps
+        them."""
+        if self.keep_work or not self.root.is_dir():
+            return []
+        keep = self.work_needed([c for c in plan() if not self.cell_file(c.name).exists()])
+        gone = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and d.name.startswith(f"{self.calib_key}--") and d.name not in keep:
+                forget(d)
+                gone.append(d.name)
+        return gone
+
+    def check_space(self, cell: Cell) -> None:
+        """Refuse to start a cell whose stages still to run would write more than the free disk space (estimated
+        from WRITES and the dense model's size), naming what to delete; freelunch itself stops cleanly on a full
+        disk, but a bench that fills it stops the other cells too. Raises DiskTooFull."""
+        dense = self.root / self.calib_key / "dense"
+        if not dense.is_dir():
+            return  # not calibrated yet: the dense cell measures it
+
+        def missing(name: str) -> bool:
+            return not (self.root / f"{self.calib_key}--{name}").is_dir()
+
+        factor = 0.0
+        if cell.prune is not None:
+            factor += WRITES["prune"] * missing(cell.prune)
+            factor += WRITES["reconstruct"] * (cell.recon and missing(f"{cell.prune}--recon"))
+        factor += WRITES["then"] * (cell.then is not None)
+        need = factor * folder_bytes(dense)
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            others = sorted(d for d in self.root.parent.glob("*/*") if d.is_dir() and d.parent != self.root)
+            raise DiskTooFull(
+                f"{self.m.key} {cell.name} would write about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are "
+                f"free under {self.root}; free space (other models' work directories: "
+                f"{', '.join(str(d) for d in others) or 'none'}) and rerun"
+            )
+
     def run(self, cell: Cell) -> dict:
         t0 = time.time()
+        self.check_space(cell)
         stages, own = {}, None
         calib, stages["calibrate"] = self.calibrated()
         if cell.prune is None:
@@ -402,6 +469,8 @@ class Bench:
         print(f"{self.m.key} {cell.name}: wikitext {rec['wikitext']:.2f}, shakespeare {rec['shakespeare']:.2f}", flush=True)
         if own is not None and not self.keep_work:
             forget(own)
+        if gone := self.release():
+            print(f"{self.m.key}: deleted the work directories no unrecorded cell reads: {', '.join(gone)}", flush=True)
         return rec
 
 
@@ -654,6 +723,8 @@ def main() -> None:
         for c in todo:
             try:
                 b.run(c)
+            except DiskTooFull as e:
+                sys.exit(f"error: {e}")
             except StageFailed as e:
                 failed.append(f"{b.m.key} {c.name}")
                 print(f"{b.m.key} {c.name}: {e}; going on with the next cell", flush=True)

@@ -75,8 +75,19 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
     settings = {**models.PROTOCOL, "samples": 8, "seqlen": 128, "group_size": m.group_size}
     b = models.Bench(m, settings, tmp_path / "runs", keep_work=False)
     b.gguf = tmp_path / "toy.gguf"
-    for cell in models.plan():
+    root = tmp_path / "runs" / "smollm2"
+    cells = models.plan()
+    for cell in cells[:-3]:
         b.run(cell)
+        if cell.name == "sparsegpt50-recon":  # no later cell reads SparseGPT's copies: deleted at once
+            assert not (root / "c8x128--sparsegpt50").exists() and not (root / "c8x128--sparsegpt50--recon").exists()
+            assert (root / "c8x128--wanda50").is_dir() and (root / "c8x128--wanda50--recon").is_dir()
+    n = len(calls)
+    b.run(cells[1])  # a shared stage already measured is read back, not run again; eval runs (cached by the CLI)
+    assert [c[0] for c in calls[n:]] == []
+    for cell in cells[-3:]:
+        b.run(cell)
+    assert sorted(d.name for d in root.iterdir()) == ["c8x128", "costs"]  # every shared copy is gone
     assert sum(1 for c in calls if c[0] == "calibrate") == 1
     assert sum(1 for c in calls if c[0] == "prune") == 4
     assert sum(1 for c in calls if c[0] == "reconstruct") == 4
@@ -92,6 +103,27 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
     assert "50% / 50%" in text  # reconstruct: (40 - 30) / (40 - 20)
     head = models.headline(models.load_records())
     assert "| 20.00 | 40.00 | 30.00 (50%) | 25.00 (75%) | +200% -> +200% |" in head  # magnitude: 3x SparseGPT's
-    n = len(calls)
-    b.run(models.plan()[1])  # a shared stage already measured is read back, not run again; eval runs (cached by the CLI)
-    assert [c[0] for c in calls[n:]] == []
+
+
+def test_a_cell_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, monkeypatch):
+    m = models.MODELS["smollm2"]
+    b = models.Bench(m, {**models.PROTOCOL, "samples": 8, "seqlen": 128}, tmp_path / "runs", keep_work=False)
+    dense = tmp_path / "runs" / "smollm2" / "c8x128" / "dense"
+    dense.mkdir(parents=True)
+    (dense / "block_000.safetensors").write_bytes(b"x" * 1000)
+    other = tmp_path / "runs" / "qwen-0.5b" / "c8x128--wanda50"
+    other.mkdir(parents=True)
+    cell = next(c for c in models.plan() if c.name == "wanda50-recon")
+    free = {"bytes": 2499}  # prune 1.0x + reconstruct 1.5x of 1000 bytes
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda p: type("U", (), {"free": free["bytes"]})())
+    with pytest.raises(models.DiskTooFull) as e:
+        b.check_space(cell)
+    assert "smollm2 wanda50-recon" in str(e.value) and str(other) in str(e.value)
+    free["bytes"] = 2500
+    b.check_space(cell)
+    (dense.parent.parent / "c8x128--wanda50").mkdir()  # pruned already: only the reconstruction is still to write
+    free["bytes"] = 1500
+    b.check_space(cell)
+    free["bytes"] = 1499
+    with pytest.raises(models.DiskTooFull):
+        b.check_space(cell)
