@@ -33,9 +33,10 @@ cells; a killed run resumes the unfinished stage with --resume):
 Calibration, pruning and reconstruction are shared by the cells that use them (hard-linked copies of one work
 directory under runs/models/work/<model>/). A shared directory is deleted as soon as no unrecorded cell reads it,
 and a model's last one once all its cells are recorded (--keep-work keeps them); a cell whose stages would write
-more than the free disk space (estimated from the dense model's size) is refused before it starts. Writes bench/out/models.md: a table per model, and the scale tables (each criterion's
-perplexity gap to SparseGPT before and after reconstruction, and the share of the pruning gap each adaptation
-recovers, per model size).
+more than the free disk space (estimated from the dense model's size) is refused before it starts.
+
+Writes bench/out/models.md: a table per model, and the scale tables (each criterion's perplexity gap to SparseGPT
+before and after reconstruction, and the share of the pruning gap each adaptation recovers, per model size).
 """
 
 from __future__ import annotations
