@@ -61,6 +61,7 @@ from common import (  # noqa: E402
     calibrate_args,
     markdown_table,
     run_stage,
+    safetensors_bytes,
     smollm2_gguf,
     write_json,
     write_section,
@@ -283,10 +284,6 @@ def clone(src: Path, dst: Path) -> Path:
 WRITES = {"prune": 1.0, "reconstruct": 1.5, "then": 1.0}
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
 class DiskTooFull(Exception):
     pass
 
@@ -405,7 +402,7 @@ class Bench:
             factor += WRITES["prune"] * missing(cell.prune)
             factor += WRITES["reconstruct"] * (cell.recon and missing(f"{cell.prune}--recon"))
         factor += WRITES["then"] * (cell.then is not None)
-        need = factor * folder_bytes(dense)
+        need = factor * safetensors_bytes(dense)
         free = shutil.disk_usage(self.root).free
         if need > free:
             others = sorted(d for d in self.root.parent.glob("*/*") if d.is_dir() and d.parent != self.root)
@@ -569,9 +566,11 @@ def both(f, *recs) -> str:
 
 
 def peft_mark(rec: dict | None) -> str:
-    """' (masked-lora)' after a wanda50-retrain value whose model retrained adapters, not all weights."""
-    label = (rec or {}).get("label", "")
-    return next((f" ({p})" for p in ("masked-lora", "lora", "bias-norm") if f"+ {p} retraining" in label), "")
+    """' (masked-lora)' after a full-retraining value whose model trained adapters instead (Model.retrain_peft), as its
+    `retrain` summary records."""
+    retrain = (rec or {}).get("stages", {}).get("retrain")
+    peft = retrain["summary"]["config"]["peft"] if retrain else "full"
+    return "" if peft == "full" else f" ({peft})"
 
 
 def scale_tables(recs: dict[str, dict[str, dict]]) -> str:
@@ -608,7 +607,8 @@ def scale_tables(recs: dict[str, dict[str, dict]]) -> str:
     rows = [
         [label]
         + [
-            both(recovered, recs[k].get(base), recs[k].get(name), recs[k].get("dense")) + peft_mark(recs[k].get(name))
+            both(recovered, recs[k].get(base), recs[k].get(name), recs[k].get("dense"))
+            + (peft_mark(recs[k].get(name)) if name == "wanda50-retrain" else "")  # the others' labels say what trains
             for k in keys
         ]
         for name, base, label in adaptations

@@ -67,7 +67,8 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
                 "_wall": 1.0,
                 "_peak_rss_mib": 500,
             }
-        return {"seconds": 2.0, "tokens": 1000, "_wall": 2.0, "_peak_rss_mib": 800}
+        config = {"peft": args[args.index("--peft") + 1] if "--peft" in args else "masked-lora"}  # retrain's default
+        return {"seconds": 2.0, "tokens": 1000, "config": config, "_wall": 2.0, "_peak_rss_mib": 800}
 
     monkeypatch.setattr(models, "run_stage", fake_stage)
     monkeypatch.setattr(models, "OUT", tmp_path / "out")
@@ -101,6 +102,7 @@ def test_every_cell_is_recorded_once_and_the_tables_are_written(tmp_path, monkey
     assert "8 x 128, 2 ep; eval 16 x 512" in text
     assert "+0% / +0%" in text  # Wanda 50% vs SparseGPT 50% (equal stand-in perplexities)
     assert "50% / 50%" in text  # reconstruct: (40 - 30) / (40 - 20)
+    assert "(masked-lora)" not in text  # the default pipeline's adapters are in its label; full retraining was full
     head = models.headline(models.load_records())
     assert "| 20.00 | 40.00 | 30.00 (50%) | 25.00 (75%) | +200% -> +200% |" in head  # magnitude: 3x SparseGPT's
 
@@ -138,7 +140,8 @@ def test_a_model_whose_full_retraining_does_not_fit_retrains_adapters_and_says_s
         if args[0] == "eval":
             ppl = {"dense": 10.0, "pruned": 20.0, "retrained": 15.0}[args[args.index("--stage") + 1]]
             return {"results": [{"ppl": ppl, "tokens": 8}, {"ppl": ppl, "tokens": 8}], "_wall": 1.0, "_peak_rss_mib": 1}
-        return {"seconds": 1.0, "tokens": 100, "_wall": 1.0, "_peak_rss_mib": 1}
+        config = {"peft": args[args.index("--peft") + 1]} if "--peft" in args else {}
+        return {"seconds": 1.0, "tokens": 100, "config": config, "_wall": 1.0, "_peak_rss_mib": 1}
 
     monkeypatch.setattr(models, "run_stage", fake_stage)
     monkeypatch.setattr(models, "OUT", tmp_path / "out")
