@@ -539,13 +539,14 @@ def model_table(recs: dict[str, dict]) -> str:
 
 
 def guard_text(stages: dict) -> str:
-    """How many windows of reconstruct and quantize the held-out guard retried or left at their start, of how many."""
+    """How many windows of reconstruct and quantize the held-out guard retried or left at their start, of all the
+    stage's windows (the summary lists them from every window's record, those of a resumed run's earlier process
+    included)."""
     parts = []
     for name in ("reconstruct", "quantize"):
         s = stages.get(name, {}).get("summary")
         if s and "windows_retried" in s:
-            n = len(s.get("ran_here") or []) or "?"
-            parts.append(f"{name} {len(s['windows_retried'])} / {len(s['windows_kept_start'])} of {n}")
+            parts.append(f"{name} {len(s['windows_retried'])} / {len(s['windows_kept_start'])} of {s['windows']}")
     return "; ".join(parts) or "-"
 
 

@@ -160,3 +160,12 @@ def test_a_model_whose_full_retraining_does_not_fit_retrains_adapters_and_says_s
     assert recs["smollm2"]["wanda50-retrain"]["label"] == cells["wanda50-retrain"].label
     row = next(line for line in models.scale_tables(recs).splitlines() if "full retraining, equal tokens" in line)
     assert row.endswith("| 50% / 50% | 50% / 50% (masked-lora) |")  # (20 - 15) / (20 - 10), the 1.5B one marked
+
+
+def test_the_guard_column_counts_every_window_of_a_resumed_stage():
+    # a reconstruction resumed after 5 of its 28 windows: the summary's lists come from all 28 windows' records
+    summary = {"windows": 28, "windows_retried": [2], "windows_kept_start": [], "ran_here": list(range(5, 28))}
+    quantize = {"windows": 28, "windows_retried": [4], "windows_kept_start": [9], "ran_here": list(range(28))}
+    text = models.guard_text({"reconstruct": {"summary": summary}, "quantize": {"summary": quantize}})
+    assert text == "reconstruct 1 / 0 of 28; quantize 1 / 1 of 28"
+    assert models.guard_text({"prune": {"summary": {}}}) == "-"
